@@ -1,0 +1,296 @@
+"""The run configuration: a typed schema with defaults, read from YAML plus dotted overrides.
+
+    cfg = load_config("configs/convnext_t.yaml", ["optim.lr=1e-3", "data.batch_size=64"])
+    cfg.optim.lr  # 0.001
+
+Every key is declared below with its type and default, so a typo or a wrong type is caught
+before anything runs, with a one-line message that names the key and the way out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from engine.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override that cannot be used; the message is meant for the user as is."""
+
+
+@dataclass
+class ModelCfg:
+    name: str = "convnext_tiny"
+    drop_path: float = 0.1  # stochastic depth rate of the last block; rises linearly from 0
+    layer_scale_init: float = 1e-6  # 0 disables layer scale
+    head_init_scale: float = 1.0
+    patch_size: int = 4  # stem kernel = stride; 2 suits 28-32 px images
+
+
+@dataclass
+class DataCfg:
+    name: str = "imagefolder"
+    root: str = ""
+    img_size: int = 224
+    batch_size: int = 128  # per process
+    eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
+    num_workers: int = 8
+    num_classes: int = 0  # 0 means: what the data set has
+    recipe: str = "imagenet"  # imagenet (timm RandAugment recipe) | small (pad-crop + flip, 28-32 px)
+    crop_pct: float = 0.875  # eval centre crop for the imagenet recipe
+    download: bool = False  # fetch fashion_mnist / cifar with torchvision when missing (needs network)
+    synthetic_train_size: int = 512
+    synthetic_val_size: int = 101  # deliberately not a multiple of common world sizes
+
+
+@dataclass
+class AugCfg:
+    mixup: float = 0.8  # mixup alpha; 0 disables
+    cutmix: float = 1.0  # cutmix alpha; 0 disables
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; "" disables
+    reprob: float = 0.25  # random erasing probability
+    hflip: float = 0.5
+    interpolation: str = "bicubic"
+    crop_padding: int = 4  # small recipe: pad then random-crop back to img_size
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 4e-3  # at a global batch of lr_base_batch
+    lr_base_batch: int = 4096
+    lr_scaling: str = "linear"  # linear | sqrt | none
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleCfg:
+    epochs: int = 300
+    warmup_epochs: float = 20
+    min_lr: float = 1e-6
+    max_steps: int = 0  # stop after this many optimizer steps in all (0: run every epoch); for smoke runs
+
+
+@dataclass
+class EmaCfg:
+    enabled: bool = True
+    decay: float = 0.9999
+    warmup: bool = False  # timm ModelEmaV3 decay warm-up, for short runs
+
+
+@dataclass
+class TrainCfg:
+    amp: str = "none"  # none | bf16 | fp16
+    accum_steps: int = 1
+    clip_grad: float = 0.0  # max global grad norm; 0 disables
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = 50  # optimizer steps between train records
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    threads: int = 0  # torch intra-op threads per process on CPU; 0 leaves torch's default
+
+
+@dataclass
+class DistCfg:
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
+    timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    aug: AugCfg = field(default_factory=AugCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    ema: EmaCfg = field(default_factory=EmaCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    dist: DistCfg = field(default_factory=DistCfg)
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic"),
+    "data.recipe": ("imagenet", "small"),
+    "aug.interpolation": ("bicubic", "bilinear", "nearest"),
+    "optim.lr_scaling": ("linear", "sqrt", "none"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+POSITIVE = ("data.img_size", "data.batch_size", "optim.lr_base_batch", "schedule.epochs",
+            "train.accum_steps", "train.log_every", "train.eval_every", "model.patch_size")
+NON_NEGATIVE = ("data.num_workers", "data.eval_batch_size", "data.num_classes", "optim.lr",
+                "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr", "schedule.max_steps",
+                "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
+                "train.clip_grad", "train.threads")
+UNIT_INTERVAL = ("aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob", "aug.mixup_switch_prob",
+                 "ema.decay", "model.drop_path")
+
+
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def all_keys(cfg: Config | None = None) -> list[str]:
+    """Every dotted key of the schema, e.g. 'optim.lr'."""
+    cfg = cfg or Config()
+    keys = []
+    for name, f in _fields(cfg).items():
+        value = getattr(cfg, name)
+        keys += [f"{name}.{k}" for k in _fields(value)] if dataclasses.is_dataclass(value) else [name]
+    return keys
+
+
+def _unknown_key(key: str, cfg: Config) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(cfg), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(all_keys(cfg))}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    """Check a value against the field's declared type, converting only where nothing can be lost."""
+    kind = annotation.replace(" ", "")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind == "str":
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif kind == "list":
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    raise ConfigError(f"config key '{key}' must be {kind}, got {type(value).__name__} {value!r}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        fields = _fields(node)
+        if part not in fields:
+            raise _unknown_key(key, cfg)
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(node, part)):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{key}' is a section; give a mapping or set '{key}.<name>'")
+                for sub, sub_value in value.items():
+                    _set(cfg, f"{key}.{sub}", sub_value)
+                return
+            setattr(node, part, _coerce(key, value, str(fields[part].type)))
+            return
+        node = getattr(node, part)
+        if not dataclasses.is_dataclass(node):
+            raise _unknown_key(key, cfg)
+
+
+def get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        if get(cfg, key) not in allowed:
+            raise ConfigError(f"config key '{key}' is {get(cfg, key)!r}; allowed: {', '.join(allowed)}")
+    for key in POSITIVE:
+        if get(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get(cfg, key)}")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= get(cfg, key) <= 1.0:
+            raise ConfigError(f"config key '{key}' must be within [0, 1], got {get(cfg, key)}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"config key 'optim.betas' must be two numbers, got {cfg.optim.betas}")
+    if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
+        raise ConfigError(f"schedule.warmup_epochs ({cfg.schedule.warmup_epochs}) exceeds schedule.epochs "
+                          f"({cfg.schedule.epochs}); lower warmup_epochs or raise epochs")
+    if cfg.data.name != "synthetic" and not cfg.data.root:
+        raise ConfigError(f"data.root is empty; set it to the folder holding the {cfg.data.name} data "
+                          f"(e.g. data.root=/path/to/data)")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=1e-3' -> ('optim.lr', 0.001). Values are YAML, so lists and booleans work."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value (e.g. optim.lr=1e-3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- overrides, validated. Raises ConfigError with a one-line message."""
+    cfg = Config()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist; see configs/ for the shipped ones")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(data).__name__}")
+        for key, value in data.items():
+            _set(cfg, str(key), value)
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config saved by to_dict (e.g. from a checkpoint)."""
+    cfg = Config()
+    for key, value in data.items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config atomically, so a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".config.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "config_from_dict", "to_dict", "all_keys",
+           "parse_override", "get"]
