@@ -27,6 +27,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class ModelCfg:
+    """Fields are create_model() keyword arguments, so a config builds its model with create_model(**asdict(cfg.model))."""
     name: str = "convnext_tiny"
     drop_path: float = 0.1  # stochastic depth rate of the last block; rises linearly from 0
     layer_scale_init: float = 1e-6  # 0 disables layer scale

@@ -1,0 +1,392 @@
+"""Where this process sits in a (possibly) distributed run, and the few collectives the trainer needs.
+
+    ctx = distributed_utils.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    model.to(ctx.device)
+    distributed_utils.print0("only rank 0 says this")
+
+    if __name__ == "__main__":
+        distributed_utils.run(main)
+
+torchrun and srun launches are recognised from the environment; anything else is one process.
+Every helper here also works in a single process, so callers never branch on "am I distributed".
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import sys
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Mapping, NoReturn
+
+import torch
+import torch.distributed as dist
+
+from engine.errors import UserError
+
+DEFAULT_ADDR = "127.0.0.1"
+DEFAULT_PORT = 29500
+
+
+class DistError(UserError):
+    """The launch environment or the dist.* settings cannot be used; the message says which value."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class DistContext:
+    env: DistEnv
+    device: torch.device
+    backend: str
+
+
+_ctx: DistContext | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading the launcher's environment
+
+
+def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    # torchrun wins over SLURM: torchrun started by srun (one agent per node) sees both, and its
+    # RANK/WORLD_SIZE describe the workers while the SLURM_* ones describe the agents.
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        env = _torchrun_env(environ)
+    elif _is_slurm_launch(environ):
+        env = _slurm_env(environ)
+    else:
+        env = DistEnv(0, 1, 0, 1, DEFAULT_ADDR, DEFAULT_PORT, "single")
+    _check(env)
+    return env
+
+
+def _int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
+    """environ[name] as an int; `default` when unset, or a DistError when there is no default."""
+    raw = environ.get(name)
+    if raw is None:
+        if default is None:
+            raise DistError(f"{name} is not set, but the launch looks distributed; set it or launch with torchrun/srun")
+        return default
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise DistError(f"{name}={raw!r} is not an integer") from None
+
+
+def _master(environ: Mapping[str, str], addr: Callable[[], str], port: Callable[[], int]) -> tuple[str, int]:
+    # An explicit MASTER_ADDR/PORT always wins; the fallbacks are callables so that, when they are
+    # not needed, a missing nodelist or job id is not an error.
+    master_addr = environ.get("MASTER_ADDR") or addr()
+    master_port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else port()
+    return master_addr, master_port
+
+
+def _torchrun_env(environ: Mapping[str, str]) -> DistEnv:
+    rank, world = _int(environ, "RANK"), _int(environ, "WORLD_SIZE")
+    # A hand-set RANK/WORLD_SIZE on one machine usually lacks the LOCAL_* pair; there local == global.
+    local_rank = _int(environ, "LOCAL_RANK", rank)
+    local_world = _int(environ, "LOCAL_WORLD_SIZE", world)
+    addr, port = _master(environ, lambda: DEFAULT_ADDR, lambda: DEFAULT_PORT)
+    return DistEnv(rank, world, local_rank, local_world, addr, port, "torchrun")
+
+
+def _is_slurm_launch(environ: Mapping[str, str]) -> bool:
+    # Only the tasks of an srun step with several tasks form a distributed run. An salloc shell, or an
+    # sbatch script that runs `python train.py` itself, also carries SLURM_NTASKS (the allocation's size,
+    # possibly > 1), but it is one process: taking it for rank 0 of N would wait for N-1 peers that never
+    # come. srun marks its tasks with SLURM_PROCID plus a step id, so a multi-task launch needs both.
+    in_step = "SLURM_PROCID" in environ and ("SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ)
+    return in_step and _int(environ, "SLURM_NTASKS", 1) > 1
+
+
+def _slurm_env(environ: Mapping[str, str]) -> DistEnv:
+    rank, world = _int(environ, "SLURM_PROCID"), _int(environ, "SLURM_NTASKS")
+    local_rank = _int(environ, "SLURM_LOCALID")
+    addr, port = _master(environ, lambda: _slurm_first_host(environ), lambda: _slurm_port(environ))
+    return DistEnv(rank, world, local_rank, _slurm_local_world_size(environ), addr, port, "slurm")
+
+
+def _slurm_local_world_size(environ: Mapping[str, str]) -> int:
+    name = "SLURM_NTASKS_PER_NODE" if "SLURM_NTASKS_PER_NODE" in environ else "SLURM_TASKS_PER_NODE"
+    if name not in environ:
+        raise DistError("neither SLURM_NTASKS_PER_NODE nor SLURM_TASKS_PER_NODE is set; launch with srun")
+    counts = _expand_counts(environ[name], name)
+    # A single count applies to every node; a list like "4(x2),3" has one entry per node of the job.
+    node = _int(environ, "SLURM_NODEID", 0) if len(counts) > 1 else 0
+    if not 0 <= node < len(counts):
+        raise DistError(f"SLURM_NODEID={node} but {name}={environ[name]!r} lists only {len(counts)} nodes")
+    return counts[node]
+
+
+_COUNT = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
+
+
+def _expand_counts(raw: str, name: str) -> list[int]:
+    """SLURM's tasks-per-node notation: "4(x2),3" -> [4, 4, 3]."""
+    counts: list[int] = []
+    for part in raw.split(","):
+        m = _COUNT.fullmatch(part.strip())
+        if not m:
+            raise DistError(f"{name}={raw!r} is not a tasks-per-node list like '4' or '4(x2),3'")
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts
+
+
+def _slurm_first_host(environ: Mapping[str, str]) -> str:
+    # srun puts rank 0 on the first node of its step, which is the job's first node unless the step
+    # runs on a subset of the allocation; hence the step's list first.
+    for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        hosts = expand_hostlist(environ.get(name, ""))
+        if hosts:
+            return hosts[0]
+    raise DistError("cannot tell the master node: SLURM_JOB_NODELIST is not set; set MASTER_ADDR")
+
+
+def _slurm_port(environ: Mapping[str, str]) -> int:
+    # Every task derives the same port without talking to the others, and two jobs sharing a node get
+    # different ports (unless their ids happen to be 20000 apart; MASTER_PORT overrides then).
+    if "SLURM_JOB_ID" not in environ:
+        return DEFAULT_PORT
+    return 10000 + _int(environ, "SLURM_JOB_ID") % 20000
+
+
+def _check(env: DistEnv) -> None:
+    rules = [
+        (env.world_size >= 1, f"world size {env.world_size} must be at least 1"),
+        (0 <= env.rank < env.world_size, f"rank {env.rank} is outside 0..{env.world_size - 1}"),
+        (1 <= env.local_world_size <= env.world_size,
+         f"local world size {env.local_world_size} is outside 1..{env.world_size}"),
+        (0 <= env.local_rank < env.local_world_size,
+         f"local rank {env.local_rank} is outside 0..{env.local_world_size - 1}"),
+        (0 < env.master_port < 65536, f"master port {env.master_port} is outside 1..65535"),
+    ]
+    for ok, problem in rules:
+        if not ok:
+            raise DistError(f"inconsistent {env.launcher} environment: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SLURM hostlists
+
+# A comma outside brackets: the lookahead rejects commas followed by "...]" with no "[" in between.
+_TOP_COMMA = re.compile(r",(?![^\[]*\])")
+_HOST_ITEM = re.compile(r"(?:[^\[\],]+|\[[^\[\]]+\])+")
+_HOST_PIECE = re.compile(r"\[([^\[\]]+)\]|([^\[\]]+)")
+_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """SLURM's compressed hostlist: "gpu-a[1-2],n[01-02,07]x" -> gpu-a1 gpu-a2 n01x n02x n07x."""
+    text = text.strip()
+    if not text:
+        return []
+    hosts: list[str] = []
+    for item in _TOP_COMMA.split(text):
+        if not _HOST_ITEM.fullmatch(item.strip()):
+            raise DistError(f"cannot read hostlist {text!r} near {item!r}")
+        # Several bracket groups in one name ("r[1-2]n[1-3]") multiply out, in SLURM's order.
+        choices = [_bracket(m[1], text) if m[1] else [m[2]] for m in _HOST_PIECE.finditer(item.strip())]
+        hosts += ["".join(parts) for parts in itertools.product(*choices)]
+    return hosts
+
+
+def _bracket(body: str, text: str) -> list[str]:
+    names: list[str] = []
+    for part in body.split(","):
+        m = _RANGE.fullmatch(part.strip())
+        if not m or int(m[2] or m[1]) < int(m[1]):
+            raise DistError(f"cannot read hostlist {text!r}: bad range {part!r}")
+        # The width of the lower bound is the padding: [08-10] -> 08 09 10.
+        names += [str(n).zfill(len(m[1])) for n in range(int(m[1]), int(m[2] or m[1]) + 1)]
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Init / teardown and "who am I" anywhere
+
+
+def setup(backend: str = "auto", timeout_s: int = 1800) -> DistContext:
+    """Read the launch, pick this rank's device and join the process group when there are several ranks."""
+    global _ctx
+    if timeout_s <= 0:
+        raise DistError(f"dist.timeout_s={timeout_s} must be positive")
+    env = detect_env()
+    backend = _resolve_backend(backend)
+    device = _claim_device(env)
+    if env.distributed and not dist.is_initialized():
+        _export(env)
+        extra = {"device_id": device} if backend == "nccl" else {}  # lets NCCL connect eagerly, on the right GPU
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=timeout_s), **extra)
+    _ctx = DistContext(env, device, backend)
+    return _ctx
+
+
+def _resolve_backend(name: str) -> str:
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return "nccl" if cuda else "gloo"
+    if name not in ("nccl", "gloo"):
+        raise DistError(f"dist.backend={name!r} is unknown; choose auto, nccl or gloo")
+    if name == "nccl" and not cuda:
+        raise DistError("dist.backend=nccl needs CUDA but no GPU is visible; use dist.backend=gloo or auto")
+    return name
+
+
+def _claim_device(env: DistEnv) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    # srun --gpus-per-task (or any per-task CUDA_VISIBLE_DEVICES) leaves each task seeing only its own GPU.
+    # If instead several ranks really share one GPU, NCCL refuses loudly, so this cannot hide a mistake.
+    index = 0 if count == 1 else env.local_rank
+    if index >= count:
+        raise DistError(f"local rank {env.local_rank} has no GPU: {count} visible on this node; "
+                        f"launch at most {count} processes per node")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
+
+
+def _export(env: DistEnv) -> None:
+    # env:// reads these; srun sets none of them, and a hand launch may have set only RANK/WORLD_SIZE.
+    os.environ.update({
+        "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port),
+        "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.local_rank), "LOCAL_WORLD_SIZE": str(env.local_world_size),
+    })
+
+
+def cleanup() -> None:
+    global _ctx
+    if _active():
+        dist.destroy_process_group()
+    _ctx = None
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _current_env() -> DistEnv:
+    # Before setup() the launcher's variables already say which rank this is, so print0 gates correctly
+    # even for messages printed while setting up.
+    return _ctx.env if _ctx is not None else detect_env()
+
+
+def get_rank() -> int:
+    return _current_env().rank
+
+
+def get_world_size() -> int:
+    return _current_env().world_size
+
+
+def is_main_process() -> bool:
+    return _current_env().is_main
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only: the one place where rank-0 gating of output is decided."""
+    if is_main_process():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Collectives; each is the identity when there is no process group
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over all ranks, in place; returns `t` for chaining."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` as rank `src` has it (any picklable value)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, indexed by rank."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The launcher's error policy
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run `main` and turn its failure into an exit code: 2 for a UserError, 130 for Ctrl-C, 1 otherwise."""
+    try:
+        main()
+    except UserError as e:
+        message = " ".join(str(e).splitlines()) or type(e).__name__
+        print(f"{_rank_tag()}error: {message}", file=sys.stderr)
+        _exit(2)
+    except KeyboardInterrupt:
+        print(f"{_rank_tag()}interrupted", file=sys.stderr)
+        _exit(130)
+    except Exception:
+        tag = _rank_tag()
+        print("\n".join(tag + line for line in traceback.format_exc().splitlines()), file=sys.stderr)
+        # After an unexpected error nothing about the process is trusted: a normal shutdown could wait on
+        # collectives, process-group teardown or worker threads that the other ranks will never finish.
+        # The launcher (torchrun, or srun --kill-on-bad-exit=1) sees the exit and stops the others.
+        _exit(1, hard=True)
+    cleanup()
+
+
+def _rank_tag() -> str:
+    # Ranks' stderr is interleaved by the launcher; a single process needs no tag. The environment itself
+    # may be what failed (a DistError), so reading it must not raise again here.
+    try:
+        env = _current_env()
+    except DistError:
+        return ""
+    return f"[rank {env.rank}] " if env.distributed else ""
+
+
+def _exit(code: int, hard: bool = False) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # With a process group up, a normal exit runs its teardown, which can block on peers stuck in a
+    # collective; os._exit skips it so this rank's failure reaches the launcher at once.
+    if hard or _active():
+        os._exit(code)
+    sys.exit(code)

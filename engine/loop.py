@@ -1,0 +1,147 @@
+"""train_one_epoch and evaluate: the two loops, shared by train.py, eval.py and the benchmark.
+
+How one batch travels: loader -> device (channels_last) -> mixup/cutmix -> model under autocast -> loss ->
+backward (no_sync on accumulation micro-steps) -> unscale + clip -> optimizer step -> EMA update ->
+loss kept on the device and reduced across ranks only at the log interval.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import distributed_utils as du
+from engine.logging import RunLogger
+from engine.optim import set_lr
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainParts:
+    """Everything one optimizer step touches, built once by train.py."""
+    model: nn.Module  # what forward runs through: DDP and/or torch.compile wrapper
+    raw_model: nn.Module  # the bare ConvNeXt, for EMA and state_dict (no module./_orig_mod. prefixes)
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    scaler: torch.amp.GradScaler
+    lr_fn: Callable[[int], float]
+    device: torch.device
+    amp: str = "none"
+    accum_steps: int = 1
+    clip_grad: float = 0.0
+    channels_last: bool = False
+    ema: Optional[nn.Module] = None  # timm ModelEmaV3
+    mixup: Optional[Callable] = None  # timm Mixup
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True, memory_format=memory_format)
+    return images, labels.to(device, non_blocking=True)
+
+
+def _micro_batches(loader: Iterable, accum_steps: int):
+    """Yield lists of accum_steps batches; a trailing incomplete group is dropped."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum_steps:
+            yield group
+            group = []
+
+
+def _optimizer_step(p: TrainParts, want_norm: bool) -> Optional[torch.Tensor]:
+    p.scaler.unscale_(p.optimizer)  # clip real gradients, not fp16-scaled ones (a no-op without fp16)
+    norm = None
+    if p.clip_grad > 0 or want_norm:
+        norm = nn.utils.clip_grad_norm_(p.raw_model.parameters(), p.clip_grad if p.clip_grad > 0 else math.inf)
+    p.scaler.step(p.optimizer)
+    p.scaler.update()
+    p.optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: RunLogger, log_every: int,
+                    global_batch: int) -> int:
+    """One pass over the loader; returns the optimizer step count after it."""
+    p.model.train()
+    steps = len(loader) // p.accum_steps
+    ddp = isinstance(p.model, nn.parallel.DistributedDataParallel) or hasattr(p.model, "no_sync")
+    loss_sum = torch.zeros((), device=p.device)
+    window_start, window_steps = time.perf_counter(), 0
+    bar = logger.progress(steps, f"epoch {epoch}")
+    for group in _micro_batches(loader, p.accum_steps):
+        lr = p.lr_fn(step)
+        set_lr(p.optimizer, lr)
+        for i, (images, labels) in enumerate(group):
+            images, labels = to_device(images, labels, p.device, p.channels_last)
+            if p.mixup is not None:
+                images, labels = p.mixup(images, labels)
+            # Only the last micro-step all-reduces gradients; the others accumulate locally.
+            sync = i == len(group) - 1
+            with contextlib.nullcontext() if sync or not ddp else p.model.no_sync():
+                with autocast(p.device, p.amp):
+                    loss = p.criterion(p.model(images), labels) / p.accum_steps
+                p.scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        step += 1
+        window_steps += 1
+        log_now = step % log_every == 0 or window_steps == steps
+        norm = _optimizer_step(p, want_norm=log_now)
+        if p.ema is not None:
+            p.ema.update(p.raw_model, step=step)
+        bar.update()
+        if log_now:
+            mean_loss = du.all_reduce_sum(loss_sum.clone()).item() / (window_steps * du.get_world_size())
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"non-finite training loss ({mean_loss}) at epoch {epoch}, step {step}; "
+                                         f"lower optim.lr, set train.clip_grad, or try train.amp=bf16")
+            elapsed = time.perf_counter() - window_start
+            record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
+                      "img_per_s": window_steps * global_batch / elapsed}
+            if norm is not None:
+                record["grad_norm"] = norm.item()
+            logger.log("train", record, step)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}")
+            loss_sum.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+    bar.close()
+    return step
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none",
+             channels_last: bool = False) -> dict:
+    """Exact top-1/top-5/loss over the whole split: each rank sums over its own shard, then one all-reduce.
+
+    The eval sampler gives every sample to exactly one rank, so nothing is padded or counted twice.
+    """
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, samples
+    for images, labels in loader:
+        images, labels = to_device(images, labels, device, channels_last)
+        with autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                             torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+    loss, top1, top5, n = du.all_reduce_sum(sums).tolist()
+    n = int(n)
+    if n == 0:
+        return {"top1": 0.0, "top5": 0.0, "loss": math.nan, "samples": 0}
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "samples": n}

@@ -1,0 +1,43 @@
+"""Model factory: every ConvNeXt variant by name (`convnext_tiny`, ...)."""
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Iterable
+
+from engine.errors import UserError
+
+from .convnext import VARIANTS, ConvNeXt
+
+__all__ = ["ConvNeXt", "UnknownModelError", "VARIANTS", "create_model", "list_models"]
+
+_PREFIX = "convnext_"
+# Everything the constructor takes except what create_model sets itself.
+_OVERRIDES = tuple(p for p in inspect.signature(ConvNeXt.__init__).parameters if p not in ("self", "num_classes"))
+
+
+class UnknownModelError(UserError):
+    """A model name or a model option that does not exist."""
+
+
+def list_models() -> list[str]:
+    return [_PREFIX + v for v in VARIANTS]
+
+
+def _unknown(kind: str, word: str, choices: Iterable[str], prefix: str = "") -> UnknownModelError:
+    """One-line error naming the closest valid choices, compared without their common `prefix`."""
+    short = {c.removeprefix(prefix): c for c in choices}
+    close = [short[c] for c in difflib.get_close_matches(word.lower().removeprefix(prefix), short, n=3, cutoff=0.6)]
+    guess = f"did you mean {' or '.join(close)}? " if close else ""
+    return UnknownModelError(f"unknown {kind} {word!r}; {guess}(valid: {', '.join(short.values())})")
+
+
+def create_model(name: str, num_classes: int = 1000, **overrides) -> ConvNeXt:
+    """Build `convnext_<variant>`; `overrides` replace any constructor argument, depths/dims included."""
+    if name not in list_models():
+        raise _unknown("model", name, list_models(), prefix=_PREFIX)
+    for key in overrides:
+        if key not in _OVERRIDES:
+            raise _unknown("model option", key, _OVERRIDES)
+    depths, dims = VARIANTS[name.removeprefix(_PREFIX)]
+    return ConvNeXt(num_classes=num_classes, **{"depths": depths, "dims": dims, **overrides})

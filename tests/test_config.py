@@ -1,0 +1,100 @@
+import glob
+import os
+
+import pytest
+import yaml
+
+from engine.config import ConfigError, all_keys, config_from_dict, load_config, save_config, to_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNTH = ["data.name=synthetic"]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_required_keys_exist():
+    required = """model.name model.drop_path model.layer_scale_init model.patch_size data.name data.root data.img_size
+    data.batch_size data.num_workers optim.lr optim.lr_base_batch optim.lr_scaling optim.weight_decay schedule.epochs
+    schedule.warmup_epochs schedule.min_lr aug.mixup aug.cutmix aug.smoothing ema.enabled ema.decay train.amp
+    train.accum_steps train.clip_grad train.channels_last train.compile output_dir seed""".split()
+    assert set(required) <= set(all_keys())
+
+
+def test_convnext_t_is_the_official_recipe():
+    cfg = load_config(os.path.join(ROOT, "configs", "convnext_t.yaml"))
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.min_lr) == (300, 20, 1e-6)
+    assert (cfg.optim.lr, cfg.optim.lr_base_batch, cfg.optim.weight_decay) == (4e-3, 4096, 0.05)
+    assert cfg.data.batch_size * 8 * cfg.train.accum_steps == 4096
+    assert (cfg.model.drop_path, cfg.aug.mixup, cfg.aug.cutmix, cfg.aug.smoothing) == (0.1, 0.8, 1.0, 0.1)
+    assert (cfg.aug.rand_augment, cfg.aug.reprob, cfg.ema.decay, cfg.data.img_size) == \
+        ("rand-m9-mstd0.5-inc1", 0.25, 0.9999, 224)
+
+
+@pytest.mark.parametrize("name,drop_path", [("s", 0.4), ("b", 0.5), ("l", 0.5), ("xl", 0.5)])
+def test_larger_official_recipes(name, drop_path):
+    cfg = load_config(os.path.join(ROOT, "configs", f"convnext_{name}.yaml"))
+    assert cfg.model.drop_path == drop_path
+    assert cfg.data.batch_size * 8 * cfg.train.accum_steps == 4096
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, SYNTH + ["optim.lr=1e-3", "optim.betas=[0.9, 0.95]", "ema.enabled=false",
+                                     "schedule.warmup_epochs=2", "output_dir=/tmp/x"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.betas == [0.9, 0.95]
+    assert cfg.ema.enabled is False and cfg.schedule.warmup_epochs == 2.0 and cfg.output_dir == "/tmp/x"
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {name: synthetic, batch_size: 8}\noptim: {lr: 0.5}\n")
+    cfg = load_config(str(path), ["optim.lr=0.25"])
+    assert cfg.data.batch_size == 8 and cfg.optim.lr == 0.25
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean optim.lr"),
+    ("modle.name=x", "unknown config key 'modle.name'; did you mean model.name"),
+    ("data.batch_size=abc", "'data.batch_size' must be int, got str"),
+    ("data.batch_size=1.5", "'data.batch_size' must be int"),
+    ("ema.enabled=3", "'ema.enabled' must be bool"),
+    ("train.amp=fp8", "'train.amp' is 'fp8'; allowed: none, bf16, fp16"),
+    ("optim.lr_scaling=cubic", "allowed: linear, sqrt, none"),
+    ("aug.smoothing=1.5", "'aug.smoothing' must be within [0, 1]"),
+    ("data.batch_size=0", "'data.batch_size' must be > 0"),
+    ("optim.lr", "is not of the form key.sub=value"),
+    ("model=3", "'model' is a section"),
+    ("schedule.warmup_epochs=500", "exceeds schedule.epochs"),
+])
+def test_errors_name_the_key_and_the_way_out(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, SYNTH + ["schedule.epochs=10", override])
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(str(bad))
+
+
+def test_missing_data_root_is_an_error():
+    with pytest.raises(ConfigError, match="data.root is empty"):
+        load_config(None, ["data.name=imagefolder"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, SYNTH + ["optim.lr=0.123", "model.name=convnext_atto"])
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    again = load_config(str(tmp_path / "config.yaml"))
+    assert to_dict(again) == to_dict(cfg)
+    assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg

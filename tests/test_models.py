@@ -1,0 +1,231 @@
+import pytest
+import timm
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from engine.errors import UserError
+from models import VARIANTS, ConvNeXt, UnknownModelError, create_model, list_models
+from models.keys import (CheckpointError, CheckpointMismatchError, detect_layout, load_weights, official_to_timm,
+                         strip_prefixes, timm_to_official, to_official, unwrap_checkpoint)
+
+# A small custom config (MNIST/CIFAR-like): keeps every forward pass cheap.
+SMALL = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), patch_size=2, in_chans=1, num_classes=10)
+
+
+def build(factory) -> nn.Module:
+    """Model with uninitialized weights: skips the init (trunc_normal_ is slow on CPU) where
+    every weight gets overwritten anyway."""
+    with torch.device("meta"):
+        model = factory()
+    return model.to_empty(device="cpu").eval()
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values for every parameter (gamma and norms too), so parity cannot hold by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm_weight = p.ndim == 1 and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + norm_weight)
+    return model.eval()
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def timm_small() -> nn.Module:
+    """timm's twin of SMALL. timm gives stage 0 a stride-2 downsample whenever the stem stride is 2;
+    the official design has none, so it is removed to compare the rest."""
+    model = timm.models.convnext.ConvNeXt(**SMALL)
+    model.stages[0].downsample = nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnext_tiny"])
+def test_imagenet_shape(name):
+    model = build(lambda: create_model(name))
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    assert model.forward_features(torch.randn(2, 3, 64, 64)).shape == (2, VARIANTS[name.removeprefix("convnext_")][1][-1])
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_small_input_shape(size):
+    model = build(lambda: create_model("convnext_pico", num_classes=10, patch_size=2, in_chans=1))
+    assert model(torch.randn(2, 1, size, size)).shape == (2, 10)
+
+
+def test_custom_depths_dims_and_reset_classifier():
+    model = create_model("convnext_tiny", **{k: v for k, v in SMALL.items() if k != "num_classes"})
+    assert model.head.out_features == 1000 and model.norm.normalized_shape == (64,)
+    model.reset_classifier(7)
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 7)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 64)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_param_count_matches_timm(variant):
+    with torch.device("meta"):
+        assert n_params(create_model(f"convnext_{variant}")) == n_params(timm.create_model(f"convnext_{variant}"))
+
+
+# "A ConvNet for the 2020s", ImageNet-1K results table (#params at 1000 classes).
+PAPER_PARAMS_M = {"tiny": 28.6, "small": 50.2, "base": 88.6, "large": 197.8, "xlarge": 350.2}
+
+
+@pytest.mark.parametrize("variant", list(PAPER_PARAMS_M))
+def test_param_count_matches_paper(variant):
+    with torch.device("meta"):
+        count = n_params(create_model(f"convnext_{variant}"))
+    assert abs(count / 1e6 - PAPER_PARAMS_M[variant]) <= 0.1
+
+
+def test_state_dict_keys_follow_official_release():
+    keys = set(build(lambda: create_model("convnext_atto")).state_dict())
+    expected = {"downsample_layers.0.0.weight", "downsample_layers.0.1.bias", "downsample_layers.3.0.weight",
+                "downsample_layers.3.1.weight", "stages.2.5.gamma", "stages.2.5.dwconv.weight",
+                "stages.2.5.norm.bias", "stages.2.5.pwconv1.weight", "stages.2.5.pwconv2.bias",
+                "norm.weight", "head.bias"}
+    assert expected <= keys
+    assert not any(k.startswith("downsample_layers.0.2") or "drop_path" in k for k in keys)
+    assert len(keys) == 4 * 2 * 2 + sum(VARIANTS["atto"][0]) * 9 + 2 * 2  # downsamplers, blocks, norm + head
+
+
+@pytest.mark.parametrize("ours, theirs, conv_mlp, shape", [
+    (lambda: create_model("convnext_atto"), lambda: timm.create_model("convnext_atto"), True, (2, 3, 64, 64)),
+    (lambda: create_model("convnext_tiny"), lambda: timm.create_model("convnext_tiny"), False, (1, 3, 32, 32)),
+    (lambda: ConvNeXt(**SMALL), timm_small, False, (2, 1, 28, 28)),
+], ids=["atto", "tiny", "small-p2"])
+def test_timm_parity_both_ways(ours, theirs, conv_mlp, shape):
+    x = torch.randn(shape)
+    a, b = randomize(build(ours), seed=1), build(theirs)
+    b.load_state_dict(official_to_timm(a.state_dict(), conv_mlp=conv_mlp))
+    with torch.no_grad():
+        out = a(x)
+        assert out.abs().max() > 0.1  # a meaningful output, not a vanishing one
+        assert (out - b(x)).abs().max() <= 1e-5
+
+    a, b = build(ours), randomize(build(theirs), seed=2)
+    a.load_state_dict(timm_to_official(b.state_dict()))
+    with torch.no_grad():
+        assert (a(x) - b(x)).abs().max() <= 1e-5
+
+
+def test_conversion_round_trips_are_exact():
+    official = randomize(build(lambda: create_model("convnext_atto"))).state_dict()
+    timm_sd = randomize(build(lambda: timm.create_model("convnext_atto"))).state_dict()
+    for conv_mlp in (False, True):
+        back = timm_to_official(official_to_timm(official, conv_mlp=conv_mlp))
+        assert list(back) == list(official) and all(torch.equal(back[k], official[k]) for k in official)
+    again = official_to_timm(timm_to_official(timm_sd), conv_mlp=True)
+    assert list(again) == list(timm_sd) and all(torch.equal(again[k], timm_sd[k]) for k in timm_sd)
+    assert detect_layout(official) == "official" and detect_layout(timm_sd) == "timm"
+
+
+def test_timm_stage0_downsample_is_refused():
+    sd = timm.models.convnext.ConvNeXt(**SMALL).state_dict()
+    with pytest.raises(CheckpointError, match="stage-0 downsample"):
+        timm_to_official(sd)
+
+
+def test_prefixes_stripped_in_any_order():
+    t = torch.zeros(1)
+    sd = {"module._orig_mod.norm.weight": t, "_orig_mod.module.head.bias": t, "module.module.stages.0.0.gamma": t}
+    assert list(strip_prefixes(sd)) == ["norm.weight", "head.bias", "stages.0.0.gamma"]
+
+
+def test_unwrap_checkpoint():
+    sd, ema = {"a": torch.zeros(1)}, {"a": torch.ones(1)}
+    assert unwrap_checkpoint(sd) is sd
+    assert unwrap_checkpoint({"model": sd, "epoch": 3}) is sd
+    assert unwrap_checkpoint({"state_dict": sd}) is sd
+    assert unwrap_checkpoint({"model": sd, "model_ema": ema}) is sd
+    assert unwrap_checkpoint({"model": sd, "model_ema": ema}, ema=True) is ema
+    assert unwrap_checkpoint({"model": sd, "ema": ema}, ema=True) is ema
+    with pytest.raises(CheckpointError, match="no EMA"):
+        unwrap_checkpoint({"model": sd}, ema=True)
+    with pytest.raises(UserError, match="no model weights"):
+        unwrap_checkpoint({"epoch": 3, "optimizer": {}})
+
+
+def test_load_weights_from_release_file_and_timm(tmp_path):
+    src = randomize(build(lambda: create_model("convnext_atto")))
+    wrapped = {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}
+    torch.save({"model": wrapped, "epoch": 1}, tmp_path / "ckpt.pth")
+    x = torch.randn(1, 3, 32, 32)
+    for obj in (torch.load(tmp_path / "ckpt.pth"), official_to_timm(src.state_dict(), conv_mlp=True)):
+        dst = build(lambda: create_model("convnext_atto"))
+        load_weights(dst, obj)
+        with torch.no_grad():
+            assert torch.equal(dst(x), src(x))
+    assert to_official(official_to_timm(src.state_dict())).keys() == src.state_dict().keys()
+
+
+def test_load_weights_mismatch_messages():
+    with torch.device("meta"):  # only shapes matter: the mismatch is found before any copy
+        tiny, tiny10, atto = (create_model(n, num_classes=c) for n, c in
+                              [("convnext_tiny", 1000), ("convnext_tiny", 10), ("convnext_atto", 1000)])
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_weights(tiny10, tiny.state_dict())
+    msg = str(err.value)
+    assert "head.weight: checkpoint (1000, 768) vs model (10, 768)" in msg and "reset_classifier(10)" in msg
+    assert "\n" not in msg
+
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_weights(atto, tiny.state_dict())
+    msg = str(err.value)
+    assert "unexpected keys 54 (stages.0.2.gamma" in msg and "downsample_layers.0.0.weight: checkpoint (96, 3, 4, 4) vs model (40, 3, 4, 4)" in msg
+    assert "convnext_tiny" in msg and "convnext_atto" in msg and "\n" not in msg
+
+
+def test_drop_path_rates_rise_linearly():
+    with torch.device("meta"):
+        model = create_model("convnext_atto", drop_path=0.3)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    n = sum(VARIANTS["atto"][0])
+    assert rates == pytest.approx([0.3 * i / (n - 1) for i in range(n)])
+
+
+def test_layer_scale_off_removes_gamma():
+    assert not any("gamma" in k for k in ConvNeXt(**SMALL, layer_scale_init=0).state_dict())
+    assert all(torch.all(b.gamma == 1e-6) for b in ConvNeXt(**SMALL).stages[0])
+
+
+def test_head_init_scale():
+    torch.manual_seed(0)
+    plain = ConvNeXt(**SMALL).head.weight.std().item()
+    torch.manual_seed(0)
+    scaled = ConvNeXt(**SMALL, head_init_scale=0.001).head.weight.std().item()
+    assert scaled == pytest.approx(plain * 0.001)
+
+
+def test_unknown_names_suggest_close_matches():
+    with pytest.raises(UnknownModelError, match="did you mean convnext_tiny") as err:
+        create_model("convnext_tiy")
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+    with pytest.raises(UnknownModelError, match="did you mean drop_path.*valid: in_chans"):
+        create_model("convnext_atto", drop_path_rate=0.1)
+    assert list_models()[0] == "convnext_atto" and len(list_models()) == len(VARIANTS)
+
+
+def test_channels_last_matches_contiguous():
+    model = randomize(ConvNeXt(**SMALL))
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        model_cl = model.to(memory_format=torch.channels_last)
+        assert (model_cl(x.to(memory_format=torch.channels_last)) - ref).abs().max() <= 1e-5
+
+
+def test_bf16_autocast_and_compile_trace():
+    model = randomize(ConvNeXt(**SMALL))
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # fullgraph: any graph break (Python-side shape logic) fails; the eager backend keeps it fast.
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x))

@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+
+from engine.config import OptimCfg, ScheduleCfg
+from engine.optim import create_optimizer, global_batch, lr_at, param_groups, scaled_lr, schedule_steps
+from models import create_model
+
+
+def test_global_batch_and_linear_scaling():
+    # The official ConvNeXt-T recipe: 128 per GPU x 8 GPUs x accum 4 = 4096, lr 4e-3 at 4096.
+    assert global_batch(128, 8, 4) == 4096
+    assert scaled_lr(4e-3, 4096, 4096, "linear") == pytest.approx(4e-3)
+    # With the per-process batch fixed, the lr follows the world size.
+    assert scaled_lr(4e-3, global_batch(128, 2, 4), 4096, "linear") == pytest.approx(1e-3)
+    assert scaled_lr(4e-3, global_batch(128, 16, 4), 4096, "linear") == pytest.approx(8e-3)
+    assert scaled_lr(1e-3, 1024, 256, "sqrt") == pytest.approx(2e-3)
+    assert scaled_lr(1e-3, 1024, 256, "none") == 1e-3
+
+
+def test_no_weight_decay_on_1d_parameters():
+    model = create_model("convnext_atto", num_classes=10)
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert "stages.0.0.gamma" in no_decay_names and "head.bias" in no_decay_names
+    assert "norm.weight" in no_decay_names and "downsample_layers.0.1.weight" in no_decay_names
+    assert "head.weight" in decay_names and "stages.0.0.pwconv1.weight" in decay_names
+    assert "stages.0.0.dwconv.weight" in decay_names
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
+    opt = create_optimizer(model, OptimCfg(weight_decay=0.05), lr=1e-3)
+    assert isinstance(opt, torch.optim.AdamW) and [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_schedule_warmup_then_cosine():
+    kw = dict(base_lr=1.0, min_lr=0.01, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(4, **kw) == pytest.approx(0.5)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.01 + 0.5 * 0.99)
+    assert lr_at(110, **kw) == pytest.approx(0.01)
+    assert lr_at(500, **kw) == pytest.approx(0.01)
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(0, base_lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=100) == 1.0
+    assert lr_at(25, base_lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=100) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_schedule_steps_from_epochs():
+    assert schedule_steps(ScheduleCfg(epochs=300, warmup_epochs=20), 312) == (20 * 312, 300 * 312)
+    assert schedule_steps(ScheduleCfg(epochs=10, warmup_epochs=0.5), 100) == (50, 1000)

@@ -1,0 +1,122 @@
+"""Whole-program runs: train.py and eval.py as users launch them, single process and under torchrun (CPU/gloo)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
+pytestmark = pytest.mark.slow
+
+
+def run(args, nproc=1, timeout=300, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def records(out, kind):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def eval_json(proc):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_torchrun_train_resume_eval(tmp_path):
+    out = str(tmp_path / "run")
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"], nproc=2)
+    assert "torchrun: world 2" in proc.stdout
+    evals = records(out, "eval")
+    assert [r["epoch"] for r in evals] == [0, 1]
+    assert all(r["samples"] == 101 for r in evals)  # 101 images on 2 ranks: each counted exactly once
+    assert {"top1", "top5", "loss", "ema_top1", "ema_top5"} <= set(evals[-1])
+    train = records(out, "train")
+    assert train and {"loss", "lr", "img_per_s", "grad_norm"} <= set(train[0])
+    for name in ("config.yaml", "checkpoints/last.pth", "checkpoints/best.pth"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert os.listdir(os.path.join(out, "tb"))
+
+    # eval.py reproduces the last evaluation exactly, under torchrun and in one process.
+    last = os.path.join(out, "checkpoints", "last.pth")
+    for nproc in (2, 1):
+        result = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", last], nproc=nproc))
+        assert result["samples"] == 101 and result["top1"] == evals[-1]["top1"], (nproc, result)
+        assert result["top5"] == evals[-1]["top5"]
+    ema = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", last, "--ema"]))
+    assert ema["top1"] == evals[-1]["ema_top1"]
+
+    # Started again with more epochs, the run resumes from last.pth instead of starting over.
+    state = torch.load(last, weights_only=True)
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=3"], nproc=2)
+    assert "resumed from" in proc.stdout and "2 epochs" in proc.stdout
+    evals = records(out, "eval")
+    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 3 and resumed["step"] > state["step"]
+    assert resumed["best_top1"] >= state["best_top1"]
+
+
+def test_single_process_debug_run(tmp_path):
+    out = str(tmp_path / "single")
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1",
+                "data.synthetic_train_size=64", "train.accum_steps=2"])
+    assert "single: world 1" in proc.stdout and "global batch 32 = 16 x 1 processes x 2 accum" in proc.stdout
+    assert records(out, "eval")[-1]["samples"] == 101
+
+
+def test_bad_input_is_one_line_and_destroys_nothing(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    keep = out / "checkpoints" / "last.pth"
+    keep.write_bytes(b"precious")
+    for args, message in [
+        ([f"output_dir={out}", "optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean optim.lr"),
+        ([f"output_dir={out}", "data.name=fashion_mnist", f"data.root={tmp_path}/nowhere"], "nowhere"),
+    ]:
+        proc = run(["train.py", "--config", DEBUG] + args, check=False)
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert keep.read_bytes() == b"precious"
+
+
+def test_checkpoint_of_another_model_is_named(tmp_path):
+    out = str(tmp_path / "run")
+    run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1", "data.synthetic_train_size=32"])
+    proc = run(["eval.py", "--config", DEBUG, "--checkpoint", os.path.join(out, "checkpoints", "last.pth"),
+                "model.name=convnext_femto"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "shape" in proc.stderr and "error: " in proc.stderr, proc.stderr
+
+
+DDP_EQUIV = ["data.synthetic_train_size=64", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0", "aug.hflip=0",
+             "aug.crop_padding=0", "model.drop_path=0", "ema.enabled=false", "schedule.epochs=1",
+             "schedule.warmup_epochs=0", "train.log_every=1", "optim.lr_scaling=none"]
+
+
+def test_ddp_matches_one_process_with_twice_the_batch(tmp_path):
+    """2 processes x batch 8 take the same steps as 1 process x batch 16 when nothing is random."""
+    runs = {}
+    for nproc, batch in ((2, 8), (1, 16)):
+        out = str(tmp_path / f"p{nproc}")
+        run(["train.py", "--config", DEBUG, f"output_dir={out}", f"data.batch_size={batch}"] + DDP_EQUIV,
+            nproc=nproc)
+        runs[nproc] = (records(out, "train"), torch.load(os.path.join(out, "checkpoints", "last.pth"),
+                                                          weights_only=True)["model"])
+    (train2, weights2), (train1, weights1) = runs[2], runs[1]
+    assert [r["step"] for r in train2] == [r["step"] for r in train1] == [1, 2, 3, 4]
+    for a, b in zip(train2, train1):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    worst = max((weights2[k] - weights1[k]).abs().max().item() for k in weights1)
+    assert worst < 1e-5, worst

@@ -1,0 +1,170 @@
+"""Train a ConvNeXt image classifier, on one process or many.
+
+    python train.py --config configs/debug.yaml                          # one process, GPU or CPU
+    torchrun --nproc_per_node=8 train.py --config configs/convnext_t.yaml
+    sbatch scripts/slurm/train.sbatch configs/convnext_t.yaml            # one task per GPU
+
+Any config key can be overridden after the options: `optim.lr=1e-3 data.batch_size=64`.
+A run writes <output_dir>/{config.yaml, metrics.jsonl, tb/, checkpoints/{last,best}.pth} and resumes
+from checkpoints/last.pth when it is started again with the same output_dir.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+
+import distributed_utils as du
+from data import build_datasets, build_eval_loader, build_train_loader
+from engine.checkpoint import checkpoint_dir, find_resume, load_checkpoint, save_checkpoint
+from engine.config import Config, ConfigError, load_config, save_config, to_dict
+from engine.logging import RunLogger
+from engine.loop import TrainParts, evaluate, train_one_epoch
+from engine.optim import create_optimizer, global_batch, lr_at, schedule_steps, scaled_lr
+from models import create_model
+from models.keys import load_weights
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fashion_mnist.yaml")
+    parser.add_argument("--resume", default="", help="checkpoint to start from "
+                        "(default: <output_dir>/checkpoints/last.pth when it exists)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy
+    torch.manual_seed(seed)
+
+
+def build_loss(cfg: Config, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """Mixup/cutmix with soft targets (label smoothing folded in), or plain label-smoothed CE when both are off."""
+    if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
+        if cfg.data.batch_size % 2:
+            raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be even for mixup/cutmix "
+                              f"(they pair each image with its mirror in the batch); use an even size or set "
+                              f"aug.mixup=0 aug.cutmix=0")
+        mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
+                      switch_prob=cfg.aug.mixup_switch_prob, label_smoothing=cfg.aug.smoothing,
+                      num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    return None, nn.CrossEntropyLoss(label_smoothing=cfg.aug.smoothing)
+
+
+def checkpoint_state(parts: TrainParts, cfg: Config, epoch: int, step: int, best_top1: float) -> dict:
+    return {"model": parts.raw_model.state_dict(),
+            "model_ema": parts.ema.module.state_dict() if parts.ema is not None else None,
+            "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
+            "epoch": epoch, "step": step, "best_top1": best_top1, "world_size": du.get_world_size(),
+            "config": to_dict(cfg)}
+
+
+def restore(parts: TrainParts, state: dict) -> tuple[int, int, float]:
+    """Load a checkpoint written by checkpoint_state; returns (epochs done, optimizer steps, best top-1)."""
+    load_weights(parts.raw_model, state)
+    if parts.ema is not None:
+        load_weights(parts.ema.module, state, ema=state.get("model_ema") is not None)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scaler.load_state_dict(state["scaler"])
+    return state["epoch"], state["step"], state["best_top1"]
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(args.config, args.overrides)
+    ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    env, device = ctx.env, ctx.device
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if env.is_main:
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+
+    # Data: every rank builds the same data sets; samplers split them.
+    train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=True)
+    train_loader, train_sampler = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
+    val_loader = build_eval_loader(val_set, cfg.data, env.rank, env.world_size)
+    steps_per_epoch = len(train_loader) // cfg.train.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"an epoch has no optimizer step: {info.train_size} training images < data.batch_size "
+                          f"x world size x train.accum_steps; lower data.batch_size or train.accum_steps")
+
+    # Model: the same seed on every rank gives the same init (DDP would broadcast rank 0's anyway).
+    seed_everything(cfg.seed)
+    model = create_model(**asdict(cfg.model), num_classes=info.num_classes, in_chans=info.in_chans)
+    model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    seed_everything(cfg.seed + env.rank)  # augmentation, mixup and drop path differ per rank
+
+    # Learning rate: quoted at optim.lr_base_batch, scaled to the global batch actually used.
+    batch = global_batch(cfg.data.batch_size, env.world_size, cfg.train.accum_steps)
+    lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_base_batch, cfg.optim.lr_scaling)
+    warmup_steps, total_steps = schedule_steps(cfg.schedule, steps_per_epoch)
+    du.print0(f"{env.launcher}: world {env.world_size} on {device} ({ctx.backend if env.distributed else 'no'} "
+              f"backend) | global batch {batch} = {cfg.data.batch_size} x {env.world_size} processes x "
+              f"{cfg.train.accum_steps} accum | lr {lr:.3g} = {cfg.optim.lr:g} x {batch}/{cfg.optim.lr_base_batch} "
+              f"({cfg.optim.lr_scaling}) | {steps_per_epoch} steps/epoch, {total_steps} in all")
+
+    mixup, criterion = build_loss(cfg, info.num_classes)
+    ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None
+    parts = TrainParts(
+        model=model, raw_model=model, optimizer=create_optimizer(model, cfg.optim, lr), criterion=criterion,
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"),
+        lr_fn=lambda s: lr_at(s, base_lr=lr, min_lr=cfg.schedule.min_lr, warmup_steps=warmup_steps,
+                              total_steps=total_steps),
+        device=device, amp=cfg.train.amp, accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad,
+        channels_last=cfg.train.channels_last, ema=ema, mixup=mixup)
+
+    start_epoch, step, best_top1 = 0, 0, -1.0
+    resume_path = args.resume or find_resume(cfg.output_dir)
+    if resume_path:
+        start_epoch, step, best_top1 = restore(parts, load_checkpoint(resume_path))
+        du.print0(f"resumed from {resume_path}: {start_epoch} epochs, {step} steps done, best top-1 {best_top1:.2f}")
+
+    if env.distributed:
+        parts.model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if cfg.train.compile:
+        # Compiling the DDP wrapper lets dynamo split graphs at bucket boundaries to overlap the all-reduce.
+        parts.model = torch.compile(parts.model)
+
+    logger = RunLogger(cfg.output_dir, enabled=env.is_main)
+    ckpt_dir = checkpoint_dir(cfg.output_dir)
+    for epoch in range(start_epoch, cfg.schedule.epochs):
+        train_sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        step = train_one_epoch(parts, train_loader, epoch=epoch, step=step, logger=logger,
+                               log_every=cfg.train.log_every, global_batch=batch)
+        last = epoch + 1 == cfg.schedule.epochs
+        if last or (epoch + 1) % cfg.train.eval_every == 0:
+            record = {"epoch": epoch, **evaluate(model, val_loader, device, cfg.train.amp, cfg.train.channels_last)}
+            if ema is not None:
+                ema_metrics = evaluate(ema.module, val_loader, device, cfg.train.amp, cfg.train.channels_last)
+                record.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "samples"})
+            logger.log("eval", record, step)
+            du.print0(f"epoch {epoch}: top-1 {record['top1']:.2f} top-5 {record['top5']:.2f} loss "
+                      f"{record['loss']:.4f}" + (f" | EMA top-1 {record['ema_top1']:.2f}" if ema else "")
+                      + f" | {record['samples']} images")
+            top1 = max(record["top1"], record.get("ema_top1", -1.0))
+            if top1 > best_top1:
+                best_top1 = top1
+                if env.is_main:
+                    save_checkpoint(checkpoint_state(parts, cfg, epoch + 1, step, best_top1),
+                                    os.path.join(ckpt_dir, "best.pth"))
+        if env.is_main:
+            save_checkpoint(checkpoint_state(parts, cfg, epoch + 1, step, best_top1),
+                            os.path.join(ckpt_dir, "last.pth"))
+    logger.close()
+    du.print0(f"done: best top-1 {best_top1:.2f}; checkpoints in {ckpt_dir}")
+
+
+if __name__ == "__main__":
+    du.run(main)
