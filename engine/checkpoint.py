@@ -10,11 +10,7 @@ import tempfile
 
 import torch
 
-from engine.errors import UserError
-
-
-class CheckpointError(UserError):
-    pass
+from engine.errors import CheckpointError
 
 
 def checkpoint_dir(output_dir: str) -> str:

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from engine.errors import UserError
+from engine.errors import CheckpointError
 
 from .convnext import VARIANTS
 
@@ -37,10 +37,6 @@ _RULES = [
     ("head.", "head.fc."),
 ]
 _TIMM_MLP_WEIGHTS = ("mlp.fc1.weight", "mlp.fc2.weight")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read as ConvNeXt weights."""
 
 
 class CheckpointMismatchError(CheckpointError):

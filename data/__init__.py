@@ -1,0 +1,78 @@
+"""Data sets, recipes and loaders: the API train.py and eval.py use.
+
+    train_set, val_set, info = build_datasets(cfg.data, cfg.aug)
+    loader, sampler = build_train_loader(train_set, cfg.data, rank, world_size, cfg.seed)
+    for epoch in ...:
+        sampler.set_epoch(epoch)
+        for images, labels in loader: ...  # float32 NCHW normalised, int64
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from data.datasets import DataError, load_splits
+from data.samplers import ExactShardSampler, build_train_sampler
+from data.transforms import BatchTransformed, apply_recipe, keep_batch, mean_std
+from engine.config import AugCfg, DataCfg
+
+
+@dataclass
+class DatasetInfo:
+    num_classes: int
+    in_chans: int
+    train_size: int  # 0 when the train split was not built
+    val_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg,
+                   train: bool = True) -> tuple[Dataset | None, Dataset, DatasetInfo]:
+    """(train set or None when train=False, val set, info); items are (float32 CHW, label)."""
+    splits = load_splits(data_cfg, train)
+    mean, std = mean_std(data_cfg.name)
+    train_set = apply_recipe(splits.train, data_cfg, aug_cfg, True, mean, std) if splits.train is not None else None
+    val_set = apply_recipe(splits.val, data_cfg, aug_cfg, False, mean, std)
+    info = DatasetInfo(splits.num_classes, splits.in_chans, len(train_set) if train_set is not None else 0,
+                       len(val_set), mean, std)
+    return train_set, val_set, info
+
+
+def _loader_options(dataset: Dataset, data_cfg: DataCfg) -> dict:
+    return dict(
+        num_workers=data_cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=data_cfg.num_workers > 0,
+        collate_fn=keep_batch if isinstance(dataset, BatchTransformed) else None,
+    )
+
+
+def build_train_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size: int,
+                       seed: int) -> tuple[DataLoader, DistributedSampler]:
+    """Shuffled, drop_last loader for this rank; call sampler.set_epoch(epoch) before each epoch."""
+    per_rank = len(dataset) // world_size
+    if per_rank < data_cfg.batch_size:
+        raise DataError(f"{len(dataset)} training samples over {world_size} process(es) leave {per_rank} per "
+                        f"process, less than one batch (data.batch_size={data_cfg.batch_size}); lower "
+                        f"data.batch_size")
+    sampler = build_train_sampler(dataset, world_size, rank, seed)
+    # Seeds the workers' RNGs (hence their augmentations) per rank, whatever the caller's global seeding.
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)
+    loader = DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler, drop_last=True,
+                        generator=generator, **_loader_options(dataset, data_cfg))
+    return loader, sampler
+
+
+def build_eval_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size: int) -> DataLoader:
+    """This rank's share of the eval set, every sample on exactly one rank; the last batch may be short."""
+    batch_size = data_cfg.eval_batch_size or 2 * data_cfg.batch_size
+    sampler = ExactShardSampler(len(dataset), world_size, rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
+                      **_loader_options(dataset, data_cfg))
+
+
+__all__ = ["DataError", "DatasetInfo", "ExactShardSampler", "build_datasets", "build_train_loader",
+           "build_eval_loader"]

@@ -1,0 +1,265 @@
+"""Data sets by name (`data.name`), as raw images before any recipe.
+
+Each builder returns the train and val splits as datasets of `(image, label)`, where the image is a
+uint8 CHW tensor (Fashion-MNIST, CIFAR, synthetic) or a PIL image (imagefolder).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
+from torchvision.datasets.folder import find_classes
+
+from engine.config import DataCfg
+from engine.errors import UserError
+
+FASHION_MNIST_APT_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class DataError(UserError):
+    """A data set that cannot be found or read; the message names the path and the way out."""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+class TensorImages(Dataset):
+    """A whole split held in memory as uint8 NCHW, so a batch costs one indexing op."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+    def take(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+
+class SyntheticImages(Dataset):
+    """Noise around a per-class colour cast and coarse pattern, so a smoke run can show learning.
+
+    Sample i comes from a generator seeded with `first_seed + i` and nothing else, so it is the same
+    on every rank, in every worker and in every run.
+    """
+
+    # torch's CPU generator only uses the low 32 bits of a seed, so the seed ranges of train samples
+    # [0, 2^30), val samples [2^30, 2^31) and class prototypes [2^31, 2^32) must stay apart within them.
+    VAL_FIRST_SEED = 1 << 30
+    _CLASS_SEED = 1 << 31
+
+    def __init__(self, size: int, num_classes: int, img_size: int, first_seed: int):
+        self.size, self.num_classes, self.img_size, self.first_seed = size, num_classes, img_size, first_seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _prototype(self, label: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self._CLASS_SEED + label)
+        colour = torch.randn(3, 1, 1, generator=g) * 40
+        # A 4x4 pattern blown up to full size survives crops and flips better than fine detail would.
+        coarse = torch.randn(1, 3, 4, 4, generator=g) * 30
+        pattern = F.interpolate(coarse, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return colour + pattern[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < self.size:
+            raise IndexError(f"sample {i} out of range for {self.size} synthetic images")
+        g = torch.Generator().manual_seed(self.first_seed + i)
+        label = int(torch.randint(self.num_classes, (), generator=g))
+        noise = torch.randn(3, self.img_size, self.img_size, generator=g) * 40
+        image = (128 + self._prototype(label) + noise).clamp_(0, 255).to(torch.uint8)
+        return image, label
+
+
+@dataclass
+class RawSplits:
+    train: Dataset | None  # None when only evaluation was asked for
+    val: Dataset
+    num_classes: int
+    in_chans: int
+
+
+# --- Fashion-MNIST: the original idx files ---------------------------------------------------------
+
+_FASHION_STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_UBYTE = 0x08  # the idx type code for unsigned bytes, the only one Fashion-MNIST uses
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """Parse an idx file of unsigned bytes (the MNIST format), gzipped or not.
+
+    Layout: magic (two zero bytes, type code, number of dims), one big-endian uint32 per dim, the data.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # also a corrupt or truncated gzip stream
+        raise DataError(f"cannot read '{path}' ({_first_line(e)}); replace it with the original file") from None
+    expected = (_IDX_UBYTE << 8) | ndim
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
+    header = 4 + 4 * ndim
+    if magic != expected or len(raw) < header:
+        raise DataError(f"'{path}' is not an idx file of {ndim}-d unsigned bytes (magic {magic:#010x}, "
+                        f"expected {expected:#010x}); replace it with the original file")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if len(raw) - header != int(np.prod(dims)):
+        raise DataError(f"'{path}' holds {len(raw) - header} bytes of data but its header says {dims}; "
+                        f"replace it with the original file")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _idx_path(folder: str, stem: str) -> str | None:
+    for name in (stem + ".gz", stem):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _find_fashion_mnist(root: str) -> str | None:
+    """The folder holding all four idx files: root itself (the Debian layout) or torchvision's layout."""
+    stems = [stem for pair in _FASHION_STEMS.values() for stem in pair]
+    for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
+        if all(_idx_path(folder, stem) for stem in stems):
+            return folder
+    return None
+
+
+def _download_fashion_mnist(cfg: DataCfg) -> str:
+    way_out = (f"install it with 'apt-get install dataset-fashion-mnist' (files land in {FASHION_MNIST_APT_DIR}) "
+               f"or set data.download=true")
+    if not cfg.download:
+        raise DataError(f"Fashion-MNIST not found in '{cfg.root}': {way_out}")
+    try:
+        FashionMNIST(cfg.root, train=True, download=True)  # fetches all four files
+    except (OSError, RuntimeError, ValueError) as e:  # no network, HTTP errors, bad checksum
+        raise DataError(f"Fashion-MNIST not found in '{cfg.root}' and the download failed ({_first_line(e)}): "
+                        f"install it with 'apt-get install dataset-fashion-mnist' (files land in "
+                        f"{FASHION_MNIST_APT_DIR}) or check the network") from None
+    folder = _find_fashion_mnist(cfg.root)
+    if folder is None:
+        raise DataError(f"Fashion-MNIST downloaded into '{cfg.root}' but its idx files are not there: {way_out}")
+    return folder
+
+
+def _fashion_split(folder: str, split: str) -> TensorImages:
+    image_path, label_path = (_idx_path(folder, stem) for stem in _FASHION_STEMS[split])
+    images, labels = read_idx(image_path, ndim=3), read_idx(label_path, ndim=1)
+    if len(images) != len(labels):
+        raise DataError(f"'{image_path}' has {len(images)} images but '{label_path}' has {len(labels)} labels; "
+                        f"replace them with the original files")
+    return TensorImages(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long())
+
+
+def _fashion_mnist(cfg: DataCfg, train: bool) -> RawSplits:
+    folder = _find_fashion_mnist(cfg.root) or _download_fashion_mnist(cfg)
+    return RawSplits(_fashion_split(folder, "train") if train else None, _fashion_split(folder, "val"),
+                     num_classes=10, in_chans=1)
+
+
+# --- CIFAR-10/100 through torchvision --------------------------------------------------------------
+
+def _cifar_split(cfg: DataCfg, train: bool, tv_class: type, title: str, folder: str) -> tuple[TensorImages, int]:
+    try:
+        ds = tv_class(cfg.root, train=train, download=cfg.download)
+    except (OSError, RuntimeError) as e:
+        if cfg.download:
+            raise DataError(f"{title} is not in '{cfg.root}' and the download failed ({_first_line(e)}); "
+                            f"check the network or put {folder}/ in data.root") from None
+        raise DataError(f"{title} not found in '{cfg.root}' (torchvision looks for "
+                        f"'{os.path.join(cfg.root, folder)}'): set data.download=true or point data.root at "
+                        f"the folder holding {folder}/") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return TensorImages(images, torch.tensor(ds.targets, dtype=torch.long)), len(ds.classes)
+
+
+def _cifar(cfg: DataCfg, train: bool, **which) -> RawSplits:
+    val, num_classes = _cifar_split(cfg, False, **which)
+    train_set = _cifar_split(cfg, True, **which)[0] if train else None
+    return RawSplits(train_set, val, num_classes=num_classes, in_chans=3)
+
+
+# --- ImageFolder: root/train/<class>/*, root/val/<class>/* -----------------------------------------
+
+def _image_folder(path: str) -> Dataset:
+    if not os.path.isdir(path):
+        raise DataError(f"'{path}' does not exist; data.name=imagefolder needs data.root to hold train/ and val/, "
+                        f"each with one sub-folder of images per class")
+    try:
+        return ImageFolder(path)
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        raise DataError(f"no usable images in '{path}' ({_first_line(e)}); give it one sub-folder of images "
+                        f"(.jpg, .png, ...) per class") from None
+
+
+def _class_names(path: str) -> list[str] | None:
+    try:
+        return find_classes(path)[0]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _imagefolder(cfg: DataCfg, train: bool) -> RawSplits:
+    train_dir, val_dir = os.path.join(cfg.root, "train"), os.path.join(cfg.root, "val")
+    val = _image_folder(val_dir)
+    train_set = _image_folder(train_dir) if train else None
+    # Labels are positions in the sorted class list, so val must list exactly the train classes. When only
+    # evaluating, the train folder names are still checked if they are there.
+    train_classes = train_set.classes if train_set is not None else _class_names(train_dir)
+    if train_classes is not None and train_classes != val.classes:
+        only_train = sorted(set(train_classes) - set(val.classes))[:5]
+        only_val = sorted(set(val.classes) - set(train_classes))[:5]
+        raise DataError(f"class folders differ between '{train_dir}' ({len(train_classes)}) and '{val_dir}' "
+                        f"({len(val.classes)}): only in train {only_train}, only in val {only_val}; give both "
+                        f"the same class sub-folders")
+    return RawSplits(train_set, val, num_classes=len(val.classes), in_chans=3)
+
+
+# --- synthetic -------------------------------------------------------------------------------------
+
+def _synthetic(cfg: DataCfg, train: bool) -> RawSplits:
+    num_classes = cfg.num_classes or 10
+    make = partial(SyntheticImages, num_classes=num_classes, img_size=cfg.img_size)
+    return RawSplits(make(cfg.synthetic_train_size, first_seed=0) if train else None,
+                     make(cfg.synthetic_val_size, first_seed=SyntheticImages.VAL_FIRST_SEED),
+                     num_classes=num_classes, in_chans=3)
+
+
+BUILDERS: dict[str, Callable[[DataCfg, bool], RawSplits]] = {
+    "fashion_mnist": _fashion_mnist,
+    "cifar10": partial(_cifar, tv_class=CIFAR10, title="CIFAR-10", folder="cifar-10-batches-py"),
+    "cifar100": partial(_cifar, tv_class=CIFAR100, title="CIFAR-100", folder="cifar-100-python"),
+    "imagefolder": _imagefolder,
+    "synthetic": _synthetic,
+}
+
+
+def load_splits(cfg: DataCfg, train: bool = True) -> RawSplits:
+    """The raw splits of `cfg.name`; the train split is only read when `train` is true."""
+    if cfg.name not in BUILDERS:
+        raise DataError(f"unknown data set data.name={cfg.name!r}; choose one of {', '.join(BUILDERS)}")
+    splits = BUILDERS[cfg.name](cfg, train)
+    if cfg.num_classes and cfg.num_classes != splits.num_classes:
+        raise DataError(f"data.num_classes={cfg.num_classes} but {cfg.name} in '{cfg.root}' has "
+                        f"{splits.num_classes} classes; set data.num_classes={splits.num_classes} or 0")
+    return splits

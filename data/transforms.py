@@ -1,0 +1,193 @@
+"""The two recipes (`data.recipe`) that turn raw images into normalised float tensors.
+
+- imagenet: timm's RandAugment recipe, sample by sample on PIL images.
+- small: pad-crop + flip (+ random erasing) for 28-32 px images, done on a whole uint8 batch at once,
+  because per-image calls would leave a 2-core trainer waiting on the data.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import InterpolationMode, pil_to_tensor, resize, to_pil_image
+
+from data.datasets import TensorImages
+from engine.config import AugCfg, DataCfg
+
+MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of a data set; ImageNet's for imagefolder and synthetic."""
+    return MEAN_STD.get(name, (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)))
+
+
+def imagenet_transform(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool, mean: Sequence[float],
+                       std: Sequence[float]) -> Callable[[Image.Image], torch.Tensor]:
+    if not train:
+        return create_transform(data_cfg.img_size, is_training=False, interpolation=aug_cfg.interpolation,
+                                mean=mean, std=std, crop_pct=data_cfg.crop_pct)
+    transform = create_transform(
+        data_cfg.img_size, is_training=True, hflip=aug_cfg.hflip,
+        auto_augment=aug_cfg.rand_augment or None,
+        color_jitter=None,  # timm adds jitter only when RandAugment is off; "off" should mean off
+        interpolation=aug_cfg.interpolation, mean=mean, std=std,
+        re_prob=aug_cfg.reprob, re_mode="pixel", re_count=1)
+    return _allow_zero_bit_posterize(transform)
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # keeping no bits leaves black, as Pillow < 13 did
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _allow_zero_bit_posterize(transform):
+    """timm's RandAugment levels can ask posterize for 0 bits, which Pillow >= 13 rejects with a
+    ValueError (about 1 image in 500 with rand-m9-mstd0.5-inc1); route those ops through `_posterize`."""
+    for step in getattr(transform, "transforms", []):
+        ops = list(getattr(step, "ops", [])) + [op for sub in getattr(step, "policy", []) for op in sub]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
+
+
+class SmallBatchTransform:
+    """The small recipe on a uint8 NCHW batch -> float32 NCHW, each image with its own random draws.
+
+    All randomness comes from torch's global RNG, so torch.manual_seed (and the per-worker seeding of
+    DataLoader) makes it reproducible.
+    """
+
+    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
+                 padding: int = 0, hflip: float = 0.0, reprob: float = 0.0, interpolation: str = "bilinear"):
+        self.img_size, self.train, self.padding, self.hflip = img_size, train, padding, hflip
+        self.interpolation = interpolation
+        # Normalising on the 0-255 scale skips a separate /255 pass over the batch.
+        self.shift = torch.tensor(mean).view(1, -1, 1, 1) * 255
+        self.scale = torch.tensor(std).view(1, -1, 1, 1) * 255
+        self.erase = RandomErasing(reprob, mode="pixel", max_count=1, device="cpu") if train and reprob > 0 else None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            x = self._resize(x)
+        if self.train and self.padding > 0:
+            x = self._random_crop(x)
+        if self.train and self.hflip > 0:
+            flip = torch.rand(len(x)) < self.hflip
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = (x - self.shift) / self.scale
+        if self.erase is not None:
+            x = self._random_erase(x)
+        return x
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        size = (self.img_size, self.img_size)
+        if self.interpolation == "nearest":
+            return F.interpolate(x, size=size, mode="nearest")
+        # bicubic overshoots past the 0-255 range; clamp so padding and normalisation see real pixel values
+        x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False, antialias=True)
+        return x.clamp_(0, 255)
+
+    def _random_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad by `padding` and cut an img_size window at a random offset per image.
+
+        Two gathers (rows, then columns) instead of a Python loop over the batch.
+        """
+        n, c, s, p = x.shape[0], x.shape[1], self.img_size, self.padding
+        padded = F.pad(x, (p, p, p, p))
+        top = torch.randint(0, 2 * p + 1, (n, 1, 1, 1))
+        left = torch.randint(0, 2 * p + 1, (n, 1, 1, 1))
+        rows = (top + torch.arange(s).view(1, 1, s, 1)).expand(n, c, s, s + 2 * p)
+        cols = (left + torch.arange(s).view(1, 1, 1, s)).expand(n, c, s, s)
+        return padded.gather(2, rows).gather(3, cols)
+
+    def _random_erase(self, x: torch.Tensor) -> torch.Tensor:
+        # timm draws its boxes from Python's `random`; seed that from torch's RNG for the duration, so the
+        # torch seed governs erasing too, and put the caller's Python RNG state back afterwards.
+        state = random.getstate()
+        random.seed(int(torch.randint(2 ** 62, ())))
+        try:
+            return self.erase(x)
+        finally:
+            random.setstate(state)
+
+
+class PerSampleTransformed(Dataset):
+    """Applies a PIL transform (the imagenet recipe) image by image; in-memory tensors become PIL first."""
+
+    def __init__(self, source: Dataset, transform: Callable[[Image.Image], torch.Tensor]):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.source[i]
+        if isinstance(image, torch.Tensor):
+            image = to_pil_image(image)
+        return self.transform(image), label
+
+
+class BatchTransformed(Dataset):
+    """Serves whole batches through `__getitems__`, so a batch transform runs once per batch.
+
+    DataLoader hands `__getitems__` the batch's indices; the result is already a batch, so the loader
+    must use `keep_batch` as its collate_fn.
+    """
+
+    def __init__(self, source: Dataset, transform: SmallBatchTransform):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self._gather(indices)
+        return self.transform(images), labels
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        images, labels = self.__getitems__([i])
+        return images[0], int(labels[0])
+
+    def _gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.source, TensorImages):
+            return self.source.take(indices)
+        samples = [self.source[i] for i in indices]
+        images = torch.stack([self._as_uint8(image) for image, _ in samples])
+        return images, torch.tensor([label for _, label in samples], dtype=torch.long)
+
+    def _as_uint8(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return image
+        # Files on disk come in any size; bring them to img_size so the batch can be stacked.
+        size = [self.transform.img_size] * 2
+        return pil_to_tensor(resize(image, size, InterpolationMode(self.transform.interpolation)))
+
+
+def keep_batch(batch):
+    """collate_fn for BatchTransformed: its batches arrive already stacked."""
+    return batch
+
+
+def apply_recipe(source: Dataset, data_cfg: DataCfg, aug_cfg: AugCfg, train: bool,
+                 mean: Sequence[float], std: Sequence[float]) -> Dataset:
+    """Wrap a raw split so it yields (float32 normalised image, int64 label)."""
+    if data_cfg.recipe == "small":
+        transform = SmallBatchTransform(data_cfg.img_size, mean, std, train, padding=aug_cfg.crop_padding,
+                                        hflip=aug_cfg.hflip, reprob=aug_cfg.reprob,
+                                        interpolation=aug_cfg.interpolation)
+        return BatchTransformed(source, transform)
+    return PerSampleTransformed(source, imagenet_transform(data_cfg, aug_cfg, train, mean, std))

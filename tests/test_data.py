@@ -1,0 +1,270 @@
+"""Data sets, recipes, samplers and loaders (no network, no GPU; real Fashion-MNIST only when installed)."""
+import gzip
+import os
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data.datasets as datasets
+from data import DataError, ExactShardSampler, build_datasets, build_eval_loader, build_train_loader
+from data.datasets import FASHION_MNIST_APT_DIR, TensorImages, load_splits, read_idx
+from data.transforms import SmallBatchTransform, _posterize, apply_recipe, imagenet_transform
+from engine.config import Config
+from engine.errors import UserError
+
+
+def make_cfg(**data) -> Config:
+    cfg = Config()
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    cfg.data.num_workers = 0
+    return cfg
+
+
+# --- samplers --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 1, 5, 7, 10, 64, 101, 1000])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7, 8, 16])
+def test_exact_shard_sampler_covers_every_index_once(size, world):
+    shards = [list(ExactShardSampler(size, world, rank)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(size))
+    assert [len(ExactShardSampler(size, world, rank)) for rank in range(world)] == [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_exact_shard_sampler_rejects_rank_outside_world():
+    with pytest.raises(ValueError):
+        ExactShardSampler(10, 2, 2)
+
+
+# --- idx files and Fashion-MNIST -------------------------------------------------------------------
+
+def write_idx(path, array: np.ndarray, magic: int | None = None) -> None:
+    magic = (0x08 << 8 | array.ndim) if magic is None else magic
+    raw = magic.to_bytes(4, "big") + np.array(array.shape, dtype=">u4").tobytes() + array.astype(np.uint8).tobytes()
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def write_fake_fashion(folder, n_train=6, n_val=4, gz=True) -> None:
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ext = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_val)):
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte{ext}"), rng.integers(0, 256, (n, 28, 28)))
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte{ext}"), np.arange(n) % 10)
+
+
+@pytest.mark.parametrize("name", ["x.gz", "x"])
+def test_read_idx_round_trip(tmp_path, name):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / name, array)
+    np.testing.assert_array_equal(read_idx(str(tmp_path / name), ndim=3), array)
+
+
+def test_read_idx_rejects_wrong_magic_and_truncation(tmp_path):
+    write_idx(tmp_path / "labels.gz", np.arange(5), magic=0x0803)  # says 3-d, holds 1-d
+    with pytest.raises(DataError, match="not an idx file"):
+        read_idx(str(tmp_path / "labels.gz"), ndim=1)
+    write_idx(tmp_path / "images.gz", np.zeros((2, 2, 2)))
+    raw = gzip.decompress((tmp_path / "images.gz").read_bytes())
+    (tmp_path / "short").write_bytes(raw[:-1])
+    with pytest.raises(DataError, match="header says"):
+        read_idx(str(tmp_path / "short"), ndim=3)
+    (tmp_path / "bad.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="cannot read"):
+        read_idx(str(tmp_path / "bad.gz"), ndim=3)
+
+
+@pytest.mark.parametrize("layout", ["debian", "torchvision"])
+def test_fashion_mnist_from_either_layout(tmp_path, layout):
+    folder = tmp_path if layout == "debian" else tmp_path / "FashionMNIST" / "raw"
+    write_fake_fashion(folder, gz=layout == "debian")
+    splits = load_splits(make_cfg(name="fashion_mnist", root=str(tmp_path)).data)
+    assert splits.train.images.shape == (6, 1, 28, 28) and splits.train.images.dtype == torch.uint8
+    assert len(splits.val) == 4 and splits.num_classes == 10 and splits.in_chans == 1
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_APT_DIR), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist():
+    splits = load_splits(make_cfg(name="fashion_mnist", root=FASHION_MNIST_APT_DIR).data)
+    assert splits.train.images.shape == (60000, 1, 28, 28) and len(splits.val) == 10000
+    for part in (splits.train, splits.val):
+        assert part.labels.min() == 0 and part.labels.max() == 9
+        assert torch.bincount(part.labels).min() == len(part) // 10  # balanced classes
+
+
+def test_missing_fashion_mnist_names_path_and_ways_out(tmp_path):
+    root = str(tmp_path / "nowhere")
+    with pytest.raises(DataError) as e:
+        build_datasets(make_cfg(name="fashion_mnist", root=root).data, Config().aug)
+    message = str(e.value)
+    assert root in message and "apt-get install dataset-fashion-mnist" in message
+    assert "data.download=true" in message and "\n" not in message
+    assert isinstance(e.value, UserError)
+
+
+def test_failed_fashion_mnist_download_is_a_data_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(datasets, "FashionMNIST", offline)
+    with pytest.raises(DataError, match="download failed.*apt-get install dataset-fashion-mnist"):
+        load_splits(make_cfg(name="fashion_mnist", root=str(tmp_path), download=True).data)
+
+
+def test_missing_cifar_names_root_and_download(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}.*data.download=true"):
+        load_splits(make_cfg(name="cifar10", root=str(tmp_path)).data)
+
+
+# --- imagefolder -----------------------------------------------------------------------------------
+
+def write_image_folder(root, classes=("cat", "dog"), val_classes=None, per_class=3) -> None:
+    rng = np.random.default_rng(0)
+    for split, names in (("train", classes), ("val", val_classes or classes)):
+        for name in names:
+            os.makedirs(root / split / name)
+            for i in range(per_class):
+                size = (20 + 7 * i, 30)  # files of different sizes, as on disk
+                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+
+
+@pytest.mark.parametrize("recipe", ["imagenet", "small"])
+def test_imagefolder_with_either_recipe(tmp_path, recipe):
+    write_image_folder(tmp_path)
+    cfg = make_cfg(name="imagefolder", root=str(tmp_path), img_size=32, recipe=recipe, batch_size=2)
+    train_set, val_set, info = build_datasets(cfg.data, cfg.aug)
+    assert (info.num_classes, info.in_chans, info.train_size, info.val_size) == (2, 3, 6, 6)
+    image, label = train_set[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and int(label) == 0
+    images, labels = next(iter(build_train_loader(train_set, cfg.data, 0, 1, seed=0)[0]))
+    assert images.shape == (2, 3, 32, 32) and labels.dtype == torch.int64
+    images, labels = next(iter(build_eval_loader(val_set, cfg.data, 0, 1)))
+    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
+
+
+def test_imagefolder_missing_or_empty_folders(tmp_path):
+    cfg = make_cfg(name="imagefolder", root=str(tmp_path))
+    with pytest.raises(DataError, match=str(tmp_path / "val")):
+        load_splits(cfg.data)
+    (tmp_path / "val" / "cat").mkdir(parents=True)  # a class folder without images
+    with pytest.raises(DataError, match=f"no usable images in '{tmp_path / 'val'}'"):
+        load_splits(cfg.data)
+
+
+def test_imagefolder_val_classes_must_match_train(tmp_path):
+    write_image_folder(tmp_path, classes=("cat", "dog"), val_classes=("cat", "cow"))
+    cfg = make_cfg(name="imagefolder", root=str(tmp_path))
+    for train in (True, False):  # eval-only runs check the train folder names too
+        with pytest.raises(DataError, match="only in train \\['dog'\\], only in val \\['cow'\\]"):
+            load_splits(cfg.data, train=train)
+
+
+def test_num_classes_mismatch_names_both_numbers(tmp_path):
+    write_image_folder(tmp_path)
+    with pytest.raises(DataError, match="data.num_classes=3 .* 2 classes"):
+        load_splits(make_cfg(name="imagefolder", root=str(tmp_path), num_classes=3).data)
+
+
+# --- synthetic -------------------------------------------------------------------------------------
+
+def test_synthetic_is_deterministic_and_shows_its_class():
+    cfg = make_cfg(name="synthetic", img_size=16, num_classes=4, synthetic_train_size=200, synthetic_val_size=40)
+    a, b = load_splits(cfg.data), load_splits(cfg.data)
+    assert a.num_classes == 4 and a.in_chans == 3 and (len(a.train), len(a.val)) == (200, 40)
+    train = [a.train[i] for i in range(200)]
+    for i in (0, 7, 199):
+        assert torch.equal(train[i][0], b.train[i][0]) and train[i][1] == b.train[i][1]
+    assert not torch.equal(a.train[0][0], a.val[0][0])
+    labels = torch.tensor([label for _, label in train])
+    assert labels.min() >= 0 and labels.max() < 4 and len(labels.unique()) == 4
+    # A nearest-class-mean classifier beats chance by far, so a smoke run can show learning.
+    images = torch.stack([image for image, _ in train]).float().flatten(1)
+    means = torch.stack([images[labels == c].mean(0) for c in range(4)])
+    val = torch.stack([a.val[i][0] for i in range(40)]).float().flatten(1)
+    predicted = torch.cdist(val, means).argmin(1)
+    assert (predicted == torch.tensor([a.val[i][1] for i in range(40)])).float().mean() > 0.9
+
+
+def test_synthetic_defaults_to_ten_classes_and_eval_only_skips_train():
+    train_set, val_set, info = build_datasets(make_cfg(name="synthetic", img_size=32).data, Config().aug, train=False)
+    assert train_set is None and info.train_size == 0 and info.val_size == 101 and info.num_classes == 10
+
+
+# --- recipes ---------------------------------------------------------------------------------------
+
+def small(train=True, **kwargs) -> SmallBatchTransform:
+    options = dict(padding=4, hflip=0.5, reprob=0.25) if train else {}
+    return SmallBatchTransform(32, (0.5,), (0.25,), train, **{**options, **kwargs})
+
+
+def test_small_recipe_shapes_randomness_and_seeding():
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    transform = small()
+    torch.manual_seed(1)
+    first = transform(images)
+    second = transform(images)
+    torch.manual_seed(1)
+    again = transform(images)
+    assert first.shape == (64, 1, 32, 32) and first.dtype == torch.float32
+    assert not torch.equal(first, second) and torch.equal(first, again)
+
+
+def test_small_recipe_draws_per_image():
+    same = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(32, -1, -1, -1)
+    out = small(reprob=0.0)(same)
+    assert len({tuple(x.flatten().tolist()) for x in out}) > 8  # not one crop/flip for the whole batch
+
+
+def test_small_recipe_eval_only_normalises():
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(small(train=False)(images), (images.float() / 255 - 0.5) / 0.25)
+
+
+def test_imagenet_recipe_survives_zero_bit_posterize():
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert _posterize(image, 0).getextrema() == ((0, 0),) * 3
+    transform = imagenet_transform(make_cfg(img_size=32).data, Config().aug, True, (0.5,) * 3, (0.5,) * 3)
+    ops = [op for step in transform.transforms for op in getattr(step, "ops", [])]
+    assert any(op.aug_fn is _posterize for op in ops)
+
+
+# --- loaders ---------------------------------------------------------------------------------------
+
+def indexed_set(n: int, train: bool):
+    """Labels equal the sample index, so a loader's output says which samples it served."""
+    source = TensorImages(torch.zeros(n, 1, 28, 28, dtype=torch.uint8), torch.arange(n))
+    cfg = make_cfg(name="fashion_mnist", recipe="small", img_size=32)
+    return apply_recipe(source, cfg.data, cfg.aug, train, (0.5,), (0.5,))
+
+
+def test_eval_loaders_of_two_ranks_see_every_sample_once():
+    cfg = make_cfg(batch_size=4)
+    dataset = indexed_set(101, train=False)
+    seen = []
+    for rank in range(2):
+        for images, labels in build_eval_loader(dataset, cfg.data, rank, 2):
+            assert images.shape[1:] == (1, 32, 32) and len(images) <= 8  # eval batch = 2 x batch_size
+            seen += labels.tolist()
+    assert sorted(seen) == list(range(101))
+
+
+def test_train_loaders_of_two_ranks_are_disjoint_full_batches():
+    cfg = make_cfg(batch_size=8)
+    dataset = indexed_set(101, train=True)
+    per_rank = []
+    for rank in range(2):
+        loader, sampler = build_train_loader(dataset, cfg.data, rank, 2, seed=0)
+        sampler.set_epoch(3)
+        batches = [labels for _, labels in loader]
+        assert len(batches) == 50 // 8 and all(len(b) == 8 for b in batches)
+        per_rank.append(set(torch.cat(batches).tolist()))
+    assert not per_rank[0] & per_rank[1]
+
+
+def test_train_loader_rejects_a_set_smaller_than_one_batch():
+    with pytest.raises(DataError, match="data.batch_size=64"):
+        build_train_loader(indexed_set(100, train=True), make_cfg(batch_size=64).data, 0, 2, seed=0)
