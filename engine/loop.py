@@ -82,7 +82,7 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
     loss_sum = torch.zeros((), device=p.device)
     window_start, window_steps = time.perf_counter(), 0
     bar = logger.progress(steps, f"epoch {epoch}")
-    for group in _micro_batches(loader, p.accum_steps):
+    for i_step, group in enumerate(_micro_batches(loader, p.accum_steps), start=1):
         lr = p.lr_fn(step)
         set_lr(p.optimizer, lr)
         for i, (images, labels) in enumerate(group):
@@ -98,7 +98,7 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
             loss_sum += loss.detach().float()
         step += 1
         window_steps += 1
-        log_now = step % log_every == 0 or window_steps == steps
+        log_now = step % log_every == 0 or i_step == steps  # and at the end of the epoch
         norm = _optimizer_step(p, want_norm=log_now)
         if p.ema is not None:
             p.ema.update(p.raw_model, step=step)
