@@ -28,7 +28,7 @@ from engine.checkpoint import checkpoint_dir, find_resume, load_checkpoint, save
 from engine.config import Config, ConfigError, load_config, save_config, to_dict
 from engine.logging import RunLogger
 from engine.loop import TrainParts, evaluate, train_one_epoch
-from engine.optim import create_optimizer, global_batch, lr_at, schedule_steps, scaled_lr
+from engine.optim import create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
 from models import create_model
 from models.keys import load_weights
 
@@ -51,10 +51,6 @@ def seed_everything(seed: int) -> None:
 def build_loss(cfg: Config, num_classes: int) -> tuple[Mixup | None, nn.Module]:
     """Mixup/cutmix with soft targets (label smoothing folded in), or plain label-smoothed CE when both are off."""
     if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
-        if cfg.data.batch_size % 2:
-            raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be even for mixup/cutmix "
-                              f"(they pair each image with its mirror in the batch); use an even size or set "
-                              f"aug.mixup=0 aug.cutmix=0")
         mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
                       switch_prob=cfg.aug.mixup_switch_prob, label_smoothing=cfg.aug.smoothing,
                       num_classes=num_classes)
@@ -80,6 +76,38 @@ def restore(parts: TrainParts, state: dict) -> tuple[int, int, float]:
     return state["epoch"], state["step"], state["best_top1"]
 
 
+def build_parts(cfg: Config, model: nn.Module, num_classes: int, device: torch.device, world_size: int,
+                steps_per_epoch: int) -> tuple[TrainParts, int, float]:
+    """Optimizer, schedule, loss, EMA and precision around the model; returns (parts, global batch, peak lr)."""
+    # The lr is quoted at optim.lr_base_batch and scaled to the global batch actually used.
+    batch = global_batch(cfg.data.batch_size, world_size, cfg.train.accum_steps)
+    lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_base_batch, cfg.optim.lr_scaling)
+    warmup_steps, total_steps = schedule_steps(cfg.schedule, steps_per_epoch)
+    mixup, criterion = build_loss(cfg, num_classes)
+    parts = TrainParts(
+        model=model, raw_model=model, optimizer=create_optimizer(model, cfg.optim, lr), criterion=criterion,
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"),
+        lr_fn=lambda s: lr_at(s, base_lr=lr, min_lr=cfg.schedule.min_lr, warmup_steps=warmup_steps,
+                              total_steps=total_steps),
+        device=device, amp=cfg.train.amp, accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad,
+        channels_last=cfg.train.channels_last, mixup=mixup,
+        ema=ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None)
+    return parts, batch, lr
+
+
+def evaluate_run(parts: TrainParts, loader, cfg: Config, epoch: int) -> dict:
+    """The eval record: the raw model's metrics, and the EMA's next to them as ema_*."""
+    record = {"epoch": epoch, **evaluate(parts.raw_model, loader, parts.device, cfg.train.amp,
+                                         cfg.train.channels_last)}
+    if parts.ema is not None:
+        ema = evaluate(parts.ema.module, loader, parts.device, cfg.train.amp, cfg.train.channels_last)
+        record.update({f"ema_{k}": v for k, v in ema.items() if k != "samples"})
+    du.print0(f"epoch {epoch}: top-1 {record['top1']:.2f} top-5 {record['top5']:.2f} loss {record['loss']:.4f}"
+              + (f" | EMA top-1 {record['ema_top1']:.2f}" if parts.ema is not None else "")
+              + f" | {record['samples']} images")
+    return record
+
+
 def main() -> None:
     args = parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -90,7 +118,7 @@ def main() -> None:
     if env.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
-    # Data: every rank builds the same data sets; samplers split them.
+    # Data: every rank builds the same data sets; the samplers split them.
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=True)
     train_loader, train_sampler = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
     val_loader = build_eval_loader(val_set, cfg.data, env.rank, env.world_size)
@@ -105,24 +133,12 @@ def main() -> None:
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     seed_everything(cfg.seed + env.rank)  # augmentation, mixup and drop path differ per rank
 
-    # Learning rate: quoted at optim.lr_base_batch, scaled to the global batch actually used.
-    batch = global_batch(cfg.data.batch_size, env.world_size, cfg.train.accum_steps)
-    lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_base_batch, cfg.optim.lr_scaling)
-    warmup_steps, total_steps = schedule_steps(cfg.schedule, steps_per_epoch)
+    parts, batch, lr = build_parts(cfg, model, info.num_classes, device, env.world_size, steps_per_epoch)
     du.print0(f"{env.launcher}: world {env.world_size} on {device} ({ctx.backend if env.distributed else 'no'} "
               f"backend) | global batch {batch} = {cfg.data.batch_size} x {env.world_size} processes x "
               f"{cfg.train.accum_steps} accum | lr {lr:.3g} = {cfg.optim.lr:g} x {batch}/{cfg.optim.lr_base_batch} "
-              f"({cfg.optim.lr_scaling}) | {steps_per_epoch} steps/epoch, {total_steps} in all")
-
-    mixup, criterion = build_loss(cfg, info.num_classes)
-    ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None
-    parts = TrainParts(
-        model=model, raw_model=model, optimizer=create_optimizer(model, cfg.optim, lr), criterion=criterion,
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"),
-        lr_fn=lambda s: lr_at(s, base_lr=lr, min_lr=cfg.schedule.min_lr, warmup_steps=warmup_steps,
-                              total_steps=total_steps),
-        device=device, amp=cfg.train.amp, accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad,
-        channels_last=cfg.train.channels_last, ema=ema, mixup=mixup)
+              f"({cfg.optim.lr_scaling}) | {steps_per_epoch} steps/epoch, {steps_per_epoch * cfg.schedule.epochs} "
+              f"in all")
 
     start_epoch, step, best_top1 = 0, 0, -1.0
     resume_path = args.resume or find_resume(cfg.output_dir)
@@ -143,25 +159,17 @@ def main() -> None:
         train_sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         step = train_one_epoch(parts, train_loader, epoch=epoch, step=step, logger=logger,
                                log_every=cfg.train.log_every, global_batch=batch)
-        last = epoch + 1 == cfg.schedule.epochs
-        if last or (epoch + 1) % cfg.train.eval_every == 0:
-            record = {"epoch": epoch, **evaluate(model, val_loader, device, cfg.train.amp, cfg.train.channels_last)}
-            if ema is not None:
-                ema_metrics = evaluate(ema.module, val_loader, device, cfg.train.amp, cfg.train.channels_last)
-                record.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "samples"})
+        improved = False
+        if epoch + 1 == cfg.schedule.epochs or (epoch + 1) % cfg.train.eval_every == 0:
+            record = evaluate_run(parts, val_loader, cfg, epoch)
             logger.log("eval", record, step)
-            du.print0(f"epoch {epoch}: top-1 {record['top1']:.2f} top-5 {record['top5']:.2f} loss "
-                      f"{record['loss']:.4f}" + (f" | EMA top-1 {record['ema_top1']:.2f}" if ema else "")
-                      + f" | {record['samples']} images")
             top1 = max(record["top1"], record.get("ema_top1", -1.0))
-            if top1 > best_top1:
-                best_top1 = top1
-                if env.is_main:
-                    save_checkpoint(checkpoint_state(parts, cfg, epoch + 1, step, best_top1),
-                                    os.path.join(ckpt_dir, "best.pth"))
+            improved, best_top1 = top1 > best_top1, max(top1, best_top1)
         if env.is_main:
-            save_checkpoint(checkpoint_state(parts, cfg, epoch + 1, step, best_top1),
-                            os.path.join(ckpt_dir, "last.pth"))
+            state = checkpoint_state(parts, cfg, epoch + 1, step, best_top1)
+            if improved:
+                save_checkpoint(state, os.path.join(ckpt_dir, "best.pth"))
+            save_checkpoint(state, os.path.join(ckpt_dir, "last.pth"))
     logger.close()
     du.print0(f"done: best top-1 {best_top1:.2f}; checkpoints in {ckpt_dir}")
 

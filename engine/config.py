@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from engine.errors import UserError
+from models import check_model_name
 
 
 class ConfigError(UserError, ValueError):
@@ -229,6 +230,10 @@ def validate(cfg: Config) -> None:
     for key in UNIT_INTERVAL:
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"config key '{key}' must be within [0, 1], got {get(cfg, key)}")
+    check_model_name(cfg.model.name)  # before any data is read, which can take minutes on ImageNet
+    if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.data.batch_size % 2:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be even for mixup/cutmix (they pair each "
+                          f"image with its mirror in the batch); use an even size or set aug.mixup=0 aug.cutmix=0")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' must be two numbers, got {cfg.optim.betas}")
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:

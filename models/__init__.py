@@ -9,7 +9,7 @@ from engine.errors import UserError
 
 from .convnext import VARIANTS, ConvNeXt
 
-__all__ = ["ConvNeXt", "UnknownModelError", "VARIANTS", "create_model", "list_models"]
+__all__ = ["ConvNeXt", "UnknownModelError", "VARIANTS", "check_model_name", "create_model", "list_models"]
 
 _PREFIX = "convnext_"
 # Everything the constructor takes except what create_model sets itself.
@@ -32,10 +32,15 @@ def _unknown(kind: str, word: str, choices: Iterable[str], prefix: str = "") -> 
     return UnknownModelError(f"unknown {kind} {word!r}; {guess}(valid: {', '.join(short.values())})")
 
 
-def create_model(name: str, num_classes: int = 1000, **overrides) -> ConvNeXt:
-    """Build `convnext_<variant>`; `overrides` replace any constructor argument, depths/dims included."""
+def check_model_name(name: str) -> None:
+    """Raise UnknownModelError, naming the closest variants, unless `name` is one of list_models()."""
     if name not in list_models():
         raise _unknown("model", name, list_models(), prefix=_PREFIX)
+
+
+def create_model(name: str, num_classes: int = 1000, **overrides) -> ConvNeXt:
+    """Build `convnext_<variant>`; `overrides` replace any constructor argument, depths/dims included."""
+    check_model_name(name)
     for key in overrides:
         if key not in _OVERRIDES:
             raise _unknown("model option", key, _OVERRIDES)

@@ -4,6 +4,7 @@ import os
 import pytest
 import yaml
 
+from engine.errors import UserError
 from engine.config import ConfigError, all_keys, config_from_dict, load_config, save_config, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,9 +68,11 @@ def test_file_then_overrides(tmp_path):
     ("optim.lr", "is not of the form key.sub=value"),
     ("model=3", "'model' is a section"),
     ("schedule.warmup_epochs=500", "exceeds schedule.epochs"),
+    ("model.name=convnext_tiyn", "unknown model 'convnext_tiyn'; did you mean convnext_tiny?"),
+    ("data.batch_size=15", "must be even for mixup/cutmix"),
 ])
 def test_errors_name_the_key_and_the_way_out(override, expected):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         load_config(None, SYNTH + ["schedule.epochs=10", override])
     assert expected in str(e.value)
     assert "\n" not in str(e.value)
