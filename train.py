@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ from torch import nn
 
 import distributed_utils as du
 from data import build_datasets, build_eval_loader, build_train_loader
-from engine.checkpoint import checkpoint_dir, find_resume, load_checkpoint, save_checkpoint
+from engine.checkpoint import (checkpoint_dir, load_checkpoint, load_latest, rng_state, save_training_checkpoint,
+                               set_rng_state)
 from engine.config import Config, ConfigError, load_config, save_config, to_dict
 from engine.logging import RunLogger
 from engine.loop import TrainParts, evaluate, train_one_epoch
@@ -58,22 +59,38 @@ def build_loss(cfg: Config, num_classes: int) -> tuple[Mixup | None, nn.Module]:
     return None, nn.CrossEntropyLoss(label_smoothing=cfg.aug.smoothing)
 
 
-def checkpoint_state(parts: TrainParts, cfg: Config, epoch: int, step: int, best_top1: float) -> dict:
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint must record to continue exactly."""
+    epoch: int = 0  # the epoch to run (or continue) next
+    epoch_samples: int = 0  # samples of that epoch's global order already trained on
+    step: int = 0  # optimizer steps done in all
+    best_top1: float = -1.0
+
+
+def checkpoint_state(parts: TrainParts, cfg: Config, progress: Progress) -> dict:
+    """Collective: every rank contributes its RNG state; the dict is complete on rank 0."""
     return {"model": parts.raw_model.state_dict(),
             "model_ema": parts.ema.module.state_dict() if parts.ema is not None else None,
             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
-            "epoch": epoch, "step": step, "best_top1": best_top1, "world_size": du.get_world_size(),
+            **asdict(progress), "world_size": du.get_world_size(), "rng": du.all_gather_object(rng_state()),
             "config": to_dict(cfg)}
 
 
-def restore(parts: TrainParts, state: dict) -> tuple[int, int, float]:
-    """Load a checkpoint written by checkpoint_state; returns (epochs done, optimizer steps, best top-1)."""
+def restore(parts: TrainParts, state: dict, rank: int, world_size: int) -> Progress:
+    """Load a checkpoint written by checkpoint_state and put this rank's random generators back."""
     load_weights(parts.raw_model, state)
     if parts.ema is not None:
         load_weights(parts.ema.module, state, ema=state.get("model_ema") is not None)
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scaler.load_state_dict(state["scaler"])
-    return state["epoch"], state["step"], state["best_top1"]
+    if state.get("world_size") == world_size and state.get("rng"):
+        set_rng_state(state["rng"][rank])
+    else:
+        du.print0(f"warning: the checkpoint was written by {state.get('world_size')} processes, this run has "
+                  f"{world_size}: the lr follows the new global batch, the epoch continues from the same sample, "
+                  f"random streams start afresh")
+    return Progress(state["epoch"], state.get("epoch_samples", 0), state["step"], state["best_top1"])
 
 
 def build_parts(cfg: Config, model: nn.Module, num_classes: int, device: torch.device, world_size: int,
@@ -115,6 +132,8 @@ def main() -> None:
     env, device = ctx.env, ctx.device
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
     if env.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
@@ -140,11 +159,12 @@ def main() -> None:
               f"({cfg.optim.lr_scaling}) | {steps_per_epoch} steps/epoch, {steps_per_epoch * cfg.schedule.epochs} "
               f"in all")
 
-    start_epoch, step, best_top1 = 0, 0, -1.0
-    resume_path = args.resume or find_resume(cfg.output_dir)
-    if resume_path:
-        start_epoch, step, best_top1 = restore(parts, load_checkpoint(resume_path))
-        du.print0(f"resumed from {resume_path}: {start_epoch} epochs, {step} steps done, best top-1 {best_top1:.2f}")
+    progress = Progress()
+    found = (args.resume, load_checkpoint(args.resume)) if args.resume else load_latest(cfg.output_dir, du.print0)
+    if found:
+        progress = restore(parts, found[1], env.rank, env.world_size)
+        du.print0(f"resumed from {found[0]}: epoch {progress.epoch} (+{progress.epoch_samples} samples), "
+                  f"{progress.step} steps done, best top-1 {progress.best_top1:.2f}")
 
     if env.distributed:
         parts.model = nn.parallel.DistributedDataParallel(
@@ -154,24 +174,35 @@ def main() -> None:
         parts.model = torch.compile(parts.model)
 
     logger = RunLogger(cfg.output_dir, enabled=env.is_main)
-    ckpt_dir = checkpoint_dir(cfg.output_dir)
-    for epoch in range(start_epoch, cfg.schedule.epochs):
-        train_sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        step = train_one_epoch(parts, train_loader, epoch=epoch, step=step, logger=logger,
-                               log_every=cfg.train.log_every, global_batch=batch)
+
+    def save(best: bool = False) -> None:
+        state = checkpoint_state(parts, cfg, progress)
+        if env.is_main:
+            save_training_checkpoint(state, cfg.output_dir, progress.step, cfg.checkpoint.keep_last, best=best)
+
+    def mid_epoch_checkpoint(step: int, i_step: int) -> None:
+        every = cfg.checkpoint.every_steps
+        if every and step % every == 0 and i_step < len(train_loader) // cfg.train.accum_steps:
+            progress.step = step
+            progress.epoch_samples = start_samples + i_step * batch
+            save()
+
+    while progress.epoch < cfg.schedule.epochs:
+        epoch, start_samples = progress.epoch, progress.epoch_samples
+        train_sampler.set_epoch(epoch, start=start_samples)  # the same shuffle on every rank, resumed in place
+        progress.step = train_one_epoch(parts, train_loader, epoch=epoch, step=progress.step, logger=logger,
+                                        log_every=cfg.train.log_every, global_batch=batch,
+                                        on_step=mid_epoch_checkpoint)
+        progress.epoch, progress.epoch_samples = epoch + 1, 0
         improved = False
         if epoch + 1 == cfg.schedule.epochs or (epoch + 1) % cfg.train.eval_every == 0:
             record = evaluate_run(parts, val_loader, cfg, epoch)
-            logger.log("eval", record, step)
+            logger.log("eval", record, progress.step)
             top1 = max(record["top1"], record.get("ema_top1", -1.0))
-            improved, best_top1 = top1 > best_top1, max(top1, best_top1)
-        if env.is_main:
-            state = checkpoint_state(parts, cfg, epoch + 1, step, best_top1)
-            if improved:
-                save_checkpoint(state, os.path.join(ckpt_dir, "best.pth"))
-            save_checkpoint(state, os.path.join(ckpt_dir, "last.pth"))
+            improved, progress.best_top1 = top1 > progress.best_top1, max(top1, progress.best_top1)
+        save(best=improved)
     logger.close()
-    du.print0(f"done: best top-1 {best_top1:.2f}; checkpoints in {ckpt_dir}")
+    du.print0(f"done: best top-1 {progress.best_top1:.2f}; checkpoints in {checkpoint_dir(cfg.output_dir)}")
 
 
 if __name__ == "__main__":

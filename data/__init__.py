@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from data.datasets import DataError, load_splits
-from data.samplers import ExactShardSampler, build_train_sampler
+from data.samplers import ExactShardSampler, ResumableDistributedSampler, build_train_sampler
 from data.transforms import BatchTransformed, apply_recipe, keep_batch, mean_std
 from engine.config import AugCfg, DataCfg
 
@@ -51,7 +51,7 @@ def _loader_options(dataset: Dataset, data_cfg: DataCfg) -> dict:
 
 
 def build_train_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size: int,
-                       seed: int) -> tuple[DataLoader, DistributedSampler]:
+                       seed: int) -> tuple[DataLoader, ResumableDistributedSampler]:
     """Shuffled, drop_last loader for this rank; call sampler.set_epoch(epoch) before each epoch."""
     per_rank = len(dataset) // world_size
     if per_rank < data_cfg.batch_size:

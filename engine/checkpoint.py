@@ -5,9 +5,13 @@ a crafted file cannot run code. Model weights are stored in the official ConvNeX
 """
 from __future__ import annotations
 
+import glob
 import os
+import random
 import tempfile
+from typing import Callable
 
+import numpy as np
 import torch
 
 from engine.errors import CheckpointError
@@ -54,7 +58,71 @@ def load_checkpoint(path: str) -> dict:
                               f"or not a weights-only checkpoint") from None
 
 
-def find_resume(output_dir: str) -> str | None:
-    """The checkpoint an interrupted run continues from, if any."""
-    path = os.path.join(checkpoint_dir(output_dir), "last.pth")
-    return path if os.path.isfile(path) else None
+def _link_atomically(src: str, dst: str) -> None:
+    """Point `dst` at the file `src` without copying it; readers see the old or the new file, never half of one."""
+    tmp = f"{dst}.{os.getpid()}.link"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.link(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _step_files(folder: str) -> list[str]:
+    """step_*.pth files, newest first (the zero-padded step sorts as a string)."""
+    return sorted(glob.glob(os.path.join(folder, "step_*.pth")), reverse=True)
+
+
+def save_training_checkpoint(state: dict, output_dir: str, step: int, keep_last: int, best: bool = False) -> str:
+    """Write step_<step>.pth, then repoint last.pth (and best.pth) at it, then drop all but the newest
+    `keep_last` step files. The earlier checkpoints are only deleted once the new one is durable."""
+    folder = checkpoint_dir(output_dir)
+    path = os.path.join(folder, f"step_{step:09d}.pth")
+    save_checkpoint(state, path)
+    _link_atomically(path, os.path.join(folder, "last.pth"))
+    if best:
+        _link_atomically(path, os.path.join(folder, "best.pth"))
+    for old in _step_files(folder)[keep_last:]:
+        os.remove(old)  # last.pth / best.pth keep their own link to a removed step's data
+    return path
+
+
+def resume_candidates(output_dir: str) -> list[str]:
+    """Where an interrupted run may continue from, newest first: the step files, then last.pth where it is
+    another file (a kill between writing a step file and repointing last.pth leaves last.pth one behind)."""
+    folder = checkpoint_dir(output_dir)
+    candidates = _step_files(folder)
+    last = os.path.join(folder, "last.pth")
+    if os.path.isfile(last) and not any(os.path.samefile(last, path) for path in candidates):
+        candidates.append(last)
+    return candidates
+
+
+def load_latest(output_dir: str, warn: Callable[[str], None]) -> tuple[str, dict] | None:
+    """The newest readable checkpoint of a run, skipping (and reporting) corrupt or truncated ones."""
+    candidates = resume_candidates(output_dir)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            warn(f"warning: {e}; falling back to an older checkpoint")
+    if candidates:
+        raise CheckpointError(f"none of the checkpoints in {checkpoint_dir(output_dir)} can be read; move the folder "
+                              f"away to start afresh, or pass --resume PATH")
+    return None
+
+
+def rng_state() -> dict:
+    """This process's random generators, as tensors and builtins so the checkpoint stays weights_only."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

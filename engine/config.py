@@ -101,6 +101,13 @@ class TrainCfg:
     log_every: int = 50  # optimizer steps between train records
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     threads: int = 0  # torch intra-op threads per process on CPU; 0 leaves torch's default
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable runs, slower
+
+
+@dataclass
+class CheckpointCfg:
+    every_steps: int = 0  # also checkpoint every this many optimizer steps (0: at epoch ends only)
+    keep_last: int = 2  # step checkpoints kept; older ones are deleted once a newer one is on disk
 
 
 @dataclass
@@ -118,6 +125,7 @@ class Config:
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     ema: EmaCfg = field(default_factory=EmaCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     dist: DistCfg = field(default_factory=DistCfg)
     output_dir: str = "runs/default"
     seed: int = 0
@@ -131,12 +139,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("none", "bf16", "fp16"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
-POSITIVE = ("data.img_size", "data.batch_size", "optim.lr_base_batch", "schedule.epochs",
+POSITIVE = ("checkpoint.keep_last", "data.img_size", "data.batch_size", "optim.lr_base_batch", "schedule.epochs",
             "train.accum_steps", "train.log_every", "train.eval_every", "model.patch_size")
 NON_NEGATIVE = ("data.num_workers", "data.eval_batch_size", "data.num_classes", "optim.lr",
                 "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr", "schedule.max_steps",
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
-                "train.clip_grad", "train.threads")
+                "train.clip_grad", "train.threads", "checkpoint.every_steps")
 UNIT_INTERVAL = ("aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob", "aug.mixup_switch_prob",
                  "ema.decay", "model.drop_path")
 

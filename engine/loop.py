@@ -74,8 +74,11 @@ def _optimizer_step(p: TrainParts, want_norm: bool) -> Optional[torch.Tensor]:
 
 
 def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: RunLogger, log_every: int,
-                    global_batch: int) -> int:
-    """One pass over the loader; returns the optimizer step count after it."""
+                    global_batch: int, on_step: Optional[Callable[[int, int], None]] = None) -> int:
+    """One pass over the loader; returns the optimizer step count after it.
+
+    on_step(step, i) runs after the i-th optimizer step of this pass (1-based), e.g. to checkpoint mid-epoch.
+    """
     p.model.train()
     steps = len(loader) // p.accum_steps
     ddp = isinstance(p.model, nn.parallel.DistributedDataParallel) or hasattr(p.model, "no_sync")
@@ -117,6 +120,8 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}")
             loss_sum.zero_()
             window_start, window_steps = time.perf_counter(), 0
+        if on_step is not None:
+            on_step(step, i_step)
     bar.close()
     return step
 

@@ -4,7 +4,8 @@ import pickle
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointError, find_resume, load_checkpoint, save_checkpoint
+from engine.checkpoint import (CheckpointError, load_checkpoint, load_latest, resume_candidates, save_checkpoint,
+                               save_training_checkpoint)
 
 
 def test_save_and_load(tmp_path):
@@ -12,7 +13,6 @@ def test_save_and_load(tmp_path):
     save_checkpoint({"model": {"w": torch.arange(3.0)}, "epoch": 2}, str(path))
     state = load_checkpoint(str(path))
     assert state["epoch"] == 2 and torch.equal(state["model"]["w"], torch.arange(3.0))
-    assert find_resume(str(tmp_path)) == str(path)
     assert os.listdir(path.parent) == ["last.pth"]  # no temporary file left behind
 
 
@@ -43,7 +43,7 @@ def test_truncated_checkpoint_is_reported(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(str(tmp_path / "nope.pth"))
-    assert find_resume(str(tmp_path)) is None
+    assert resume_candidates(str(tmp_path)) == [] and load_latest(str(tmp_path), print) is None
 
 
 class _RunsCode:
@@ -62,3 +62,29 @@ def test_crafted_pickle_does_not_run(tmp_path):
     with pytest.raises(CheckpointError):
         load_checkpoint(str(path))
     assert not marker.exists()
+
+
+def test_keep_last_and_links(tmp_path):
+    out = str(tmp_path)
+    for step in (10, 20, 30):
+        save_training_checkpoint({"step": step}, out, step, keep_last=2, best=step == 20)
+    folder = tmp_path / "checkpoints"
+    assert sorted(os.listdir(folder)) == ["best.pth", "last.pth", "step_000000020.pth", "step_000000030.pth"]
+    assert load_checkpoint(str(folder / "last.pth"))["step"] == 30
+    assert load_checkpoint(str(folder / "best.pth"))["step"] == 20
+    assert resume_candidates(out) == [str(folder / "step_000000030.pth"), str(folder / "step_000000020.pth")]
+
+
+def test_corrupt_last_falls_back_to_the_newest_good_one(tmp_path):
+    out = str(tmp_path)
+    for step in (10, 20):
+        save_training_checkpoint({"step": step}, out, step, keep_last=3)
+    newest = tmp_path / "checkpoints" / "step_000000020.pth"
+    newest.write_bytes(newest.read_bytes()[:100])  # last.pth is the same file: both are now truncated
+    warnings = []
+    path, state = load_latest(out, warnings.append)
+    assert state["step"] == 10 and path.endswith("step_000000010.pth")
+    assert len(warnings) == 1 and "step_000000020.pth" in warnings[0] and "falling back" in warnings[0]
+    (tmp_path / "checkpoints" / "step_000000010.pth").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="none of the checkpoints"):
+        load_latest(out, warnings.append)

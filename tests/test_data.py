@@ -268,3 +268,31 @@ def test_train_loaders_of_two_ranks_are_disjoint_full_batches():
 def test_train_loader_rejects_a_set_smaller_than_one_batch():
     with pytest.raises(DataError, match="data.batch_size=64"):
         build_train_loader(indexed_set(100, train=True), make_cfg(batch_size=64).data, 0, 2, seed=0)
+
+
+def test_resumable_sampler_matches_distributed_sampler_and_resumes():
+    from torch.utils.data import DistributedSampler
+    from data.samplers import ResumableDistributedSampler
+    data = list(range(103))
+    for world in (1, 2, 3):
+        for rank in range(world):
+            ours = ResumableDistributedSampler(data, world, rank, seed=5)
+            ref = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True)
+            ours.set_epoch(4)
+            ref.set_epoch(4)
+            full = list(ours)
+            assert full == list(ref) and len(ours) == len(ref)
+            ours.set_epoch(4, start=6 * world)  # six samples per rank already consumed
+            assert list(ours) == full[6:] and len(ours) == len(full) - 6
+    # A new world size takes up exactly the samples the old one had not reached.
+    consumed = set()
+    for rank in range(2):
+        s = ResumableDistributedSampler(data, 2, rank, seed=5)
+        s.set_epoch(1)
+        consumed |= set(list(s)[:10])
+    rest = []
+    for rank in range(3):
+        s = ResumableDistributedSampler(data, 3, rank, seed=5)
+        s.set_epoch(1, start=20)
+        rest += list(s)
+    assert not consumed & set(rest) and len(set(rest)) == len(rest) == (103 - 20) // 3 * 3

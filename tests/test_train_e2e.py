@@ -58,7 +58,7 @@ def test_torchrun_train_resume_eval(tmp_path):
     # Started again with more epochs, the run resumes from last.pth instead of starting over.
     state = torch.load(last, weights_only=True)
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=3"], nproc=2)
-    assert "resumed from" in proc.stdout and "2 epochs" in proc.stdout
+    assert "resumed from" in proc.stdout and "epoch 2 (+0 samples)" in proc.stdout
     evals = records(out, "eval")
     assert [r["epoch"] for r in evals] == [0, 1, 2]
     resumed = torch.load(last, weights_only=True)
