@@ -181,10 +181,11 @@ def main() -> None:
             save_training_checkpoint(state, cfg.output_dir, progress.step, cfg.checkpoint.keep_last, best=best)
 
     def mid_epoch_checkpoint(step: int, i_step: int) -> None:
+        """on_step hook: checkpoint every checkpoint.every_steps steps; epoch ends checkpoint after evaluating."""
         every = cfg.checkpoint.every_steps
         if every and step % every == 0 and i_step < len(train_loader) // cfg.train.accum_steps:
             progress.step = step
-            progress.epoch_samples = start_samples + i_step * batch
+            progress.epoch_samples = start_samples + i_step * batch  # start_samples: where this pass began
             save()
 
     while progress.epoch < cfg.schedule.epochs:
