@@ -30,6 +30,7 @@ from engine.config import Config, ConfigError, load_config, save_config, to_dict
 from engine.logging import RunLogger
 from engine.loop import TrainParts, evaluate, train_one_epoch
 from engine.optim import create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
+from engine.preemption import Preempted, StopRequest
 from models import create_model
 from models.keys import load_weights
 
@@ -180,20 +181,32 @@ def main() -> None:
         if env.is_main:
             save_training_checkpoint(state, cfg.output_dir, progress.step, cfg.checkpoint.keep_last, best=best)
 
+    stop = StopRequest()
+
     def mid_epoch_checkpoint(step: int, i_step: int) -> None:
-        """on_step hook: checkpoint every checkpoint.every_steps steps; epoch ends checkpoint after evaluating."""
+        """on_step hook: checkpoint every checkpoint.every_steps steps and when asked to stop (preemption);
+        epoch ends checkpoint after evaluating."""
         every = cfg.checkpoint.every_steps
-        if every and step % every == 0 and i_step < len(train_loader) // cfg.train.accum_steps:
+        stopping = stop.agreed(step, device)
+        if stopping or (every and step % every == 0 and i_step < len(train_loader) // cfg.train.accum_steps):
             progress.step = step
             progress.epoch_samples = start_samples + i_step * batch  # start_samples: where this pass began
             save()
+        if stopping:
+            raise Preempted(f"stopped by a signal at epoch {progress.epoch}, step {step}; checkpoint written, "
+                            f"start the run again to continue")
 
     while progress.epoch < cfg.schedule.epochs:
         epoch, start_samples = progress.epoch, progress.epoch_samples
         train_sampler.set_epoch(epoch, start=start_samples)  # the same shuffle on every rank, resumed in place
-        progress.step = train_one_epoch(parts, train_loader, epoch=epoch, step=progress.step, logger=logger,
-                                        log_every=cfg.train.log_every, global_batch=batch,
-                                        on_step=mid_epoch_checkpoint)
+        try:
+            progress.step = train_one_epoch(parts, train_loader, epoch=epoch, step=progress.step, logger=logger,
+                                            log_every=cfg.train.log_every, global_batch=batch,
+                                            on_step=mid_epoch_checkpoint)
+        except Preempted as e:
+            du.print0(str(e))
+            logger.close()
+            return
         progress.epoch, progress.epoch_samples = epoch + 1, 0
         improved = False
         if epoch + 1 == cfg.schedule.epochs or (epoch + 1) % cfg.train.eval_every == 0:

@@ -1,6 +1,7 @@
 """Exact resume: a 2-process run SIGKILLed mid-epoch and restarted ends bitwise equal to an uninterrupted one."""
 import glob
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,19 +24,42 @@ def final_weights(out):
     return state["epoch"], state["model"], state["model_ema"]
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
-    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run both tests compare against."""
+    ref = str(tmp_path_factory.mktemp("ref"))
     run(["train.py", "--config", DEBUG, f"output_dir={ref}"] + EXACT, nproc=2)
+    return final_weights(ref)
 
+
+def assert_same_as_reference(out, reference):
+    (epoch_a, model_a, ema_a), (epoch_b, model_b, ema_b) = reference, final_weights(out)
+    assert epoch_a == epoch_b == 4
+    for name in model_a:
+        assert torch.equal(model_a[name], model_b[name]), name
+        assert torch.equal(ema_a[name], ema_b[name]), name
+
+
+def start_run(out):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "--config", DEBUG, f"output_dir={out}"] + EXACT
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def wait_for(path, proc):
     deadline = time.time() + 240
-    while not glob.glob(os.path.join(out, "checkpoints", "step_000000006.pth")) and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
+    while not os.path.exists(path) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.02)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, reference):
+    out = str(tmp_path / "killed")
+
+    proc = start_run(out)
+    wait_for(os.path.join(out, "checkpoints", "step_000000006.pth"), proc)
     # torchrun starts its workers in sessions of their own, so kill by command line: torchrun and both workers.
     subprocess.run(["pkill", "-KILL", "-f", f"output_dir={out}"], check=False)
     proc.wait()
@@ -46,8 +70,20 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
 
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"] + EXACT, nproc=2)
     assert "resumed from" in proc.stdout, proc.stdout
-    (epoch_a, model_a, ema_a), (epoch_b, model_b, ema_b) = final_weights(ref), final_weights(out)
-    assert epoch_a == epoch_b == 4
-    for name in model_a:
-        assert torch.equal(model_a[name], model_b[name]), name
-        assert torch.equal(ema_a[name], ema_b[name]), name
+    assert_same_as_reference(out, reference)
+
+
+def test_sigterm_stops_every_rank_at_one_step_then_resumes_exactly(tmp_path, reference):
+    """Preemption: torchrun forwards SIGTERM to both workers; they agree on a step, checkpoint it and exit."""
+    out = str(tmp_path / "preempted")
+    proc = start_run(out)
+    wait_for(os.path.join(out, "checkpoints", "step_000000004.pth"), proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert "stopped by a signal at epoch" in output, output
+    steps = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "checkpoints", "step_*.pth")))
+    stop_state = torch.load(os.path.join(out, "checkpoints", steps[-1]), weights_only=True)
+    assert stop_state["epoch"] < 4 and stop_state["step"] % 5 == 0, (steps, stop_state["step"])
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"] + EXACT, nproc=2)
+    assert "resumed from" in proc.stdout, proc.stdout
+    assert_same_as_reference(out, reference)
