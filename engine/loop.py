@@ -81,7 +81,7 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
     """
     p.model.train()
     steps = len(loader) // p.accum_steps
-    ddp = isinstance(p.model, nn.parallel.DistributedDataParallel) or hasattr(p.model, "no_sync")
+    ddp = hasattr(p.model, "no_sync")  # DDP, also when wrapped by torch.compile (which forwards attributes)
     loss_sum = torch.zeros((), device=p.device)
     window_start, window_steps = time.perf_counter(), 0
     bar = logger.progress(steps, f"epoch {epoch}")
