@@ -19,7 +19,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Mapping, NoReturn
+from typing import Any, Callable, Mapping, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -351,10 +351,13 @@ def all_gather_object(obj: Any) -> list[Any]:
 # The launcher's error policy
 
 
-def run(main: Callable[[], None]) -> None:
-    """Run `main` and turn its failure into an exit code: 2 for a UserError, 130 for Ctrl-C, 1 otherwise."""
+def run(main: Callable[[], Optional[int]]) -> None:
+    """Run `main` and turn its failure into an exit code: 2 for a UserError, 130 for Ctrl-C, 1 otherwise.
+
+    A clean return exits with main's return value (None: 0) once the process group is down.
+    """
     try:
-        main()
+        code = main()
     except UserError as e:
         message = " ".join(str(e).splitlines()) or type(e).__name__
         print(f"{_rank_tag()}error: {message}", file=sys.stderr)
@@ -370,6 +373,8 @@ def run(main: Callable[[], None]) -> None:
         # The launcher (torchrun, or srun --kill-on-bad-exit=1) sees the exit and stops the others.
         _exit(1, hard=True)
     cleanup()
+    if code:
+        sys.exit(code)
 
 
 def _rank_tag() -> str:

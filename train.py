@@ -23,14 +23,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import distributed_utils as du
-from data import build_datasets, build_eval_loader, build_train_loader
+from data import build_datasets, build_eval_loader, build_train_loader, skipped_images
 from engine.checkpoint import (checkpoint_dir, load_checkpoint, load_latest, rng_state, save_training_checkpoint,
                                set_rng_state)
 from engine.config import Config, ConfigError, load_config, save_config, to_dict
 from engine.logging import RunLogger
-from engine.loop import TrainParts, evaluate, train_one_epoch
-from engine.optim import create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
-from engine.preemption import Preempted, StopRequest
+from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch
+from engine.optim import accum_steps_for, create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
+from engine.preemption import EXIT_PREEMPTED, Preempted, StopRequest
 from models import create_model
 from models.keys import load_weights
 
@@ -74,8 +74,21 @@ def checkpoint_state(parts: TrainParts, cfg: Config, progress: Progress) -> dict
     return {"model": parts.raw_model.state_dict(),
             "model_ema": parts.ema.module.state_dict() if parts.ema is not None else None,
             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
-            **asdict(progress), "world_size": du.get_world_size(), "rng": du.all_gather_object(rng_state()),
-            "config": to_dict(cfg)}
+            **asdict(progress), "bad_steps": parts.bad_steps, "world_size": du.get_world_size(),
+            "rng": du.all_gather_object(rng_state()), "config": to_dict(cfg)}
+
+
+def check_finite_weights(parts: TrainParts, progress: Progress) -> None:
+    """Refuse to checkpoint NaN/inf weights, so a bad step between loss checks cannot replace a good checkpoint.
+
+    The weights are the same on every rank (DDP), so every rank reaches the same verdict without a collective.
+    """
+    models = [parts.raw_model] + ([parts.ema.module] if parts.ema is not None else [])
+    tensors = [t for m in models for t in m.state_dict().values() if t.is_floating_point()]
+    if not torch.isfinite(nn.utils.get_total_norm(tensors)):
+        raise NonFiniteLoss(f"the weights became non-finite before the checkpoint at epoch {progress.epoch}, step "
+                            f"{progress.step}; nothing was written and the checkpoints on disk are untouched. "
+                            f"Lower optim.lr, set train.clip_grad or train.amp=bf16")
 
 
 def restore(parts: TrainParts, state: dict, rank: int, world_size: int) -> Progress:
@@ -85,6 +98,7 @@ def restore(parts: TrainParts, state: dict, rank: int, world_size: int) -> Progr
         load_weights(parts.ema.module, state, ema=state.get("model_ema") is not None)
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scaler.load_state_dict(state["scaler"])
+    parts.bad_steps = state.get("bad_steps", 0)
     if state.get("world_size") == world_size and state.get("rng"):
         set_rng_state(state["rng"][rank])
     else:
@@ -108,9 +122,18 @@ def build_parts(cfg: Config, model: nn.Module, num_classes: int, device: torch.d
         lr_fn=lambda s: lr_at(s, base_lr=lr, min_lr=cfg.schedule.min_lr, warmup_steps=warmup_steps,
                               total_steps=total_steps),
         device=device, amp=cfg.train.amp, accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad,
-        channels_last=cfg.train.channels_last, mixup=mixup,
+        channels_last=cfg.train.channels_last, mixup=mixup, max_bad_steps=cfg.train.max_bad_steps,
         ema=ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None)
     return parts, batch, lr
+
+
+def report_skipped(train_set, epoch: int, before: int, device: torch.device) -> int:
+    """Say how many unreadable images (data.skip_corrupt) all ranks skipped this epoch; returns the total."""
+    total = int(du.all_reduce_sum(torch.tensor([float(skipped_images(train_set))], device=device)).item())
+    if total > before:
+        du.print0(f"warning: epoch {epoch} skipped {total - before} unreadable training images (data.skip_corrupt); "
+                  f"their paths are in the warnings above")
+    return total
 
 
 def evaluate_run(parts: TrainParts, loader, cfg: Config, epoch: int) -> dict:
@@ -126,7 +149,7 @@ def evaluate_run(parts: TrainParts, loader, cfg: Config, epoch: int) -> dict:
     return record
 
 
-def main() -> None:
+def main() -> int:
     args = parse_args()
     cfg = load_config(args.config, args.overrides)
     ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
@@ -135,8 +158,11 @@ def main() -> None:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
+    accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, env.world_size)  # before anything is written
     if env.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    # Set after saving, so config.yaml keeps train.global_batch alone and still fits another world size.
+    cfg.train.accum_steps = accum_steps
 
     # Data: every rank builds the same data sets; the samplers split them.
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=True)
@@ -177,6 +203,7 @@ def main() -> None:
     logger = RunLogger(cfg.output_dir, enabled=env.is_main)
 
     def save(best: bool = False) -> None:
+        check_finite_weights(parts, progress)
         state = checkpoint_state(parts, cfg, progress)
         if env.is_main:
             save_training_checkpoint(state, cfg.output_dir, progress.step, cfg.checkpoint.keep_last, best=best)
@@ -196,6 +223,7 @@ def main() -> None:
             raise Preempted(f"stopped by a signal at epoch {progress.epoch}, step {step}; checkpoint written, "
                             f"start the run again to continue")
 
+    skipped = 0  # unreadable images so far, all ranks
     while progress.epoch < cfg.schedule.epochs:
         epoch, start_samples = progress.epoch, progress.epoch_samples
         train_sampler.set_epoch(epoch, start=start_samples)  # the same shuffle on every rank, resumed in place
@@ -206,7 +234,9 @@ def main() -> None:
         except Preempted as e:
             du.print0(str(e))
             logger.close()
-            return
+            du.barrier()  # no rank exits (and makes srun kill the rest) before rank 0's checkpoint is on disk
+            return EXIT_PREEMPTED
+        skipped = report_skipped(train_set, epoch, skipped, device)
         progress.epoch, progress.epoch_samples = epoch + 1, 0
         improved = False
         if epoch + 1 == cfg.schedule.epochs or (epoch + 1) % cfg.train.eval_every == 0:
@@ -217,6 +247,7 @@ def main() -> None:
         save(best=improved)
     logger.close()
     du.print0(f"done: best top-1 {progress.best_top1:.2f}; checkpoints in {checkpoint_dir(cfg.output_dir)}")
+    return 0
 
 
 if __name__ == "__main__":

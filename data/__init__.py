@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.datasets import DataError, load_splits
+from data.datasets import CheckedImageFolder, DataError, load_splits
 from data.samplers import ExactShardSampler, ResumableDistributedSampler, build_train_sampler
-from data.transforms import BatchTransformed, apply_recipe, keep_batch, mean_std
+from data.transforms import BatchTransformed, PerSampleTransformed, apply_recipe, collate_readable, keep_batch, mean_std
 from engine.config import AugCfg, DataCfg
 
 
@@ -41,12 +41,19 @@ def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg,
     return train_set, val_set, info
 
 
+def skipped_images(dataset: Dataset) -> int:
+    """Unreadable images skipped so far (data.skip_corrupt) by this process's loaders of `dataset`."""
+    while isinstance(dataset, (BatchTransformed, PerSampleTransformed)):
+        dataset = dataset.source
+    return dataset.skipped() if isinstance(dataset, CheckedImageFolder) else 0
+
+
 def _loader_options(dataset: Dataset, data_cfg: DataCfg) -> dict:
     return dict(
         num_workers=data_cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=data_cfg.num_workers > 0,
-        collate_fn=keep_batch if isinstance(dataset, BatchTransformed) else None,
+        collate_fn=keep_batch if isinstance(dataset, BatchTransformed) else collate_readable,
     )
 
 
@@ -75,4 +82,4 @@ def build_eval_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size
 
 
 __all__ = ["DataError", "DatasetInfo", "ExactShardSampler", "build_datasets", "build_train_loader",
-           "build_eval_loader"]
+           "build_eval_loader", "skipped_images"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
@@ -14,7 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import Dataset, get_worker_info
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import find_classes
 
@@ -201,12 +203,45 @@ def _cifar(cfg: DataCfg, train: bool, **which) -> RawSplits:
 
 # --- ImageFolder: root/train/<class>/*, root/val/<class>/* -----------------------------------------
 
-def _image_folder(path: str) -> Dataset:
+class CheckedImageFolder(ImageFolder):
+    """ImageFolder that names an unreadable image in its error, or (skip_corrupt) yields None for it.
+
+    None samples are dropped from their batch by the loader. Skips are counted in shared memory, one slot
+    per loader worker so no two processes write one slot, and read back with `skipped()`.
+    """
+
+    SLOTS = 64  # loader workers beyond this share slots (and may undercount)
+
+    def __init__(self, root: str, skip_corrupt: bool = False):
+        super().__init__(root)
+        self.skip_corrupt = skip_corrupt
+        self._skips = torch.zeros(self.SLOTS + 1, dtype=torch.int64).share_memory_()
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int] | None:
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), label  # convert decodes every pixel: truncation shows here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            if not self.skip_corrupt:
+                raise DataError(f"cannot read image '{path}' ({_first_line(e)}); replace or delete it, or set "
+                                f"data.skip_corrupt=true to skip unreadable images") from None
+        worker = get_worker_info()
+        self._skips[0 if worker is None else 1 + worker.id % self.SLOTS] += 1
+        print(f"warning: skipped unreadable image '{path}' (data.skip_corrupt)", file=sys.stderr)
+        return None
+
+    def skipped(self) -> int:
+        """Images skipped so far, by this process and its loader workers."""
+        return int(self._skips.sum())
+
+
+def _image_folder(path: str, skip_corrupt: bool) -> Dataset:
     if not os.path.isdir(path):
         raise DataError(f"'{path}' does not exist; data.name=imagefolder needs data.root to hold train/ and val/, "
                         f"each with one sub-folder of images per class")
     try:
-        return ImageFolder(path)
+        return CheckedImageFolder(path, skip_corrupt)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise DataError(f"no usable images in '{path}' ({_first_line(e)}); give it one sub-folder of images "
                         f"(.jpg, .png, ...) per class") from None
@@ -221,8 +256,8 @@ def _class_names(path: str) -> list[str] | None:
 
 def _imagefolder(cfg: DataCfg, train: bool) -> RawSplits:
     train_dir, val_dir = os.path.join(cfg.root, "train"), os.path.join(cfg.root, "val")
-    val = _image_folder(val_dir)
-    train_set = _image_folder(train_dir) if train else None
+    val = _image_folder(val_dir, cfg.skip_corrupt)
+    train_set = _image_folder(train_dir, cfg.skip_corrupt) if train else None
     # Labels are positions in the sorted class list, so val must list exactly the train classes. When only
     # evaluating, the train folder names are still checked if they are there.
     train_classes = train_set.classes if train_set is not None else _class_names(train_dir)

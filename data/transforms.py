@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from timm.data.random_erasing import RandomErasing
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms.functional import InterpolationMode, pil_to_tensor, resize, to_pil_image
 
-from data.datasets import TensorImages
+from data.datasets import DataError, TensorImages
 from engine.config import AugCfg, DataCfg
 
 MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -134,8 +134,11 @@ class PerSampleTransformed(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.source[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        sample = self.source[i]
+        if sample is None:  # an unreadable image skipped by the source; the collate drops it
+            return None
+        image, label = sample
         if isinstance(image, torch.Tensor):
             image = to_pil_image(image)
         return self.transform(image), label
@@ -165,7 +168,7 @@ class BatchTransformed(Dataset):
     def _gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.source, TensorImages):
             return self.source.take(indices)
-        samples = [self.source[i] for i in indices]
+        samples = readable([self.source[i] for i in indices])
         images = torch.stack([self._as_uint8(image) for image, _ in samples])
         return images, torch.tensor([label for _, label in samples], dtype=torch.long)
 
@@ -177,9 +180,22 @@ class BatchTransformed(Dataset):
         return pil_to_tensor(resize(image, size, InterpolationMode(self.transform.interpolation)))
 
 
+def readable(samples: list) -> list:
+    """The samples whose image could be read (a skipped unreadable image arrives as None)."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise DataError(f"all {len(samples)} images of a batch were unreadable; check the data set's files")
+    return kept
+
+
 def keep_batch(batch):
     """collate_fn for BatchTransformed: its batches arrive already stacked."""
     return batch
+
+
+def collate_readable(batch: list):
+    """collate_fn for PerSampleTransformed: default collation of the samples that were readable."""
+    return default_collate(readable(batch))
 
 
 def apply_recipe(source: Dataset, data_cfg: DataCfg, aug_cfg: AugCfg, train: bool,

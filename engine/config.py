@@ -47,6 +47,7 @@ class DataCfg:
     num_classes: int = 0  # 0 means: what the data set has
     recipe: str = "imagenet"  # imagenet (timm RandAugment recipe) | small (pad-crop + flip, 28-32 px)
     crop_pct: float = 0.875  # eval centre crop for the imagenet recipe
+    skip_corrupt: bool = False  # imagefolder: skip unreadable images with a warning instead of stopping
     download: bool = False  # fetch fashion_mnist / cifar with torchvision when missing (needs network)
     synthetic_train_size: int = 512
     synthetic_val_size: int = 101  # deliberately not a multiple of common world sizes
@@ -95,7 +96,9 @@ class EmaCfg:
 class TrainCfg:
     amp: str = "none"  # none | bf16 | fp16
     accum_steps: int = 1
+    global_batch: int = 0  # images per optimizer step; when set, accum_steps follows from it and the world size
     clip_grad: float = 0.0  # max global grad norm; 0 disables
+    max_bad_steps: int = 0  # non-finite-loss steps skipped (with a warning) before stopping; 0: stop at the first
     channels_last: bool = False
     compile: bool = False
     log_every: int = 50  # optimizer steps between train records
@@ -144,7 +147,8 @@ POSITIVE = ("checkpoint.keep_last", "data.img_size", "data.batch_size", "optim.l
 NON_NEGATIVE = ("data.num_workers", "data.eval_batch_size", "data.num_classes", "optim.lr",
                 "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr", "schedule.max_steps",
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
-                "train.clip_grad", "train.threads", "checkpoint.every_steps")
+                "train.clip_grad", "train.threads", "checkpoint.every_steps", "train.global_batch",
+                "train.max_bad_steps")
 UNIT_INTERVAL = ("aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob", "aug.mixup_switch_prob",
                  "ema.decay", "model.drop_path")
 

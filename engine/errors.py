@@ -4,6 +4,13 @@
 class UserError(Exception):
     """Bad input the user can fix (config, data path, checkpoint); str(e) names the problem and the way out."""
 
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's error is re-raised in the main process as type(e)(text), where the text is
+        # "Caught ... Original Traceback ..." ending in "module.Type: message"; the message is what the user needs.
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import distributed_utils as du
+from engine.errors import UserError
 from engine.logging import RunLogger
 from engine.optim import set_lr
 
@@ -39,6 +40,18 @@ class TrainParts:
     channels_last: bool = False
     ema: Optional[nn.Module] = None  # timm ModelEmaV3
     mixup: Optional[Callable] = None  # timm Mixup
+    max_bad_steps: int = 0  # non-finite steps that may be skipped in all before the run stops
+    bad_steps: int = 0  # skipped so far (checkpointed)
+
+
+class NonFiniteLoss(UserError, FloatingPointError):
+    """A NaN/inf loss on some rank; every rank raises it at the same step."""
+
+
+def non_finite_loss(what: str, epoch: int, step: int) -> NonFiniteLoss:
+    return NonFiniteLoss(f"non-finite training loss ({what}) at epoch {epoch}, step {step}; the checkpoints on "
+                         f"disk are from before it and untouched. Lower optim.lr, set train.clip_grad or "
+                         f"train.amp=bf16, or let train.max_bad_steps skip a few such steps")
 
 
 def autocast(device: torch.device, amp: str):
@@ -73,21 +86,59 @@ def _optimizer_step(p: TrainParts, want_norm: bool) -> Optional[torch.Tensor]:
     return norm
 
 
+def _ranks_non_finite(loss: torch.Tensor) -> int:
+    """One all-reduce: a NaN on one rank must stop (or skip) the step on all of them."""
+    return int(du.all_reduce_sum((~torch.isfinite(loss)).float()).item())
+
+
+def _skip_step(p: TrainParts, bad_ranks: int, epoch: int, step: int) -> None:
+    """Drop this step's gradients instead of stepping; stop once more than max_bad_steps were dropped."""
+    p.optimizer.zero_grad(set_to_none=True)
+    p.bad_steps += 1
+    what = f"on {bad_ranks} of {du.get_world_size()} processes"
+    if p.bad_steps > p.max_bad_steps:
+        raise non_finite_loss(what + f", more than train.max_bad_steps={p.max_bad_steps} such steps", epoch, step)
+    du.print0(f"warning: non-finite loss {what} at epoch {epoch}, step {step}: step skipped "
+              f"({p.bad_steps} of train.max_bad_steps={p.max_bad_steps})")
+
+
+class _LossWindow:
+    """The steps since the last train record; their loss stays on the device until the record is due."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def close(self) -> tuple[float, float]:
+        """(mean loss over all ranks, seconds since the window opened); one all-reduce, then a fresh window."""
+        mean = du.all_reduce_sum(self.loss_sum.clone()).item() / (self.steps * du.get_world_size())
+        elapsed = time.perf_counter() - self.start
+        self.loss_sum.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return mean, elapsed
+
+
 def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: RunLogger, log_every: int,
                     global_batch: int, on_step: Optional[Callable[[int, int], None]] = None) -> int:
     """One pass over the loader; returns the optimizer step count after it.
 
     on_step(step, i) runs after the i-th optimizer step of this pass (1-based), e.g. to checkpoint mid-epoch.
+    A non-finite loss is found at the log interval (the loss reduction is already there), or at every step
+    when train.max_bad_steps allows skipping such steps.
     """
     p.model.train()
     steps = len(loader) // p.accum_steps
     ddp = hasattr(p.model, "no_sync")  # DDP, also when wrapped by torch.compile (which forwards attributes)
-    loss_sum = torch.zeros((), device=p.device)
-    window_start, window_steps = time.perf_counter(), 0
+    window = _LossWindow(p.device)
     bar = logger.progress(steps, f"epoch {epoch}")
     for i_step, group in enumerate(_micro_batches(loader, p.accum_steps), start=1):
         lr = p.lr_fn(step)
         set_lr(p.optimizer, lr)
+        step_loss = torch.zeros((), device=p.device)
         for i, (images, labels) in enumerate(group):
             images, labels = to_device(images, labels, p.device, p.channels_last)
             if p.mixup is not None:
@@ -98,28 +149,30 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
                 with autocast(p.device, p.amp):
                     loss = p.criterion(p.model(images), labels) / p.accum_steps
                 p.scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
+            step_loss += loss.detach().float()
         step += 1
-        window_steps += 1
         log_now = step % log_every == 0 or i_step == steps  # and at the end of the epoch
-        norm = _optimizer_step(p, want_norm=log_now)
-        if p.ema is not None:
-            p.ema.update(p.raw_model, step=step)
+        norm = None
+        bad_ranks = _ranks_non_finite(step_loss) if p.max_bad_steps else 0
+        if bad_ranks:
+            _skip_step(p, bad_ranks, epoch, step)  # its loss stays out of the logged mean
+        else:
+            window.add(step_loss)
+            norm = _optimizer_step(p, want_norm=log_now)
+            if p.ema is not None:
+                p.ema.update(p.raw_model, step=step)
         bar.update()
-        if log_now:
-            mean_loss = du.all_reduce_sum(loss_sum.clone()).item() / (window_steps * du.get_world_size())
+        if log_now and window.steps:
+            window_steps = window.steps
+            mean_loss, elapsed = window.close()
             if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"non-finite training loss ({mean_loss}) at epoch {epoch}, step {step}; "
-                                         f"lower optim.lr, set train.clip_grad, or try train.amp=bf16")
-            elapsed = time.perf_counter() - window_start
+                raise non_finite_loss(f"mean {mean_loss} since the last record", epoch, step)
             record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
                       "img_per_s": window_steps * global_batch / elapsed}
             if norm is not None:
                 record["grad_norm"] = norm.item()
             logger.log("train", record, step)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}")
-            loss_sum.zero_()
-            window_start, window_steps = time.perf_counter(), 0
         if on_step is not None:
             on_step(step, i_step)
     bar.close()

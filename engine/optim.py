@@ -9,12 +9,28 @@ import math
 import torch
 from torch import nn
 
-from engine.config import OptimCfg, ScheduleCfg
+from engine.config import ConfigError, OptimCfg, ScheduleCfg, TrainCfg
 
 
 def global_batch(batch_size: int, world_size: int, accum_steps: int) -> int:
     """Images per optimizer step, over all processes."""
     return batch_size * world_size * accum_steps
+
+
+def accum_steps_for(train: TrainCfg, batch_size: int, world_size: int) -> int:
+    """train.accum_steps, or the one that makes train.global_batch from this many processes."""
+    if not train.global_batch:
+        return train.accum_steps
+    per_pass = batch_size * world_size
+    if train.global_batch % per_pass:
+        raise ConfigError(f"train.global_batch={train.global_batch} is not a multiple of data.batch_size="
+                          f"{batch_size} x {world_size} processes = {per_pass}; change data.batch_size or the "
+                          f"number of processes, or set train.global_batch=0 to use train.accum_steps")
+    derived = train.global_batch // per_pass
+    if train.accum_steps not in (1, derived):
+        raise ConfigError(f"train.accum_steps={train.accum_steps} disagrees with train.global_batch="
+                          f"{train.global_batch} ({derived} steps of {per_pass}); set only one of them")
+    return derived
 
 
 def scaled_lr(lr: float, global_batch_size: int, base_batch: int, scaling: str) -> float:

@@ -13,6 +13,8 @@ import torch
 import distributed_utils as du
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# sysexits' EX_TEMPFAIL: stopped early with a checkpoint, run it again. train.sbatch requeues the job on it.
+EXIT_PREEMPTED = 75
 CHECK_EVERY = 5  # steps between agreements: a collective and a host sync, so not every step on a GPU
 
 

@@ -6,6 +6,7 @@ import yaml
 
 from engine.errors import UserError
 from engine.config import ConfigError, all_keys, config_from_dict, load_config, save_config, to_dict
+from engine.optim import accum_steps_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH = ["data.name=synthetic"]
@@ -28,7 +29,7 @@ def test_convnext_t_is_the_official_recipe():
     cfg = load_config(os.path.join(ROOT, "configs", "convnext_t.yaml"))
     assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.min_lr) == (300, 20, 1e-6)
     assert (cfg.optim.lr, cfg.optim.lr_base_batch, cfg.optim.weight_decay) == (4e-3, 4096, 0.05)
-    assert cfg.data.batch_size * 8 * cfg.train.accum_steps == 4096
+    assert cfg.train.global_batch == 4096 and accum_steps_for(cfg.train, cfg.data.batch_size, 8) == 4
     assert (cfg.model.drop_path, cfg.aug.mixup, cfg.aug.cutmix, cfg.aug.smoothing) == (0.1, 0.8, 1.0, 0.1)
     assert (cfg.aug.rand_augment, cfg.aug.reprob, cfg.ema.decay, cfg.data.img_size) == \
         ("rand-m9-mstd0.5-inc1", 0.25, 0.9999, 224)
@@ -38,7 +39,8 @@ def test_convnext_t_is_the_official_recipe():
 def test_larger_official_recipes(name, drop_path):
     cfg = load_config(os.path.join(ROOT, "configs", f"convnext_{name}.yaml"))
     assert cfg.model.drop_path == drop_path
-    assert cfg.data.batch_size * 8 * cfg.train.accum_steps == 4096
+    assert cfg.train.global_batch == 4096
+    assert cfg.data.batch_size * 8 * accum_steps_for(cfg.train, cfg.data.batch_size, 8) == 4096
 
 
 def test_overrides_parse_yaml_values():

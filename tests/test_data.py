@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import data.datasets as datasets
-from data import DataError, ExactShardSampler, build_datasets, build_eval_loader, build_train_loader
+from data import (DataError, ExactShardSampler, build_datasets, build_eval_loader, build_train_loader,
+                  skipped_images)
 from data.datasets import FASHION_MNIST_APT_DIR, TensorImages, load_splits, read_idx
 from data.transforms import SmallBatchTransform, _posterize, apply_recipe, imagenet_transform
 from engine.config import Config
@@ -161,6 +162,37 @@ def test_imagefolder_val_classes_must_match_train(tmp_path):
     for train in (True, False):  # eval-only runs check the train folder names too
         with pytest.raises(DataError, match="only in train \\['dog'\\], only in val \\['cow'\\]"):
             load_splits(cfg.data, train=train)
+
+
+def spoil_two_images(root):
+    """A truncated PNG and a text file named like an image, in the train split; returns their paths."""
+    truncated, garbage = root / "train" / "cat" / "1.png", root / "train" / "dog" / "notes.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    garbage.write_text("not an image")
+    return str(truncated), str(garbage)
+
+
+@pytest.mark.parametrize("recipe,workers", [("imagenet", 0), ("imagenet", 2), ("small", 2)])
+def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, recipe, workers):
+    write_image_folder(tmp_path, per_class=4)
+    truncated, garbage = spoil_two_images(tmp_path)
+    cfg = make_cfg(name="imagefolder", root=str(tmp_path), img_size=32, recipe=recipe, batch_size=3,
+                   num_workers=workers)
+    train_set = build_datasets(cfg.data, cfg.aug)[0]
+    loader = build_train_loader(train_set, cfg.data, 0, 1, seed=0)[0]
+    with pytest.raises(DataError) as failure:
+        list(loader)
+    message = str(failure.value)
+    assert message.startswith("cannot read image '") and "data.skip_corrupt=true" in message
+    assert truncated in message or garbage in message
+    assert "Traceback" not in message and "\n" not in message  # one line, also from a loader worker
+
+    cfg.data.skip_corrupt = True
+    train_set = build_datasets(cfg.data, cfg.aug)[0]
+    loader = build_train_loader(train_set, cfg.data, 0, 1, seed=0)[0]
+    for epoch in (1, 2):
+        seen = sum(len(labels) for _, labels in loader)
+        assert seen == 9 - 2 and skipped_images(train_set) == 2 * epoch  # 3 full batches of 3, 2 images dropped
 
 
 def test_num_classes_mismatch_names_both_numbers(tmp_path):

@@ -244,15 +244,15 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _launch(tmp_path: Path, body: str, nproc: int | None,
-            timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+def _launch(tmp_path: Path, body: str, nproc: int | None, timeout: float = 60,
+            args: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
     """Run `body` as a script, via torchrun with `nproc` workers (or plainly when None); kill it all on timeout."""
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(body))
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     start = time.monotonic()
     # A session of its own, so a hung run can be killed with its workers rather than leaving them behind.
-    proc = subprocess.Popen([sys.executable, *launcher, str(script)], cwd=tmp_path, env=_child_env(),
+    proc = subprocess.Popen([sys.executable, *launcher, str(script), *args], cwd=tmp_path, env=_child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -1,5 +1,7 @@
 """train_one_epoch and evaluate in one process: accumulation, EMA, precision, clipping, exact metrics."""
 import copy
+import os
+import re
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine.logging import RunLogger
-from engine.loop import TrainParts, evaluate, train_one_epoch
+from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch
 from engine.optim import create_optimizer
 from engine.config import OptimCfg
 from models import create_model
@@ -78,8 +80,31 @@ def test_non_finite_loss_stops_with_the_step():
     model = tiny_model()
     with torch.no_grad():
         model.head.bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="epoch 0, step 1"):
+    with pytest.raises(NonFiniteLoss, match="epoch 0, step 1; the checkpoints on disk are from before it"):
         run_epoch(parts_for(model), loader(8))
+
+
+def poisoned(batch_size, bad_batches, n=32):
+    """loader(), with a NaN pixel in each batch listed."""
+    data = loader(batch_size, n)
+    images, labels = data.dataset.tensors
+    for b in bad_batches:
+        images[b * batch_size, 0, 0, 0] = float("nan")
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
+
+
+def test_max_bad_steps_skips_the_step_entirely_then_stops():
+    skipping, reference = tiny_model(), tiny_model()
+    parts = parts_for(skipping, max_bad_steps=1)
+    assert run_epoch(parts, poisoned(8, bad_batches=[1])) == 4 and parts.bad_steps == 1
+    # A skipped step leaves no trace: the same as never seeing batch 1 (AdamW's step count included).
+    images, labels = loader(8).dataset.tensors
+    keep = torch.cat([torch.arange(0, 8), torch.arange(16, 32)])
+    run_epoch(parts_for(reference), DataLoader(TensorDataset(images[keep], labels[keep]), batch_size=8))
+    for (name, a), b in zip(skipping.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(NonFiniteLoss, match=r"more than train.max_bad_steps=1 such steps\) at epoch 0, step 3"):
+        run_epoch(parts_for(tiny_model(), max_bad_steps=1), poisoned(8, bad_batches=[0, 2]))
 
 
 def test_evaluate_is_exact_on_a_short_last_batch():
@@ -94,3 +119,46 @@ def test_evaluate_is_exact_on_a_short_last_batch():
     top4 = logits.topk(4, dim=1).indices.eq(labels[:, None]).any(1).float().mean().item()
     assert metrics["top5"] == pytest.approx(100.0 * top4) == pytest.approx(100.0)  # 4 classes: top-5 is top-4
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+NAN_ON_RANK_1 = """
+    import sys
+    sys.path.insert(0, sys.argv[2])  # the tests folder
+    from torch import nn
+    import distributed_utils as du
+    from engine.loop import NonFiniteLoss
+    from test_loop import parts_for, poisoned, run_epoch, tiny_model
+
+    def main():
+        du.setup("gloo", timeout_s=60)
+        rank, model = du.get_rank(), tiny_model()
+        parts = parts_for(nn.parallel.DistributedDataParallel(model), raw_model=model,
+                          max_bad_steps=int(sys.argv[1]))
+        try:
+            steps = run_epoch(parts, poisoned(8, bad_batches=[2] if rank == 1 else []), log_every=4)
+            norm = sum(p.double().abs().sum() for p in model.parameters()).item()
+            print(f"RESULT rank={rank} steps={steps} bad={parts.bad_steps} norm={norm!r}", flush=True)
+        except NonFiniteLoss as e:
+            print(f"RESULT rank={rank} stopped: {e}", flush=True)
+
+    du.run(main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_bad_steps", [0, 1])
+def test_nan_on_one_rank_is_seen_by_every_rank(tmp_path, max_bad_steps):
+    """A NaN in rank 1's third batch only: both ranks stop at the same step, or both skip it."""
+    from test_distributed_utils import _launch
+    result, _ = _launch(tmp_path, NAN_ON_RANK_1, nproc=2, args=(str(max_bad_steps), os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stderr
+    # The two ranks share the pipe and their lines can interleave: count occurrences rather than split lines.
+    out = result.stdout
+    if max_bad_steps == 0:  # found at the log interval, step 4, by the one loss all-reduce
+        message = ("stopped: non-finite training loss (mean nan since the last record) at epoch 0, step 4; the "
+                   "checkpoints on disk are from before it and untouched.")
+        assert all(out.count(f"RESULT rank={r} {message}") == 1 for r in (0, 1)), out
+    else:  # found at step 3 on both ranks and skipped; the replicas stay identical and finite
+        assert "non-finite loss on 1 of 2 processes at epoch 0, step 3: step skipped" in out
+        norms = [re.search(f"RESULT rank={r} steps=4 bad=1 norm=([0-9.e+-]+)", out).group(1) for r in (0, 1)]
+        assert norms[0] == norms[1], out

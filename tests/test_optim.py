@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from engine.config import OptimCfg, ScheduleCfg
-from engine.optim import create_optimizer, global_batch, lr_at, param_groups, scaled_lr, schedule_steps
+from engine.config import ConfigError, OptimCfg, ScheduleCfg, TrainCfg
+from engine.optim import (accum_steps_for, create_optimizer, global_batch, lr_at, param_groups, scaled_lr,
+                          schedule_steps)
 from models import create_model
 
 
@@ -17,6 +18,18 @@ def test_global_batch_and_linear_scaling():
     assert scaled_lr(4e-3, global_batch(128, 16, 4), 4096, "linear") == pytest.approx(8e-3)
     assert scaled_lr(1e-3, 1024, 256, "sqrt") == pytest.approx(2e-3)
     assert scaled_lr(1e-3, 1024, 256, "none") == 1e-3
+
+
+def test_global_batch_fixes_accumulation_for_any_fitting_world_size():
+    train = TrainCfg(global_batch=4096)
+    assert [accum_steps_for(train, 128, world) for world in (1, 8, 16, 32)] == [32, 4, 2, 1]
+    with pytest.raises(ConfigError, match=r"train.global_batch=4096 is not a multiple of data.batch_size=128 x 6 "
+                                          r"processes = 768; change data.batch_size or the number of processes"):
+        accum_steps_for(train, 128, 6)
+    with pytest.raises(ConfigError, match="train.accum_steps=3 disagrees with train.global_batch=4096"):
+        accum_steps_for(TrainCfg(global_batch=4096, accum_steps=3), 128, 8)
+    assert accum_steps_for(TrainCfg(global_batch=4096, accum_steps=4), 128, 8) == 4
+    assert accum_steps_for(TrainCfg(accum_steps=3), 128, 6) == 3  # global_batch 0: accum_steps as set
 
 
 def test_no_weight_decay_on_1d_parameters():
