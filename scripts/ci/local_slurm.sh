@@ -13,6 +13,14 @@
 # Env: LOCAL_SLURM_NO_INSTALL=1  never apt-get install missing packages
 #      LOCAL_SLURM_TIMEOUT=60    seconds to wait for the node to become idle
 #      LOCAL_SLURM_CTLD_PORT / LOCAL_SLURM_SLURMD_PORT   (default 6817 / 6818)
+#      LOCAL_SLURM_CRED_EXPIRE=5 requeue delay in s (Slurm rejects values < 5)
+#
+# Timing facts for tests (measured with Slurm 22.05, Debian 12):
+#  * `scontrol requeue` -> job runs again after ~cred_expire+1 s (~6 s here).
+#  * slurmctld checks time limits only every 30 s (hard-coded), so
+#    `--signal=B:USR1@N` arrives when (N, N+30] s of the limit are left, and the
+#    time-limit SIGTERM comes 0-30 s after the limit (SIGKILL KillWait=5 s later).
+#    For an immediate signal use `scancel --batch --signal=USR1 JOBID`.
 set -euo pipefail
 export PATH=$PATH:/usr/sbin:/sbin   # daemons live in sbin, often not on a CI user's PATH
 
@@ -20,9 +28,10 @@ CMD=${1:-}
 STATE_DIR=${2:-${LOCAL_SLURM_DIR:-/tmp/local-slurm}}
 CONF=$STATE_DIR/slurm.conf
 ETC_CONF=/etc/slurm/slurm.conf
-NODE=$(hostname -s 2>/dev/null || echo localhost)
+NODE=$(hostname -s 2>/dev/null || uname -n); NODE=${NODE%%.*}
 NODE=${NODE:-localhost}
 TIMEOUT=${LOCAL_SLURM_TIMEOUT:-60}
+[[ -d $STATE_DIR ]] && STATE_DIR=$(cd "$STATE_DIR" && pwd) && CONF=$STATE_DIR/slurm.conf
 
 die() { echo "local_slurm: $*" >&2; exit 1; }
 log() { echo "local_slurm: $*" >&2; }
@@ -70,6 +79,7 @@ start_munge() {
 
 write_conf() {
   mkdir -p "$STATE_DIR"/{state,spool,log}
+  rm -f "$STATE_DIR"/log/*.log                     # logs of this run only
   # Notes on the non-default values:
   #  * proctrack/linuxproc + task/none: no cgroups needed (containers/VMs).
   #  * CR_Core (not CR_Core_Memory): memory is not a consumable, so jobs never
@@ -146,7 +156,7 @@ do_start() {
   write_conf
   export SLURM_CONF=$CONF
   # Make plain `sbatch` work without SLURM_CONF, but never clobber a real config.
-  if [[ ! -e $ETC_CONF && ! -L $ETC_CONF ]]; then mkdir -p /etc/slurm && ln -s "$CONF" "$ETC_CONF"; fi
+  if [[ ! -e $ETC_CONF ]]; then mkdir -p /etc/slurm && ln -sfn "$CONF" "$ETC_CONF"; fi
   slurmctld -c -f "$CONF" || { show_logs; die "slurmctld failed to start"; }  # -c: fresh job state
   slurmd -f "$CONF" -N "$NODE" || { show_logs; die "slurmd failed to start"; }
   local state=""
@@ -163,24 +173,23 @@ do_start() {
 }
 
 stop_pid() {  # stop_pid PIDFILE NAME: TERM, then KILL after ~10 s
-  local f=$1 pid i
+  local f=$1 pid
   pid_alive "$f" || { rm -f "$f"; return 0; }
   pid=$(cat "$f"); kill "$pid" 2>/dev/null || true
-  for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -0 "$pid" 2>/dev/null && { log "$2 ($pid) ignored SIGTERM, killing"; kill -9 "$pid" 2>/dev/null || true; }
   rm -f "$f"
 }
 
 do_stop() {
   [[ -d $STATE_DIR ]] || return 0
-  STATE_DIR=$(cd "$STATE_DIR" && pwd); CONF=$STATE_DIR/slurm.conf
   # Cancel jobs first so no slurmstepd/job processes outlive the daemons.
   if [[ -f $CONF ]] && pid_alive "$STATE_DIR/slurmctld.pid"; then
-    local jobs i
-    jobs=$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null || true)
-    if [[ -n $jobs ]]; then
-      SLURM_CONF=$CONF scancel $jobs 2>/dev/null || true
-      for i in $(seq 30); do
+    local jobs
+    mapfile -t jobs < <(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null || true)
+    if ((${#jobs[@]})); then
+      SLURM_CONF=$CONF scancel "${jobs[@]}" 2>/dev/null || true
+      for _ in $(seq 30); do
         [[ -z $(SLURM_CONF=$CONF squeue -h -t R,CG -o %i 2>/dev/null) ]] && break; sleep 0.5
       done
     fi
@@ -193,7 +202,7 @@ do_stop() {
 }
 
 do_status() {
-  [[ -f $CONF ]] && is_up || { echo "down ($STATE_DIR)"; return 3; }
+  if ! { [[ -f $CONF ]] && is_up; }; then echo "down ($STATE_DIR)"; return 3; fi
   echo "up ($STATE_DIR)"; echo "export SLURM_CONF=$CONF"
   SLURM_CONF=$CONF sinfo; SLURM_CONF=$CONF squeue
 }
