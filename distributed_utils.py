@@ -239,7 +239,17 @@ def setup(backend: str = "auto", timeout_s: int = 1800) -> DistContext:
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s), **extra)
     _ctx = DistContext(env, device, backend)
+    if restarts_share_a_store():
+        print0("warning: torchrun --max-restarts with its shared rendezvous store can hand restarted workers the "
+               "previous round's addresses, so a restart may fail to connect (pytorch/pytorch#135712); export "
+               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
     return _ctx
+
+
+def restarts_share_a_store() -> bool:
+    """torchrun may restart the workers and keeps one store for every round (its default since torch 2.5)."""
+    return (os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 def _resolve_backend(name: str) -> str:
