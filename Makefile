@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test test-fast clean-runs
+.PHONY: setup data slurm demo test test-fast clean-runs
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ data:
 	  elif command -v sudo >/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; \
 	  else echo "error: Fashion-MNIST missing; run 'apt-get install dataset-fashion-mnist' as root" >&2; exit 1; fi; \
 	fi
+
+# A throwaway one-node SLURM on this machine (apt packages as root), for tests/test_slurm.py and trying sbatch;
+# `bash scripts/ci/local_slurm.sh stop` ends it. Without it those tests skip.
+slurm:
+	bash scripts/ci/local_slurm.sh start
 
 demo: setup data
 	$(PY) train.py --config configs/fashion_mnist.yaml

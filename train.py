@@ -150,6 +150,7 @@ def evaluate_run(parts: TrainParts, loader, cfg: Config, epoch: int) -> dict:
 
 
 def main() -> int:
+    stop = StopRequest()  # first, so a stop signal during start-up is kept for the first agreed step
     args = parse_args()
     cfg = load_config(args.config, args.overrides)
     ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
@@ -207,8 +208,6 @@ def main() -> int:
         state = checkpoint_state(parts, cfg, progress)
         if env.is_main:
             save_training_checkpoint(state, cfg.output_dir, progress.step, cfg.checkpoint.keep_last, best=best)
-
-    stop = StopRequest()
 
     def mid_epoch_checkpoint(step: int, i_step: int) -> None:
         """on_step hook: checkpoint every checkpoint.every_steps steps and when asked to stop (preemption);

@@ -1,0 +1,115 @@
+"""The project's own sbatch script under a real one-node SLURM (scripts/ci/local_slurm.sh), 2 tasks on CPU/gloo.
+
+Skipped when SLURM cannot be started here (not installed, not root); .ci/run installs and starts it.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_train_e2e import DEBUG, ROOT, records
+
+pytestmark = pytest.mark.slow
+
+LOCAL_SLURM = os.path.join(ROOT, "scripts", "ci", "local_slurm.sh")
+# 2048 images / (16 x 2 tasks) = 64 steps an epoch, 320 in all: ~50 s here, long enough to be running when a
+# signal asked for 20 s before a 1-minute limit arrives (slurmctld looks every 30 s: 10-40 s after the start).
+RUN = ["data.synthetic_train_size=2048", "schedule.epochs=5", "train.deterministic=true",
+       "checkpoint.every_steps=20", "checkpoint.keep_last=2", "train.log_every=16"]
+CPU_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """SLURM_CONF of a running local cluster: the one already up, or one started (and stopped) here."""
+    state = os.environ.get("LOCAL_SLURM_DIR", "/tmp/local-slurm")
+    was_up = subprocess.run(["bash", LOCAL_SLURM, "status", state], capture_output=True).returncode == 0
+    # Tests never install packages: LOCAL_SLURM_NO_INSTALL. `make slurm` (and .ci/run) does that.
+    started = subprocess.run(["bash", LOCAL_SLURM, "start", state], capture_output=True, text=True,
+                             env={**os.environ, "LOCAL_SLURM_NO_INSTALL": "1"})
+    if started.returncode != 0:
+        reason = (started.stderr.strip().splitlines() or ["start failed"])[-1]
+        pytest.skip(f"no local SLURM ({reason}); `make slurm` installs and starts one")
+    yield os.path.join(state, "slurm.conf")
+    if not was_up:
+        subprocess.run(["bash", LOCAL_SLURM, "stop", state], capture_output=True)
+
+
+def submit(slurm, out, sbatch_options, overrides=()):
+    env = {**os.environ, "SLURM_CONF": slurm, "PYTHON": sys.executable}
+    cmd = ["sbatch", "--parsable", *CPU_TASKS, *sbatch_options, f"--output={out}.log",
+           os.path.join("scripts", "slurm", "train.sbatch"), DEBUG, f"output_dir={out}", *RUN, *overrides]
+    job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    return job.split(";")[0]
+
+
+def job_fields(slurm, job):
+    """scontrol's view of the job as {field: value}; {} once it has left slurmctld's memory (MinJobAge)."""
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
+                           env={**os.environ, "SLURM_CONF": slurm})
+    return dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f) if shown.returncode == 0 else {}
+
+
+def wait_job(slurm, job, on_poll=None, timeout=300):
+    """Poll until the job has ended; returns the last fields seen (JobState, Restarts, ...)."""
+    last, deadline = {}, time.time() + timeout
+    while time.time() < deadline:
+        fields = job_fields(slurm, job)
+        if not fields or fields["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            return fields or last
+        last = fields
+        if on_poll:
+            on_poll(fields)
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], env={**os.environ, "SLURM_CONF": slurm})
+    pytest.fail(f"job {job} still {last.get('JobState')} after {timeout}s")
+
+
+def final_weights(out):
+    state = torch.load(os.path.join(out, "checkpoints", "last.pth"), weights_only=True)
+    return state["step"], state["model"], state["model_ema"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("slurm") / "plain")
+    job = submit(slurm, out, ["--time=10"])
+    return out, wait_job(slurm, job)
+
+
+def test_sbatch_job_trains_with_two_tasks(uninterrupted):
+    out, fields = uninterrupted
+    log = open(out + ".log").read()
+    assert fields["JobState"] == "COMPLETED", log[-3000:]
+    assert "slurm: world 2 on cpu (gloo backend)" in log, log[-3000:]
+    assert [r["epoch"] for r in records(out, "eval")] == [0, 1, 2, 3, 4]
+    assert records(out, "train")[-1]["step"] == 320
+    names = set(os.listdir(os.path.join(out, "checkpoints")))
+    assert {"last.pth", "best.pth", "step_000000320.pth"} <= names, names
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm, uninterrupted, tmp_path):
+    out = str(tmp_path / "preempted")
+    job = submit(slurm, out, ["--time=1", "--signal=B:USR1@20", "--requeue"])
+
+    def relax_after_requeue(fields):
+        # The requeued run gets the same 1-minute limit and would be signalled again, taking a third run;
+        # a longer limit for it keeps the test to the two runs it is about.
+        if fields["Restarts"] == "1" and fields["TimeLimit"] == "00:01:00":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True,
+                           env={**os.environ, "SLURM_CONF": slurm})
+
+    fields = wait_job(slurm, job, on_poll=relax_after_requeue)
+    log = open(out + ".log").read()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, log[-3000:])
+    for line in ("USR1 received", "stopped by a signal at epoch", f"requeueing job {job}", f"job {job} run 2",
+                 "resumed from"):
+        assert line in log, (line, log[-3000:])
+    (step_a, model_a, ema_a), (step_b, model_b, ema_b) = final_weights(uninterrupted[0]), final_weights(out)
+    assert step_a == step_b == 320
+    for name in model_a:
+        assert torch.equal(model_a[name], model_b[name]), name
+        assert torch.equal(ema_a[name], ema_b[name]), name
