@@ -21,6 +21,13 @@ def checkpoint_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind `e`, if any: torch.save's zip writer re-raises a failed write as a RuntimeError."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def save_checkpoint(state: dict, path: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
@@ -35,9 +42,14 @@ def save_checkpoint(state: dict, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = _os_error(e)
+        if cause is not None:  # a full disk, a quota, a lost mount: the user's to fix, in one line
+            raise CheckpointError(f"cannot write checkpoint '{path}' ({cause.strerror or cause}); the previous "
+                                  f"checkpoint there is untouched. Free space in '{folder}' or set output_dir "
+                                  f"elsewhere, then start the run again to resume") from None
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:

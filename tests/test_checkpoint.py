@@ -1,4 +1,5 @@
 import os
+import subprocess
 import pickle
 
 import pytest
@@ -25,11 +26,32 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint there is untouched"):
         save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pth"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs: a real file system that fills up (needs root; skipped without)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tiny_disk):
+    path = str(tiny_disk / "checkpoints" / "last.pth")
+    save_checkpoint({"w": torch.ones(16_000)}, path)  # 64 KB: fits
+    with pytest.raises(CheckpointError, match="No space left on device.*the previous checkpoint there is untouched"):
+        save_checkpoint({"w": torch.zeros(64_000)}, path)  # 256 KB: does not
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(16_000))
+    assert os.listdir(os.path.dirname(path)) == ["last.pth"]  # no temporary file left behind
 
 
 def test_truncated_checkpoint_is_reported(tmp_path):
