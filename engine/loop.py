@@ -134,48 +134,50 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
     steps = len(loader) // p.accum_steps
     ddp = hasattr(p.model, "no_sync")  # DDP, also when wrapped by torch.compile (which forwards attributes)
     window = _LossWindow(p.device)
-    bar = logger.progress(steps, f"epoch {epoch}")
-    for i_step, group in enumerate(_micro_batches(loader, p.accum_steps), start=1):
-        lr = p.lr_fn(step)
-        set_lr(p.optimizer, lr)
-        step_loss = torch.zeros((), device=p.device)
-        for i, (images, labels) in enumerate(group):
-            images, labels = to_device(images, labels, p.device, p.channels_last)
-            if p.mixup is not None:
-                images, labels = p.mixup(images, labels)
-            # Only the last micro-step all-reduces gradients; the others accumulate locally.
-            sync = i == len(group) - 1
-            with contextlib.nullcontext() if sync or not ddp else p.model.no_sync():
-                with autocast(p.device, p.amp):
-                    loss = p.criterion(p.model(images), labels) / p.accum_steps
-                p.scaler.scale(loss).backward()
-            step_loss += loss.detach().float()
-        step += 1
-        log_now = step % log_every == 0 or i_step == steps  # and at the end of the epoch
-        norm = None
-        bad_ranks = _ranks_non_finite(step_loss) if p.max_bad_steps else 0
-        if bad_ranks:
-            _skip_step(p, bad_ranks, epoch, step)  # its loss stays out of the logged mean
-        else:
-            window.add(step_loss)
-            norm = _optimizer_step(p, want_norm=log_now)
-            if p.ema is not None:
-                p.ema.update(p.raw_model, step=step)
-        bar.update()
-        if log_now and window.steps:
-            window_steps = window.steps
-            mean_loss, elapsed = window.close()
-            if not math.isfinite(mean_loss):
-                raise non_finite_loss(f"mean {mean_loss} since the last record", epoch, step)
-            record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
-                      "img_per_s": window_steps * global_batch / elapsed}
-            if norm is not None:
-                record["grad_norm"] = norm.item()
-            logger.log("train", record, step)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}")
-        if on_step is not None:
-            on_step(step, i_step)
-    bar.close()
+    # A context, so an error closes (and clears) the bar and its message starts on a line of its own.
+    with logger.progress(steps, f"epoch {epoch}") as bar:
+        for i_step, group in enumerate(_micro_batches(loader, p.accum_steps), start=1):
+            lr = p.lr_fn(step)
+            set_lr(p.optimizer, lr)
+            step_loss = torch.zeros((), device=p.device)
+            for i, (images, labels) in enumerate(group):
+                images, labels = to_device(images, labels, p.device, p.channels_last)
+                if p.mixup is not None:
+                    if len(images) % 2:  # a batch that lost an unreadable image (data.skip_corrupt); Mixup pairs images
+                        images, labels = images[:-1], labels[:-1]
+                    images, labels = p.mixup(images, labels)
+                # Only the last micro-step all-reduces gradients; the others accumulate locally.
+                sync = i == len(group) - 1
+                with contextlib.nullcontext() if sync or not ddp else p.model.no_sync():
+                    with autocast(p.device, p.amp):
+                        loss = p.criterion(p.model(images), labels) / p.accum_steps
+                    p.scaler.scale(loss).backward()
+                step_loss += loss.detach().float()
+            step += 1
+            log_now = step % log_every == 0 or i_step == steps  # and at the end of the epoch
+            norm = None
+            bad_ranks = _ranks_non_finite(step_loss) if p.max_bad_steps else 0
+            if bad_ranks:
+                _skip_step(p, bad_ranks, epoch, step)  # its loss stays out of the logged mean
+            else:
+                window.add(step_loss)
+                norm = _optimizer_step(p, want_norm=log_now)
+                if p.ema is not None:
+                    p.ema.update(p.raw_model, step=step)
+            bar.update()
+            if log_now and window.steps:
+                window_steps = window.steps
+                mean_loss, elapsed = window.close()
+                if not math.isfinite(mean_loss):
+                    raise non_finite_loss(f"mean {mean_loss} since the last record", epoch, step)
+                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
+                          "img_per_s": window_steps * global_batch / elapsed}
+                if norm is not None:
+                    record["grad_norm"] = norm.item()
+                logger.log("train", record, step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}")
+            if on_step is not None:
+                on_step(step, i_step)
     return step
 
 

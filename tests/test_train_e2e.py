@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from test_data import write_image_folder
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
 pytestmark = pytest.mark.slow
@@ -66,15 +68,23 @@ def test_torchrun_train_resume_eval(tmp_path):
     assert resumed["best_top1"] >= state["best_top1"]
 
 
-def test_single_process_debug_run(tmp_path):
+def test_single_process_debug_run_then_resume_on_two(tmp_path):
     out = str(tmp_path / "single")
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1",
-                "data.synthetic_train_size=64", "train.accum_steps=2"])
+                "data.synthetic_train_size=64", "train.global_batch=32"])
     assert "single: world 1" in proc.stdout and "global batch 32 = 16 x 1 processes x 2 accum" in proc.stdout
     assert records(out, "eval")[-1]["samples"] == 101
+    # Another world size: the global batch holds (accumulation halves), the change is announced.
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=2",
+                "data.synthetic_train_size=64", "train.global_batch=32"], nproc=2)
+    assert "global batch 32 = 16 x 2 processes x 1 accum" in proc.stdout
+    assert "warning: the checkpoint was written by 1 processes, this run has 2: the lr follows" in proc.stdout
+    assert [r["epoch"] for r in records(out, "eval")] == [0, 1]
 
 
 def test_bad_input_is_one_line_and_destroys_nothing(tmp_path):
+    write_image_folder(tmp_path / "images", per_class=16)
+    (tmp_path / "images" / "train" / "cat" / "unreadable.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     keep = out / "checkpoints" / "last.pth"
@@ -82,13 +92,30 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path):
     for args, message in [
         ([f"output_dir={out}", "optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean optim.lr"),
         ([f"output_dir={out}", "data.name=fashion_mnist", f"data.root={tmp_path}/nowhere"], "nowhere"),
+        ([f"output_dir={out}", "train.global_batch=40"],
+         "train.global_batch=40 is not a multiple of data.batch_size=16 x 1 processes = 16"),
+        ([f"output_dir={out}", "--resume", f"{tmp_path}/none.pth"], f"checkpoint '{tmp_path}/none.pth' does not exist"),
+        ([f"output_dir={tmp_path}/images_run", "data.name=imagefolder", f"data.root={tmp_path}/images"],
+         "unreadable.png"),
     ]:
-        proc = run(["train.py", "--config", DEBUG] + args, check=False)
+        proc = run(["train.py", "--config", DEBUG, "data.num_workers=2"] + args, check=False)
         assert proc.returncode == 2, proc.stderr
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        # Progress-bar redraws end in \r, which splitlines also splits on; they are not part of the error.
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("epoch ")]
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr
     assert keep.read_bytes() == b"precious"
+
+
+def test_skip_corrupt_trains_past_unreadable_images_and_counts_them(tmp_path):
+    write_image_folder(tmp_path / "images", per_class=16)
+    for name in ("cat/bad1.png", "dog/bad2.jpg"):
+        (tmp_path / "images" / "train" / name).write_bytes(b"not an image")
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={tmp_path / 'run'}", "data.name=imagefolder",
+                f"data.root={tmp_path / 'images'}", "data.skip_corrupt=true", "data.num_workers=2",
+                "data.batch_size=4", "schedule.epochs=1"], nproc=2)
+    assert "warning: epoch 0 skipped 2 unreadable training images (data.skip_corrupt)" in proc.stdout, proc.stdout
+    assert "bad1.png" in proc.stderr and "bad2.jpg" in proc.stderr
 
 
 def test_checkpoint_of_another_model_is_named(tmp_path):
