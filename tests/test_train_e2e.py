@@ -107,6 +107,16 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path):
     assert keep.read_bytes() == b"precious"
 
 
+def test_diverging_run_stops_in_one_line_and_writes_no_nan_checkpoint(tmp_path):
+    out = tmp_path / "diverged"
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "optim.lr=1e30", "checkpoint.every_steps=1"],
+                check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: the weights became non-finite before the checkpoint at epoch 0, step 1; nothing was written" \
+        in proc.stderr
+    assert not (out / "checkpoints").exists() or not os.listdir(out / "checkpoints")
+
+
 def test_skip_corrupt_trains_past_unreadable_images_and_counts_them(tmp_path):
     write_image_folder(tmp_path / "images", per_class=16)
     for name in ("cat/bad1.png", "dog/bad2.jpg"):
