@@ -17,11 +17,11 @@ import torch
 
 import distributed_utils as du
 from data import build_datasets, build_eval_loader
-from engine.checkpoint import load_checkpoint
 from engine.config import load_config
 from engine.loop import evaluate
 from models import create_model
 from models.keys import load_weights
+from models.pretrained import read_weights
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,8 +39,10 @@ def main() -> None:
     ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
     _, val_set, info = build_datasets(cfg.data, cfg.aug, train=False)
     loader = build_eval_loader(val_set, cfg.data, ctx.env.rank, ctx.env.world_size)
-    model = create_model(**asdict(cfg.model), num_classes=info.num_classes, in_chans=info.in_chans)
-    load_weights(model, load_checkpoint(args.checkpoint), ema=args.ema)
+    # model.pretrained is a starting point for training; what is evaluated is --checkpoint.
+    model = create_model(**{**asdict(cfg.model), "pretrained": ""}, num_classes=info.num_classes,
+                         in_chans=info.in_chans)
+    load_weights(model, read_weights(args.checkpoint), ema=args.ema)  # .pth, .bin or .safetensors, any layout
     model.to(ctx.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
 
     du.barrier()  # time the evaluation alone, from the same moment on every rank

@@ -176,7 +176,7 @@ def main() -> int:
 
     # Model: the same seed on every rank gives the same init (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.seed)
-    model = create_model(**asdict(cfg.model), num_classes=info.num_classes, in_chans=info.in_chans)
+    model = create_model(**asdict(cfg.model), num_classes=info.num_classes, in_chans=info.in_chans, log=du.print0)
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     seed_everything(cfg.seed + env.rank)  # augmentation, mixup and drop path differ per rank
 

@@ -34,6 +34,8 @@ class ModelCfg:
     layer_scale_init: float = 1e-6  # 0 disables layer scale
     head_init_scale: float = 1.0
     patch_size: int = 4  # stem kernel = stride; 2 suits 28-32 px images
+    pretrained: str = ""  # weights to start from: ours, official release, timm (.pth/.bin/.safetensors)
+    pretrained_ema: bool = False  # take the EMA weights of a training checkpoint
 
 
 @dataclass
@@ -82,7 +84,6 @@ class ScheduleCfg:
     epochs: int = 300
     warmup_epochs: float = 20
     min_lr: float = 1e-6
-    max_steps: int = 0  # stop after this many optimizer steps in all (0: run every epoch); for smoke runs
 
 
 @dataclass
@@ -145,7 +146,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("checkpoint.keep_last", "data.img_size", "data.batch_size", "optim.lr_base_batch", "schedule.epochs",
             "train.accum_steps", "train.log_every", "train.eval_every", "model.patch_size")
 NON_NEGATIVE = ("data.num_workers", "data.eval_batch_size", "data.num_classes", "optim.lr",
-                "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr", "schedule.max_steps",
+                "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
                 "train.clip_grad", "train.threads", "checkpoint.every_steps", "train.global_batch",
                 "train.max_bad_steps")

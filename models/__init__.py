@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from engine.errors import UserError
 
 from .convnext import VARIANTS, ConvNeXt
+from .pretrained import load_pretrained
 
 __all__ = ["ConvNeXt", "UnknownModelError", "VARIANTS", "check_model_name", "create_model", "list_models"]
 
@@ -38,11 +39,20 @@ def check_model_name(name: str) -> None:
         raise _unknown("model", name, list_models(), prefix=_PREFIX)
 
 
-def create_model(name: str, num_classes: int = 1000, **overrides) -> ConvNeXt:
-    """Build `convnext_<variant>`; `overrides` replace any constructor argument, depths/dims included."""
+def create_model(name: str, num_classes: int = 1000, pretrained: str = "", pretrained_ema: bool = False,
+                 log: Callable[[str], None] = print, **overrides) -> ConvNeXt:
+    """Build `convnext_<variant>`; `overrides` replace any constructor argument, depths/dims included.
+
+    `pretrained`: a weights file of any supported layout (models.pretrained) to start from, its EMA weights with
+    `pretrained_ema`; what had to be adapted to fit (head, stem) is said through `log`, a line each.
+    """
     check_model_name(name)
     for key in overrides:
         if key not in _OVERRIDES:
             raise _unknown("model option", key, _OVERRIDES)
     depths, dims = VARIANTS[name.removeprefix(_PREFIX)]
-    return ConvNeXt(num_classes=num_classes, **{"depths": depths, "dims": dims, **overrides})
+    model = ConvNeXt(num_classes=num_classes, **{"depths": depths, "dims": dims, **overrides})
+    if pretrained:
+        for note in load_pretrained(model, pretrained, ema=pretrained_ema):
+            log(f"{pretrained}: {note}")
+    return model

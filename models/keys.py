@@ -144,16 +144,27 @@ def _few(items: list[str], n: int = 3) -> str:
     return f"{len(items)} ({', '.join(items[:n])}{', ...' if len(items) > n else ''})"
 
 
-def describe(sd: StateDict) -> str:
-    """Depths and dims of official-layout weights, and the variant they match if any."""
+def architecture(sd: StateDict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(depths, dims) of official-layout weights."""
     depths, dims = [0] * 4, [0] * 4
     for key, value in sd.items():
         if m := re.match(r"stages\.([0-3])\.(\d+)\.dwconv\.weight$", key):
             i, j = int(m[1]), int(m[2])
             depths[i], dims[i] = max(depths[i], j + 1), value.shape[0]
-    arch = (tuple(depths), tuple(dims))
-    name = next((f"convnext_{v} " for v, known in VARIANTS.items() if known == arch), "")
-    return f"{name}(depths {arch[0]}, dims {arch[1]})"
+    return tuple(depths), tuple(dims)
+
+
+def variant_of(sd: StateDict) -> str | None:
+    """The variant (atto ... xlarge) whose depths and dims official-layout weights have, if any."""
+    arch = architecture(sd)
+    return next((v for v, known in VARIANTS.items() if known == arch), None)
+
+
+def describe(sd: StateDict) -> str:
+    """Depths and dims of official-layout weights, and the variant they match if any."""
+    depths, dims = architecture(sd)
+    variant = variant_of(sd)
+    return f"{f'convnext_{variant} ' if variant else ''}(depths {depths}, dims {dims})"
 
 
 def _mismatch_message(sd: StateDict, own: StateDict, missing: list[str], unexpected: list[str],

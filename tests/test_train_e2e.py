@@ -56,6 +56,10 @@ def test_torchrun_train_resume_eval(tmp_path):
         assert result["top5"] == evals[-1]["top5"]
     ema = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", last, "--ema"]))
     assert ema["top1"] == evals[-1]["ema_top1"]
+    # The EMA weights exported as a plain official-layout .safetensors file evaluate the same.
+    exported = os.path.join(out, "ema.safetensors")
+    run(["-m", "models.export", "--checkpoint", last, "--layout", "official", "--out", exported, "--ema"])
+    assert eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", exported]))["top1"] == ema["top1"]
 
     # Started again with more epochs, the run resumes from last.pth instead of starting over.
     state = torch.load(last, weights_only=True)
@@ -105,6 +109,20 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr
     assert keep.read_bytes() == b"precious"
+
+
+def test_training_starts_from_timm_weights_with_a_new_head(tmp_path):
+    from test_pretrained import timm_weights
+    path, official = timm_weights(tmp_path)
+    out = tmp_path / "finetuned"
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", f"model.pretrained={path}", "model.patch_size=4",
+                "schedule.epochs=1", "data.synthetic_train_size=32", "model.drop_path=0"])
+    assert "head: skipped head.weight, head.bias (1000 classes in the checkpoint, 10 here)" in proc.stdout
+    trained = torch.load(out / "checkpoints" / "last.pth", weights_only=True)["model"]
+    assert trained["head.weight"].shape == (10, 320)
+    # Two steps at a warm-up lr move the weights only a little from where they started: timm's, not a fresh init.
+    stem = "downsample_layers.0.0.weight"
+    assert (trained[stem] - official[stem]).abs().max() < 0.05 * official[stem].abs().max()
 
 
 def test_diverging_run_stops_in_one_line_and_writes_no_nan_checkpoint(tmp_path):

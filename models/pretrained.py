@@ -1,0 +1,81 @@
+"""Start a model from earlier weights: ours, an official release file or timm's, in .pth/.bin/.safetensors.
+
+A head of another size is left freshly initialised (fine-tuning to new classes); a stem made for another number of
+input channels is adapted; anything else that does not fit is an error listing the keys.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from engine.checkpoint import load_checkpoint
+from engine.errors import CheckpointError
+
+from .keys import StateDict, load_weights, to_official, unwrap_checkpoint
+
+STEM = "downsample_layers.0.0.weight"
+HEAD = ("head.weight", "head.bias")
+
+
+def read_weights(path: str) -> object:
+    """What the file holds: a safetensors file as its state dict, anything else through weights-only torch.load."""
+    if not path.endswith(".safetensors"):
+        return load_checkpoint(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights file '{path}' does not exist; check model.pretrained")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file  # a dependency of timm
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"'{path}' is not a readable safetensors file ({e}); download it again") from None
+
+
+def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Stem weights (out, c, k, k) for `in_chans` input channels.
+
+    One channel: the sum over the source channels, so a grey image gives the response it gave before. More
+    channels: the source channels taken in turn and scaled by c / in_chans (as timm adapts input convs), which
+    keeps the grey response exactly when in_chans is a multiple of c.
+    """
+    c = weight.shape[1]
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_chans // c)  # ceil
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (c / in_chans)
+
+
+def _fit_stem(sd: dict, own: StateDict) -> list[str]:
+    w, mine = sd.get(STEM), own[STEM]
+    if w is None or w.shape[1] == mine.shape[1] or (w.shape[0], *w.shape[2:]) != (mine.shape[0], *mine.shape[2:]):
+        return []  # nothing to adapt, or a mismatch that load_weights reports
+    sd[STEM] = adapt_stem(w, mine.shape[1])
+    how = "summed over" if mine.shape[1] == 1 else "repeated across"
+    return [f"stem: the weights were made for {w.shape[1]} input channels, this model has {mine.shape[1]}: "
+            f"{how} the channels"]
+
+
+def _fit_head(sd: dict, own: StateDict, head_init_scale: float) -> list[str]:
+    ckpt_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    own_classes = own["head.weight"].shape[0] if "head.weight" in own else 0
+    if ckpt_classes == own_classes:
+        return []
+    for key in HEAD:  # the model's own fresh head takes the place of the checkpoint's
+        sd.pop(key, None)
+        if key in own:
+            sd[key] = own[key]
+    if own_classes == 0:
+        return [f"head: the checkpoint's {ckpt_classes}-class head is not used (this model has none)"]
+    return [f"head: skipped {', '.join(HEAD)} ({ckpt_classes} classes in the checkpoint, {own_classes} here); "
+            f"the head starts fresh (trunc-normal init x model.head_init_scale={head_init_scale:g})"]
+
+
+def load_pretrained(model: nn.Module, path: str, ema: bool = False) -> list[str]:
+    """Load `path` into `model` (a ConvNeXt); returns one line per adaptation made."""
+    sd = dict(to_official(unwrap_checkpoint(read_weights(path), ema=ema)))
+    own = model.state_dict()
+    notes = _fit_stem(sd, own) + _fit_head(sd, own, getattr(model, "head_init_scale", 1.0))
+    load_weights(model, sd, strict=True)
+    return notes

@@ -1,0 +1,119 @@
+"""model.pretrained: weights of any layout and file format in, head and stem adapted, other mismatches refused;
+models.export: both layouts out."""
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import create_model
+from models.keys import CheckpointMismatchError, timm_to_official
+from models.pretrained import adapt_stem
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timm_weights(tmp_path, name="convnext_atto", suffix=".safetensors"):
+    torch.manual_seed(0)
+    sd = timm.create_model(name, pretrained=False).state_dict()
+    path = str(tmp_path / f"{name}{suffix}")
+    save_file(sd, path) if suffix == ".safetensors" else torch.save(sd, path)
+    return path, timm_to_official(sd)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_timm_weights_with_another_head(tmp_path, suffix):
+    path, official = timm_weights(tmp_path, suffix=suffix)
+    notes = []
+    model = create_model("convnext_atto", num_classes=10, pretrained=path, log=notes.append)
+    assert len(notes) == 1 and "head: skipped head.weight, head.bias (1000 classes in the checkpoint, 10 here)" \
+        in notes[0], notes
+    own = model.state_dict()
+    for key, value in official.items():
+        if not key.startswith("head."):
+            assert torch.equal(own[key], value), key
+    assert own["head.weight"].shape == (10, 320) and own["head.weight"].std() < 0.05  # fresh trunc-normal(0.02)
+
+
+def test_official_release_file_into_one_channel_model_keeps_the_grey_response(tmp_path):
+    torch.manual_seed(0)
+    source = create_model("convnext_atto", num_classes=1000, patch_size=2)
+    path = str(tmp_path / "release.pth")
+    torch.save({"model": source.state_dict()}, path)  # the official release format
+    notes = []
+    grey = create_model("convnext_atto", num_classes=1000, patch_size=2, in_chans=1, pretrained=path,
+                        log=notes.append)
+    assert notes == [f"{path}: stem: the weights were made for 3 input channels, this model has 1: summed over the "
+                     f"channels"]
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(grey.eval()(x), source.eval()(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
+
+
+def test_more_channels_repeat_and_rescale():
+    w = torch.randn(8, 3, 4, 4)
+    torch.testing.assert_close(adapt_stem(w, 6).sum(1), w.sum(1))  # a grey image gets the same response
+    wide = adapt_stem(w, 5)
+    assert wide.shape == (8, 5, 4, 4)
+    torch.testing.assert_close(wide[:, 3], w[:, 0] * 3 / 5)  # channels taken in turn
+
+
+def test_ema_weights_of_a_training_checkpoint_and_prefixes(tmp_path):
+    torch.manual_seed(0)
+    raw, ema = create_model("convnext_atto", num_classes=10), create_model("convnext_atto", num_classes=10)
+    path = str(tmp_path / "ckpt.pth")
+    torch.save({"model": {f"module.{k}": v for k, v in raw.state_dict().items()},
+                "model_ema": {f"_orig_mod.{k}": v for k, v in ema.state_dict().items()}}, path)
+    for use_ema, source in ((False, raw), (True, ema)):
+        model = create_model("convnext_atto", num_classes=10, pretrained=path, pretrained_ema=use_ema)
+        for key, value in source.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), (use_ema, key)
+
+
+def test_other_mismatches_are_refused_with_the_keys(tmp_path):
+    path, _ = timm_weights(tmp_path, name="convnext_femto")
+    with pytest.raises(CheckpointMismatchError, match="shape mismatches .*checkpoint is probably of another "
+                                                      "architecture"):
+        create_model("convnext_atto", num_classes=1000, pretrained=path)
+    with pytest.raises(Exception, match="does not exist"):
+        create_model("convnext_atto", pretrained=str(tmp_path / "missing.safetensors"))
+
+
+def run_export(*args):
+    return subprocess.run([sys.executable, "-m", "models.export", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_export_loads_strictly_into_timm_and_the_official_layout(tmp_path):
+    torch.manual_seed(0)
+    raw, ema = create_model("convnext_atto", num_classes=10), create_model("convnext_atto", num_classes=10)
+    ckpt = str(tmp_path / "last.pth")
+    torch.save({"model": raw.state_dict(), "model_ema": ema.state_dict(), "step": 3}, ckpt)
+    x = torch.randn(2, 3, 64, 64)
+
+    out = str(tmp_path / "atto_timm.safetensors")
+    proc = run_export("--checkpoint", ckpt, "--layout", "timm", "--out", out, "--ema")
+    assert proc.returncode == 0 and "convnext_atto, EMA" in proc.stderr, proc.stderr
+    theirs = timm.create_model("convnext_atto", num_classes=10)
+    theirs.load_state_dict(load_file(out), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(x), ema.eval()(x), rtol=1e-5, atol=1e-5)
+
+    out = str(tmp_path / "atto_official.pth")
+    assert run_export("--checkpoint", ckpt, "--layout", "official", "--out", out).returncode == 0
+    plain = torch.load(out, weights_only=True)
+    assert list(plain) == list(raw.state_dict())  # the official release's key names and order
+    fresh = create_model("convnext_atto", num_classes=10)
+    fresh.load_state_dict(plain, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), raw.eval()(x), rtol=0, atol=0)
+
+
+def test_export_refuses_what_timm_cannot_hold(tmp_path):
+    ckpt = str(tmp_path / "p2.pth")
+    torch.save(create_model("convnext_atto", num_classes=10, patch_size=2).state_dict(), ckpt)
+    proc = run_export("--checkpoint", ckpt, "--layout", "timm", "--out", str(tmp_path / "x.pth"))
+    assert proc.returncode == 2 and "export with --layout official" in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.pth").exists()
