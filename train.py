@@ -29,7 +29,8 @@ from engine.checkpoint import (checkpoint_dir, load_checkpoint, load_latest, rng
 from engine.config import Config, ConfigError, load_config, save_config, to_dict
 from engine.logging import RunLogger
 from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch
-from engine.optim import accum_steps_for, create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
+from engine.optim import (accum_steps_for, create_optimizer, describe_groups, global_batch, lr_at, scaled_lr,
+                          schedule_steps)
 from engine.preemption import EXIT_PREEMPTED, Preempted, StopRequest
 from models import create_model
 from models.keys import load_weights
@@ -181,6 +182,9 @@ def main() -> int:
     seed_everything(cfg.seed + env.rank)  # augmentation, mixup and drop path differ per rank
 
     parts, batch, lr = build_parts(cfg, model, info.num_classes, device, env.world_size, steps_per_epoch)
+    if cfg.optim.layer_decay < 1 or cfg.optim.freeze_stages or cfg.optim.head_only:
+        du.print0(f"trained parameters by layer, lr scale (optim.layer_decay={cfg.optim.layer_decay:g}): "
+                  f"{describe_groups(parts.optimizer.param_groups)}")
     du.print0(f"{env.launcher}: world {env.world_size} on {device} ({ctx.backend if env.distributed else 'no'} "
               f"backend) | global batch {batch} = {cfg.data.batch_size} x {env.world_size} processes x "
               f"{cfg.train.accum_steps} accum | lr {lr:.3g} = {cfg.optim.lr:g} x {batch}/{cfg.optim.lr_base_batch} "

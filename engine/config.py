@@ -77,6 +77,9 @@ class OptimCfg:
     weight_decay: float = 0.05
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    layer_decay: float = 1.0  # layer-wise lr decay for fine-tuning (official: 0.7-0.8); 1 is off
+    freeze_stages: int = 0  # no gradients to the stem and this many stages (0-4)
+    head_only: bool = False  # train the classifier alone (a linear probe)
 
 
 @dataclass
@@ -150,7 +153,7 @@ NON_NEGATIVE = ("data.num_workers", "data.eval_batch_size", "data.num_classes", 
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
                 "train.clip_grad", "train.threads", "checkpoint.every_steps", "train.global_batch",
                 "train.max_bad_steps")
-UNIT_INTERVAL = ("aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob", "aug.mixup_switch_prob",
+UNIT_INTERVAL = ("optim.layer_decay", "aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob", "aug.mixup_switch_prob",
                  "ema.decay", "model.drop_path")
 
 
@@ -247,6 +250,9 @@ def validate(cfg: Config) -> None:
     if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.data.batch_size % 2:
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be even for mixup/cutmix (they pair each "
                           f"image with its mirror in the batch); use an even size or set aug.mixup=0 aug.cutmix=0")
+    if cfg.optim.layer_decay <= 0 or not 0 <= cfg.optim.freeze_stages <= 4:
+        raise ConfigError(f"optim.layer_decay must be in (0, 1] (got {cfg.optim.layer_decay}) and optim.freeze_stages "
+                          f"in 0-4 (got {cfg.optim.freeze_stages})")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' must be two numbers, got {cfg.optim.betas}")
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:

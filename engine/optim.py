@@ -5,6 +5,7 @@ The schedule is a pure function of the optimizer step, so resuming needs nothing
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -43,19 +44,66 @@ def scaled_lr(lr: float, global_batch_size: int, base_batch: int, scaling: str) 
     return lr
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on 1-D parameters: norm weights, biases and layer-scale gamma (as the paper's recipe)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+def layer_id(name: str, depths: Sequence[int]) -> int:
+    """Where a parameter (official-layout name) sits for layer-wise lr decay: 0 the stem, 1 stage 0, 2 stage 1 with
+    the downsampler before it, then stage 2 in groups of 3 blocks (its downsampler with the first group), then
+    stage 3 with its downsampler, and last the final norm and the head.
+
+    This is the official recipe's numbering (facebookresearch/ConvNeXt, get_num_layer_for_convnext: 12 layers and
+    the head for the 27-block stage 2 of S/B/L/XL), with the number of stage-2 groups following its depth so that
+    every variant, atto to xlarge, has one.
+    """
+    stage3 = 3 + -(-depths[2] // 3)
+    kind, *rest = name.split(".")
+    if kind == "downsample_layers":
+        return (0, 2, 3, stage3)[int(rest[0])]
+    if kind == "stages":
+        stage, block = int(rest[0]), int(rest[1])
+        return (1, 2, 3 + block // 3, stage3)[stage]
+    return stage3 + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: no weight decay on 1-D parameters (norm weights, biases, layer-scale gamma, as the paper's
+    recipe); with layer_decay < 1, one group per layer_id whose lr is scaled by layer_decay ** (head's id - id)."""
+    depths = [len(stage) for stage in model.stages]
+    top = layer_id("head", depths)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = layer_id(name, depths) if layer_decay < 1.0 else top
+        no_decay = p.ndim <= 1
+        group = groups.setdefault((layer, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": layer_decay ** (top - layer), "layer": layer})
+        group["params"].append(p)
+    return [groups[key] for key in sorted(groups)]
+
+
+def describe_groups(groups: list[dict]) -> str:
+    """One line: each layer's lr scale and how many parameters train there."""
+    per_layer: dict[int, list] = {}
+    for g in groups:
+        entry = per_layer.setdefault(g["layer"], [g["lr_scale"], 0])
+        entry[1] += sum(p.numel() for p in g["params"])
+    return ", ".join(f"{layer}: x{scale:.3g} ({count / 1e6:.2f}M)" for layer, (scale, count) in sorted(per_layer.items()))
+
+
+def freeze(model: nn.Module, stages: int, head_only: bool) -> None:
+    """Stop gradients to the stem and the first `stages` stages (with their downsamplers), or, head_only, to
+    everything but the classifier (a linear probe)."""
+    for name, p in model.named_parameters():
+        kind, *rest = name.split(".")
+        early = kind in ("downsample_layers", "stages") and int(rest[0]) < stages
+        if early or (head_only and kind != "head"):
+            p.requires_grad_(False)
 
 
 def create_optimizer(model: nn.Module, cfg: OptimCfg, lr: float) -> torch.optim.AdamW:
+    freeze(model, cfg.freeze_stages, cfg.head_only)
     # foreach keeps the step to a few fused kernels per group instead of one per tensor.
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas),
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, foreach=True)
 
 
@@ -78,4 +126,4 @@ def schedule_steps(cfg: ScheduleCfg, steps_per_epoch: int) -> tuple[int, int]:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise decay

@@ -29,7 +29,7 @@ def loader(batch_size, n=32, seed=1):
 
 
 def parts_for(model, **kw):
-    opt = create_optimizer(model, OptimCfg(weight_decay=0.05), lr=1e-2)
+    opt = create_optimizer(kw.get("raw_model", model), OptimCfg(weight_decay=0.05), lr=1e-2)
     defaults = dict(model=model, raw_model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(),
                     scaler=torch.amp.GradScaler("cpu", enabled=kw.get("amp") == "fp16"),
                     lr_fn=lambda step: 1e-2, device=torch.device("cpu"))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from engine.config import ConfigError, OptimCfg, ScheduleCfg, TrainCfg
-from engine.optim import (accum_steps_for, create_optimizer, global_batch, lr_at, param_groups, scaled_lr,
-                          schedule_steps)
+from engine.optim import (accum_steps_for, create_optimizer, global_batch, layer_id, lr_at, param_groups,
+                          scaled_lr, schedule_steps, set_lr)
 from models import create_model
 
 
@@ -30,6 +30,46 @@ def test_global_batch_fixes_accumulation_for_any_fitting_world_size():
         accum_steps_for(TrainCfg(global_batch=4096, accum_steps=3), 128, 8)
     assert accum_steps_for(TrainCfg(global_batch=4096, accum_steps=4), 128, 8) == 4
     assert accum_steps_for(TrainCfg(accum_steps=3), 128, 6) == 3  # global_batch 0: accum_steps as set
+
+
+def test_layer_ids_follow_the_official_numbering_for_base():
+    # facebookresearch/ConvNeXt get_num_layer_for_convnext, depths (3, 3, 27, 3): 12 layers, the head 13.
+    depths = (3, 3, 27, 3)
+    expected = {"downsample_layers.0.0.weight": 0, "stages.0.2.dwconv.weight": 1, "downsample_layers.1.1.weight": 2,
+                "stages.1.0.gamma": 2, "downsample_layers.2.0.bias": 3, "stages.2.0.pwconv1.weight": 3,
+                "stages.2.5.norm.weight": 4, "stages.2.26.pwconv2.bias": 11, "downsample_layers.3.1.weight": 12,
+                "stages.3.2.gamma": 12, "norm.weight": 13, "head.weight": 13}
+    assert {name: layer_id(name, depths) for name in expected} == expected
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnext_tiny"])
+def test_layer_decay_groups_every_variant(name):
+    model = create_model(name, num_classes=10)
+    groups = param_groups(model, 0.05, layer_decay=0.5)
+    top = max(g["layer"] for g in groups)
+    assert top == 3 + -(-len(model.stages[2]) // 3) + 1  # atto: 6 blocks -> 2 groups; tiny: 9 -> 3
+    assert {g["layer"] for g in groups} == set(range(top + 1))  # no layer left empty
+    for g in groups:
+        assert g["lr_scale"] == 0.5 ** (top - g["layer"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    set_lr(opt, 4e-3)
+    head = next(g for g in opt.param_groups if g["layer"] == top)
+    stem = next(g for g in opt.param_groups if g["layer"] == 0)
+    assert head["lr"] == 4e-3 and stem["lr"] == pytest.approx(4e-3 * 0.5 ** top)
+
+
+def test_freeze_stages_and_head_only():
+    model = create_model("convnext_atto", num_classes=10)
+    opt = create_optimizer(model, OptimCfg(freeze_stages=2), lr=1e-3)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("downsample_layers.0", "downsample_layers.1", "stages.0", "stages.1"))
+                   for n in trained)
+    assert "stages.2.0.dwconv.weight" in trained and "downsample_layers.2.1.weight" in trained
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trained)
+    probe = create_model("convnext_atto", num_classes=10)
+    create_optimizer(probe, OptimCfg(head_only=True), lr=1e-3)
+    assert {n for n, p in probe.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
 
 
 def test_no_weight_decay_on_1d_parameters():
