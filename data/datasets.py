@@ -289,11 +289,59 @@ BUILDERS: dict[str, Callable[[DataCfg, bool], RawSplits]] = {
 }
 
 
+# --- narrowing a split: some classes (data.classes), some images (data.train_limit) ------------------
+
+def _narrow(ds: Dataset, keep: torch.Tensor, relabel: torch.Tensor | None, what: str) -> Dataset:
+    """The samples at `keep` (ascending indices), labels mapped through `relabel` when given."""
+    if isinstance(ds, TensorImages):
+        labels = ds.labels[keep]
+        return TensorImages(ds.images[keep], relabel[labels] if relabel is not None else labels)
+    if isinstance(ds, ImageFolder):
+        ds.samples = [(ds.samples[i][0], int(relabel[ds.samples[i][1]]) if relabel is not None else ds.samples[i][1])
+                      for i in keep.tolist()]
+        ds.targets = [label for _, label in ds.samples]
+        return ds
+    raise DataError(f"{what} works with fashion_mnist, cifar10/100 and imagefolder, not {type(ds).__name__}")
+
+
+def _labels(ds: Dataset) -> torch.Tensor:
+    return ds.labels if isinstance(ds, TensorImages) else torch.tensor(getattr(ds, "targets", []), dtype=torch.long)
+
+
+def keep_classes(splits: RawSplits, classes: Sequence[int]) -> RawSplits:
+    """Only the listed classes, relabelled 0..k-1 in the order given (e.g. a transfer experiment's half)."""
+    if len(set(classes)) != len(classes) or not all(0 <= c < splits.num_classes for c in classes):
+        raise DataError(f"data.classes={list(classes)} must list distinct class indices in 0..{splits.num_classes - 1}")
+    relabel = torch.full((splits.num_classes,), -1, dtype=torch.long)
+    relabel[torch.tensor(list(classes))] = torch.arange(len(classes))
+
+    def narrow(ds: Dataset) -> Dataset:
+        if isinstance(ds, ImageFolder):
+            ds.classes = [ds.classes[c] for c in classes]
+        return _narrow(ds, torch.nonzero(relabel[_labels(ds)] >= 0).flatten(), relabel, "data.classes")
+
+    return RawSplits(narrow(splits.train) if splits.train is not None else None, narrow(splits.val),
+                     num_classes=len(classes), in_chans=splits.in_chans)
+
+
+def limit_train(splits: RawSplits, n: int) -> RawSplits:
+    """A fixed random subset of n training images (the same in every run and on every rank)."""
+    if splits.train is None or n >= len(splits.train):
+        return splits
+    keep = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return RawSplits(_narrow(splits.train, keep, None, "data.train_limit"), splits.val, splits.num_classes,
+                     splits.in_chans)
+
+
 def load_splits(cfg: DataCfg, train: bool = True) -> RawSplits:
     """The raw splits of `cfg.name`; the train split is only read when `train` is true."""
     if cfg.name not in BUILDERS:
         raise DataError(f"unknown data set data.name={cfg.name!r}; choose one of {', '.join(BUILDERS)}")
     splits = BUILDERS[cfg.name](cfg, train)
+    if cfg.classes:
+        splits = keep_classes(splits, cfg.classes)
+    if cfg.train_limit:
+        splits = limit_train(splits, cfg.train_limit)
     if cfg.num_classes and cfg.num_classes != splits.num_classes:
         raise DataError(f"data.num_classes={cfg.num_classes} but {cfg.name} in '{cfg.root}' has "
                         f"{splits.num_classes} classes; set data.num_classes={splits.num_classes} or 0")

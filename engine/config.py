@@ -36,6 +36,7 @@ class ModelCfg:
     patch_size: int = 4  # stem kernel = stride; 2 suits 28-32 px images
     pretrained: str = ""  # weights to start from: ours, official release, timm (.pth/.bin/.safetensors)
     pretrained_ema: bool = False  # take the EMA weights of a training checkpoint
+    pretrained_head: bool = True  # false: a fresh head even when the checkpoint's fits (other classes, same count)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class DataCfg:
     num_classes: int = 0  # 0 means: what the data set has
     recipe: str = "imagenet"  # imagenet (timm RandAugment recipe) | small (pad-crop + flip, 28-32 px)
     crop_pct: float = 0.875  # eval centre crop for the imagenet recipe
+    classes: list = field(default_factory=list)  # keep only these class indices, relabelled 0..k-1 ([]: all)
+    train_limit: int = 0  # train on a fixed random subset of this many images (0: all), for quick experiments
     skip_corrupt: bool = False  # imagefolder: skip unreadable images with a warning instead of stopping
     download: bool = False  # fetch fashion_mnist / cifar with torchvision when missing (needs network)
     synthetic_train_size: int = 512
@@ -148,7 +151,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = ("checkpoint.keep_last", "data.img_size", "data.batch_size", "optim.lr_base_batch", "schedule.epochs",
             "train.accum_steps", "train.log_every", "train.eval_every", "model.patch_size")
-NON_NEGATIVE = ("data.num_workers", "data.eval_batch_size", "data.num_classes", "optim.lr",
+NON_NEGATIVE = ("data.train_limit", "data.num_workers", "data.eval_batch_size", "data.num_classes", "optim.lr",
                 "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
                 "train.clip_grad", "train.threads", "checkpoint.every_steps", "train.global_batch",

@@ -40,11 +40,12 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, num_classes: int = 1000, pretrained: str = "", pretrained_ema: bool = False,
-                 log: Callable[[str], None] = print, **overrides) -> ConvNeXt:
+                 pretrained_head: bool = True, log: Callable[[str], None] = print, **overrides) -> ConvNeXt:
     """Build `convnext_<variant>`; `overrides` replace any constructor argument, depths/dims included.
 
     `pretrained`: a weights file of any supported layout (models.pretrained) to start from, its EMA weights with
-    `pretrained_ema`; what had to be adapted to fit (head, stem) is said through `log`, a line each.
+    `pretrained_ema`, without its head when not `pretrained_head`; what had to be adapted to fit (head, stem) is
+    said through `log`, a line each.
     """
     check_model_name(name)
     for key in overrides:
@@ -53,6 +54,6 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str = "", pretr
     depths, dims = VARIANTS[name.removeprefix(_PREFIX)]
     model = ConvNeXt(num_classes=num_classes, **{"depths": depths, "dims": dims, **overrides})
     if pretrained:
-        for note in load_pretrained(model, pretrained, ema=pretrained_ema):
+        for note in load_pretrained(model, pretrained, ema=pretrained_ema, head=pretrained_head):
             log(f"{pretrained}: {note}")
     return model

@@ -57,10 +57,10 @@ def _fit_stem(sd: dict, own: StateDict) -> list[str]:
             f"{how} the channels"]
 
 
-def _fit_head(sd: dict, own: StateDict, head_init_scale: float) -> list[str]:
+def _fit_head(sd: dict, own: StateDict, head_init_scale: float, keep: bool) -> list[str]:
     ckpt_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     own_classes = own["head.weight"].shape[0] if "head.weight" in own else 0
-    if ckpt_classes == own_classes:
+    if ckpt_classes == own_classes and (keep or not own_classes):
         return []
     for key in HEAD:  # the model's own fresh head takes the place of the checkpoint's
         sd.pop(key, None)
@@ -68,14 +68,19 @@ def _fit_head(sd: dict, own: StateDict, head_init_scale: float) -> list[str]:
             sd[key] = own[key]
     if own_classes == 0:
         return [f"head: the checkpoint's {ckpt_classes}-class head is not used (this model has none)"]
-    return [f"head: skipped {', '.join(HEAD)} ({ckpt_classes} classes in the checkpoint, {own_classes} here); "
-            f"the head starts fresh (trunc-normal init x model.head_init_scale={head_init_scale:g})"]
+    why = (f"{ckpt_classes} classes in the checkpoint, {own_classes} here" if ckpt_classes != own_classes
+           else "model.pretrained_head=false")
+    return [f"head: skipped {', '.join(HEAD)} ({why}); the head starts fresh (trunc-normal init x "
+            f"model.head_init_scale={head_init_scale:g})"]
 
 
-def load_pretrained(model: nn.Module, path: str, ema: bool = False) -> list[str]:
-    """Load `path` into `model` (a ConvNeXt); returns one line per adaptation made."""
+def load_pretrained(model: nn.Module, path: str, ema: bool = False, head: bool = True) -> list[str]:
+    """Load `path` into `model` (a ConvNeXt); returns one line per adaptation made.
+
+    head=False keeps the model's fresh head even when the checkpoint's fits: other classes of the same count.
+    """
     sd = dict(to_official(unwrap_checkpoint(read_weights(path), ema=ema)))
     own = model.state_dict()
-    notes = _fit_stem(sd, own) + _fit_head(sd, own, getattr(model, "head_init_scale", 1.0))
+    notes = _fit_stem(sd, own) + _fit_head(sd, own, getattr(model, "head_init_scale", 1.0), keep=head)
     load_weights(model, sd, strict=True)
     return notes

@@ -35,6 +35,16 @@ def test_convnext_t_is_the_official_recipe():
         ("rand-m9-mstd0.5-inc1", 0.25, 0.9999, 224)
 
 
+@pytest.mark.parametrize("name,drop_path,ema", [("b", 0.2, False), ("l", 0.3, False), ("xl", 0.4, True)])
+def test_official_fine_tuning_recipes(name, drop_path, ema):
+    # facebookresearch/ConvNeXt TRAINING.md, "Fine-tune from ImageNet-22K pre-training" (224 px).
+    cfg = load_config(os.path.join(ROOT, "configs", f"finetune_convnext_{name}.yaml"))
+    assert (cfg.model.drop_path, cfg.ema.enabled, cfg.model.head_init_scale) == (drop_path, ema, 0.001)
+    assert (cfg.optim.lr, cfg.optim.lr_base_batch, cfg.train.global_batch) == (5e-5, 512, 512)
+    assert (cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.schedule.epochs) == (1e-8, 0.8, 30)
+    assert (cfg.schedule.warmup_epochs, cfg.aug.mixup, cfg.aug.cutmix) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("name,drop_path", [("s", 0.4), ("b", 0.5), ("l", 0.5), ("xl", 0.5)])
 def test_larger_official_recipes(name, drop_path):
     cfg = load_config(os.path.join(ROOT, "configs", f"convnext_{name}.yaml"))

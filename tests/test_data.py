@@ -328,3 +328,16 @@ def test_resumable_sampler_matches_distributed_sampler_and_resumes():
         s.set_epoch(1, start=20)
         rest += list(s)
     assert not consumed & set(rest) and len(set(rest)) == len(rest) == (103 - 20) // 3 * 3
+
+
+def test_classes_and_train_limit_narrow_a_split(tmp_path):
+    write_image_folder(tmp_path, classes=("ant", "bee", "cat"), per_class=4)
+    cfg = make_cfg(name="imagefolder", root=str(tmp_path), classes=[2, 0], train_limit=5)
+    splits = load_splits(cfg.data)
+    assert splits.num_classes == 2 and splits.val.classes == ["cat", "ant"]
+    assert sorted(label for _, label in splits.val.samples) == [0] * 4 + [1] * 4
+    assert all(("/cat/" in path) == (label == 0) for path, label in splits.val.samples)
+    assert len(splits.train.samples) == 5 and {label for _, label in splits.train.samples} <= {0, 1}
+    assert load_splits(cfg.data).train.samples == splits.train.samples  # the same subset every time
+    with pytest.raises(DataError, match=r"data.classes=\[0, 3\] must list distinct class indices in 0..2"):
+        load_splits(make_cfg(name="imagefolder", root=str(tmp_path), classes=[0, 3]).data)

@@ -38,6 +38,20 @@ def test_timm_weights_with_another_head(tmp_path, suffix):
     assert own["head.weight"].shape == (10, 320) and own["head.weight"].std() < 0.05  # fresh trunc-normal(0.02)
 
 
+def test_a_fitting_head_is_loaded_unless_pretrained_head_is_false(tmp_path):
+    torch.manual_seed(0)
+    source = create_model("convnext_atto", num_classes=5)
+    path = str(tmp_path / "five.pth")
+    torch.save(source.state_dict(), path)
+    kept = create_model("convnext_atto", num_classes=5, pretrained=path)
+    assert torch.equal(kept.head.weight, source.head.weight)
+    notes = []
+    fresh = create_model("convnext_atto", num_classes=5, pretrained=path, pretrained_head=False, log=notes.append)
+    assert not torch.equal(fresh.head.weight, source.head.weight)
+    assert torch.equal(fresh.stages[3][0].dwconv.weight, source.stages[3][0].dwconv.weight)
+    assert "head: skipped head.weight, head.bias (model.pretrained_head=false)" in notes[0]
+
+
 def test_official_release_file_into_one_channel_model_keeps_the_grey_response(tmp_path):
     torch.manual_seed(0)
     source = create_model("convnext_atto", num_classes=1000, patch_size=2)
