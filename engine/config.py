@@ -156,8 +156,8 @@ NON_NEGATIVE = ("data.train_limit", "data.num_workers", "data.eval_batch_size", 
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
                 "train.clip_grad", "train.threads", "checkpoint.every_steps", "train.global_batch",
                 "train.max_bad_steps")
-UNIT_INTERVAL = ("optim.layer_decay", "aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob", "aug.mixup_switch_prob",
-                 "ema.decay", "model.drop_path")
+UNIT_INTERVAL = ("optim.layer_decay", "aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob",
+                 "aug.mixup_switch_prob", "ema.decay", "model.drop_path")
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:

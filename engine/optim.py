@@ -87,7 +87,8 @@ def describe_groups(groups: list[dict]) -> str:
     for g in groups:
         entry = per_layer.setdefault(g["layer"], [g["lr_scale"], 0])
         entry[1] += sum(p.numel() for p in g["params"])
-    return ", ".join(f"{layer}: x{scale:.3g} ({count / 1e6:.2f}M)" for layer, (scale, count) in sorted(per_layer.items()))
+    return ", ".join(f"{layer}: x{scale:.3g} ({count / 1e6:.2f}M)"
+                     for layer, (scale, count) in sorted(per_layer.items()))
 
 
 def freeze(model: nn.Module, stages: int, head_only: bool) -> None:
