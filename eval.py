@@ -9,11 +9,14 @@ timm-layout state dicts. The last line on stdout is one JSON object: top1, top5 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 import json
+import os
+import sys
 import time
+from dataclasses import asdict
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 import distributed_utils as du
 from data import build_datasets, build_eval_loader
@@ -29,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="the YAML recipe the model was trained with")
     parser.add_argument("--checkpoint", required=True, help="a .pth file: ours, an official release, or timm's")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights of one of our checkpoints")
+    parser.add_argument("--per-class", metavar="FILE.json", default="",
+                        help="also write per-class top-1 and the confusion matrix there, and the matrix as an image "
+                             "to TensorBoard in the file's folder (tb/)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -47,9 +53,31 @@ def main() -> None:
 
     du.barrier()  # time the evaluation alone, from the same moment on every rank
     start = time.perf_counter()
-    metrics = evaluate(model, loader, ctx.device, cfg.train.amp, cfg.train.channels_last)
+    metrics = evaluate(model, loader, ctx.device, cfg.train.amp, cfg.train.channels_last,
+                       num_classes=info.num_classes if args.per_class else 0)
     metrics["img_per_s"] = metrics["samples"] / (time.perf_counter() - start)
+    if args.per_class and ctx.env.is_main:
+        write_per_class(args.per_class, metrics.pop("confusion"), info.class_names)
+    metrics.pop("confusion", None)
     du.print0(json.dumps(metrics))
+
+
+def write_per_class(path: str, confusion: list[list[int]], names: list[str]) -> None:
+    """Per-class top-1 and the confusion matrix (rows: true class) as JSON; the row-normalised matrix as an image."""
+    counts = torch.tensor(confusion, dtype=torch.float64)
+    per_class = (100.0 * counts.diag() / counts.sum(1).clamp(min=1)).tolist()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"classes": names, "per_class_top1": dict(zip(names, per_class)), "confusion": confusion}, f,
+                  separators=(",", ":"))
+    # One cell per 16 px, white = all of the row's images: readable in TensorBoard without a plotting library.
+    image = (counts / counts.sum(1, keepdim=True).clamp(min=1)).float()
+    image = image.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    with SummaryWriter(os.path.join(folder, "tb")) as writer:
+        writer.add_image("eval/confusion", image, dataformats="HW")
+    worst = min(range(len(names)), key=per_class.__getitem__)
+    print(f"per-class top-1 in {path}; lowest: {names[worst]} {per_class[worst]:.2f}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ class DatasetInfo:
     val_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_names: list[str]
 
 
 def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg,
@@ -37,7 +38,7 @@ def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg,
     train_set = apply_recipe(splits.train, data_cfg, aug_cfg, True, mean, std) if splits.train is not None else None
     val_set = apply_recipe(splits.val, data_cfg, aug_cfg, False, mean, std)
     info = DatasetInfo(splits.num_classes, splits.in_chans, len(train_set) if train_set is not None else 0,
-                       len(val_set), mean, std)
+                       len(val_set), mean, std, splits.class_names or [str(i) for i in range(splits.num_classes)])
     return train_set, val_set, info
 
 

@@ -95,6 +95,7 @@ class RawSplits:
     val: Dataset
     num_classes: int
     in_chans: int
+    class_names: list[str] | None = None  # None: the data set has none (synthetic)
 
 
 # --- Fashion-MNIST: the original idx files ---------------------------------------------------------
@@ -103,6 +104,9 @@ _FASHION_STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# The label order of Zalando's Fashion-MNIST release (github.com/zalandoresearch/fashion-mnist).
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
 _IDX_UBYTE = 0x08  # the idx type code for unsigned bytes, the only one Fashion-MNIST uses
 
 
@@ -176,12 +180,13 @@ def _fashion_split(folder: str, split: str) -> TensorImages:
 def _fashion_mnist(cfg: DataCfg, train: bool) -> RawSplits:
     folder = _find_fashion_mnist(cfg.root) or _download_fashion_mnist(cfg)
     return RawSplits(_fashion_split(folder, "train") if train else None, _fashion_split(folder, "val"),
-                     num_classes=10, in_chans=1)
+                     num_classes=10, in_chans=1, class_names=FASHION_CLASSES)
 
 
 # --- CIFAR-10/100 through torchvision --------------------------------------------------------------
 
-def _cifar_split(cfg: DataCfg, train: bool, tv_class: type, title: str, folder: str) -> tuple[TensorImages, int]:
+def _cifar_split(cfg: DataCfg, train: bool, tv_class: type, title: str,
+                 folder: str) -> tuple[TensorImages, list[str]]:
     try:
         ds = tv_class(cfg.root, train=train, download=cfg.download)
     except (OSError, RuntimeError) as e:
@@ -192,13 +197,13 @@ def _cifar_split(cfg: DataCfg, train: bool, tv_class: type, title: str, folder: 
                         f"'{os.path.join(cfg.root, folder)}'): set data.download=true or point data.root at "
                         f"the folder holding {folder}/") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-    return TensorImages(images, torch.tensor(ds.targets, dtype=torch.long)), len(ds.classes)
+    return TensorImages(images, torch.tensor(ds.targets, dtype=torch.long)), list(ds.classes)
 
 
 def _cifar(cfg: DataCfg, train: bool, **which) -> RawSplits:
-    val, num_classes = _cifar_split(cfg, False, **which)
+    val, names = _cifar_split(cfg, False, **which)
     train_set = _cifar_split(cfg, True, **which)[0] if train else None
-    return RawSplits(train_set, val, num_classes=num_classes, in_chans=3)
+    return RawSplits(train_set, val, num_classes=len(names), in_chans=3, class_names=names)
 
 
 # --- ImageFolder: root/train/<class>/*, root/val/<class>/* -----------------------------------------
@@ -267,7 +272,7 @@ def _imagefolder(cfg: DataCfg, train: bool) -> RawSplits:
         raise DataError(f"class folders differ between '{train_dir}' ({len(train_classes)}) and '{val_dir}' "
                         f"({len(val.classes)}): only in train {only_train}, only in val {only_val}; give both "
                         f"the same class sub-folders")
-    return RawSplits(train_set, val, num_classes=len(val.classes), in_chans=3)
+    return RawSplits(train_set, val, num_classes=len(val.classes), in_chans=3, class_names=list(val.classes))
 
 
 # --- synthetic -------------------------------------------------------------------------------------
@@ -320,8 +325,9 @@ def keep_classes(splits: RawSplits, classes: Sequence[int]) -> RawSplits:
             ds.classes = [ds.classes[c] for c in classes]
         return _narrow(ds, torch.nonzero(relabel[_labels(ds)] >= 0).flatten(), relabel, "data.classes")
 
+    names = [splits.class_names[c] for c in classes] if splits.class_names else None
     return RawSplits(narrow(splits.train) if splits.train is not None else None, narrow(splits.val),
-                     num_classes=len(classes), in_chans=splits.in_chans)
+                     num_classes=len(classes), in_chans=splits.in_chans, class_names=names)
 
 
 def limit_train(splits: RawSplits, n: int) -> RawSplits:
@@ -330,7 +336,7 @@ def limit_train(splits: RawSplits, n: int) -> RawSplits:
         return splits
     keep = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:n].sort().values
     return RawSplits(_narrow(splits.train, keep, None, "data.train_limit"), splits.val, splits.num_classes,
-                     splits.in_chans)
+                     splits.in_chans, splits.class_names)
 
 
 def load_splits(cfg: DataCfg, train: bool = True) -> RawSplits:

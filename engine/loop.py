@@ -183,13 +183,14 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none",
-             channels_last: bool = False) -> dict:
+             channels_last: bool = False, num_classes: int = 0) -> dict:
     """Exact top-1/top-5/loss over the whole split: each rank sums over its own shard, then one all-reduce.
 
-    The eval sampler gives every sample to exactly one rank, so nothing is padded or counted twice.
+    The eval sampler gives every sample to exactly one rank, so nothing is padded or counted twice. With
+    num_classes, the record also holds "confusion": counts[true class][predicted class], over all ranks.
     """
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, samples
+    sums = torch.zeros(4 + num_classes * num_classes, dtype=torch.float64, device=device)  # loss, top1, top5, n
     for images, labels in loader:
         images, labels = to_device(images, labels, device, channels_last)
         with autocast(device, amp):
@@ -197,11 +198,17 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none",
         logits = logits.float()
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                             torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
-    loss, top1, top5, n = du.all_reduce_sum(sums).tolist()
+        sums[:4] += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                                 hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                                 torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+        if num_classes:
+            pairs = labels * num_classes + logits.argmax(dim=1)
+            sums[4:] += torch.bincount(pairs, minlength=num_classes * num_classes).double()
+    sums = du.all_reduce_sum(sums)
+    loss, top1, top5, n = sums[:4].tolist()
     n = int(n)
-    if n == 0:
-        return {"top1": 0.0, "top5": 0.0, "loss": math.nan, "samples": 0}
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "samples": n}
+    record = ({"top1": 0.0, "top5": 0.0, "loss": math.nan, "samples": 0} if n == 0 else
+              {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "samples": n})
+    if num_classes:
+        record["confusion"] = sums[4:].view(num_classes, num_classes).long().tolist()
+    return record

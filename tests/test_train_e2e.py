@@ -46,7 +46,7 @@ def test_torchrun_train_resume_eval(tmp_path):
     assert train and {"loss", "lr", "img_per_s", "grad_norm"} <= set(train[0])
     for name in ("config.yaml", "checkpoints/last.pth", "checkpoints/best.pth"):
         assert os.path.isfile(os.path.join(out, name)), name
-    assert os.listdir(os.path.join(out, "tb"))
+    assert set(os.listdir(tb)) > tb_files  # the matrix image went to TensorBoard
 
     # eval.py reproduces the last evaluation exactly, under torchrun and in one process.
     last = os.path.join(out, "checkpoints", "last.pth")
@@ -54,6 +54,16 @@ def test_torchrun_train_resume_eval(tmp_path):
         result = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", last], nproc=nproc))
         assert result["samples"] == 101 and result["top1"] == evals[-1]["top1"], (nproc, result)
         assert result["top5"] == evals[-1]["top5"]
+    # --per-class: the confusion matrix, summed over both ranks, agrees with the top-1 and counts every image once.
+    per_class, tb = os.path.join(out, "per_class.json"), os.path.join(out, "tb")
+    tb_files = set(os.listdir(tb))
+    run(["eval.py", "--config", DEBUG, "--checkpoint", last, "--per-class", per_class], nproc=2)
+    with open(per_class) as f:
+        report = json.load(f)
+    confusion = torch.tensor(report["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 101 and len(report["per_class_top1"]) == 10
+    assert 100.0 * confusion.diag().sum().item() / 101 == pytest.approx(evals[-1]["top1"])
+    assert set(os.listdir(tb)) > tb_files  # the matrix image went to TensorBoard
     ema = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", last, "--ema"]))
     assert ema["top1"] == evals[-1]["ema_top1"]
     # The EMA weights exported as a plain official-layout .safetensors file evaluate the same.
