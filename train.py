@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import distributed_utils as du
-from data import build_datasets, build_eval_loader, build_train_loader, skipped_images
+from data import build_datasets, build_eval_loader, build_train_loader, skipped_images, start_epoch
 from engine.checkpoint import (checkpoint_dir, load_checkpoint, load_latest, rng_state, save_training_checkpoint,
                                set_rng_state)
 from engine.config import Config, ConfigError, load_config, save_config, to_dict
@@ -167,8 +167,8 @@ def main() -> int:
     cfg.train.accum_steps = accum_steps
 
     # Data: every rank builds the same data sets; the samplers split them.
-    train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=True)
-    train_loader, train_sampler = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
+    train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=True, seed=cfg.seed)
+    train_loader, _ = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
     val_loader = build_eval_loader(val_set, cfg.data, env.rank, env.world_size)
     steps_per_epoch = len(train_loader) // cfg.train.accum_steps
     if steps_per_epoch == 0:
@@ -229,7 +229,7 @@ def main() -> int:
     skipped = 0  # unreadable images so far, all ranks
     while progress.epoch < cfg.schedule.epochs:
         epoch, start_samples = progress.epoch, progress.epoch_samples
-        train_sampler.set_epoch(epoch, start=start_samples)  # the same shuffle on every rank, resumed in place
+        start_epoch(train_loader, epoch, start=start_samples)
         try:
             progress.step = train_one_epoch(parts, train_loader, epoch=epoch, step=progress.step, logger=logger,
                                             log_every=cfg.train.log_every, global_batch=batch,

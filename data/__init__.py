@@ -3,7 +3,7 @@
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug)
     loader, sampler = build_train_loader(train_set, cfg.data, rank, world_size, cfg.seed)
     for epoch in ...:
-        sampler.set_epoch(epoch)
+        start_epoch(loader, epoch)
         for images, labels in loader: ...  # float32 NCHW normalised, int64
 """
 from __future__ import annotations
@@ -30,12 +30,13 @@ class DatasetInfo:
     class_names: list[str]
 
 
-def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg,
-                   train: bool = True) -> tuple[Dataset | None, Dataset, DatasetInfo]:
+def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool = True,
+                   seed: int = 0) -> tuple[Dataset | None, Dataset, DatasetInfo]:
     """(train set or None when train=False, val set, info); items are (float32 CHW, label)."""
     splits = load_splits(data_cfg, train)
     mean, std = mean_std(data_cfg.name)
-    train_set = apply_recipe(splits.train, data_cfg, aug_cfg, True, mean, std) if splits.train is not None else None
+    train_set = (apply_recipe(splits.train, data_cfg, aug_cfg, True, mean, std, seed)
+                 if splits.train is not None else None)
     val_set = apply_recipe(splits.val, data_cfg, aug_cfg, False, mean, std)
     info = DatasetInfo(splits.num_classes, splits.in_chans, len(train_set) if train_set is not None else 0,
                        len(val_set), mean, std, splits.class_names or [str(i) for i in range(splits.num_classes)])
@@ -60,7 +61,7 @@ def _loader_options(dataset: Dataset, data_cfg: DataCfg) -> dict:
 
 def build_train_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size: int,
                        seed: int) -> tuple[DataLoader, ResumableDistributedSampler]:
-    """Shuffled, drop_last loader for this rank; call sampler.set_epoch(epoch) before each epoch."""
+    """Shuffled, drop_last loader for this rank; call start_epoch(loader, epoch) before each epoch."""
     per_rank = len(dataset) // world_size
     if per_rank < data_cfg.batch_size:
         raise DataError(f"{len(dataset)} training samples over {world_size} process(es) leave {per_rank} per "
@@ -74,13 +75,24 @@ def build_train_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_siz
     return loader, sampler
 
 
+def start_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
+    """Point a train loader at `start` samples into `epoch`: the same shuffle on every rank, resumed in place, and
+    the same augmentation draws in loader workers whatever happened before (EpochSeeding)."""
+    loader.sampler.set_epoch(epoch, start=start)
+    seeding = getattr(loader.dataset, "seeding", None)
+    if seeding is not None:
+        seeding.set_epoch(epoch)
+
+
 def build_eval_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size: int) -> DataLoader:
     """This rank's share of the eval set, every sample on exactly one rank; the last batch may be short."""
     batch_size = data_cfg.eval_batch_size or 2 * data_cfg.batch_size
     sampler = ExactShardSampler(len(dataset), world_size, rank)
+    # A generator of its own: creating the iterator draws a worker seed from it, which from the global RNG would shift
+    # the training's random streams whenever an eval loader is first used (e.g. after a resume).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
-                      **_loader_options(dataset, data_cfg))
+                      generator=torch.Generator().manual_seed(0), **_loader_options(dataset, data_cfg))
 
 
 __all__ = ["DataError", "DatasetInfo", "ExactShardSampler", "build_datasets", "build_train_loader",
-           "build_eval_loader", "skipped_images"]
+           "build_eval_loader", "skipped_images", "start_epoch"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 import random
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from timm.data.random_erasing import RandomErasing
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 from torchvision.transforms.functional import InterpolationMode, pil_to_tensor, resize, to_pil_image
 
 from data.datasets import DataError, TensorImages
@@ -125,16 +126,45 @@ class SmallBatchTransform:
             random.setstate(state)
 
 
+class EpochSeeding:
+    """Seeds for augmentation in loader workers that depend on (seed, epoch, sample) and on nothing else.
+
+    DataLoader seeds each worker once, so which draws a batch gets depends on which worker it lands on and on what
+    that worker did before: a run resumed mid-epoch would augment the rest of the epoch differently. Seeding the
+    worker's generators from the epoch and the sample index instead makes a resumed epoch exactly the one it
+    would have been. The epoch lives in shared memory, so persistent workers see set_epoch too. In the main
+    process (num_workers=0) nothing is reseeded: the run's own generator state, checkpointed, governs.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def seed_worker(self, index: int) -> None:
+        if get_worker_info() is None:
+            return
+        value = ((self.seed * 1_000_003 + int(self._epoch)) * 1_000_000_007 + index) % 2 ** 63
+        torch.manual_seed(value)
+        random.seed(value)
+        np.random.seed(value % 2 ** 32)
+
+
 class PerSampleTransformed(Dataset):
     """Applies a PIL transform (the imagenet recipe) image by image; in-memory tensors become PIL first."""
 
-    def __init__(self, source: Dataset, transform: Callable[[Image.Image], torch.Tensor]):
-        self.source, self.transform = source, transform
+    def __init__(self, source: Dataset, transform: Callable[[Image.Image], torch.Tensor],
+                 seeding: EpochSeeding | None = None):
+        self.source, self.transform, self.seeding = source, transform, seeding
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        if self.seeding is not None:
+            self.seeding.seed_worker(i)
         sample = self.source[i]
         if sample is None:  # an unreadable image skipped by the source; the collate drops it
             return None
@@ -151,13 +181,15 @@ class BatchTransformed(Dataset):
     must use `keep_batch` as its collate_fn.
     """
 
-    def __init__(self, source: Dataset, transform: SmallBatchTransform):
-        self.source, self.transform = source, transform
+    def __init__(self, source: Dataset, transform: SmallBatchTransform, seeding: EpochSeeding | None = None):
+        self.source, self.transform, self.seeding = source, transform, seeding
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.seeding is not None:
+            self.seeding.seed_worker(indices[0])  # a batch's first index is its own within an epoch and rank
         images, labels = self._gather(indices)
         return self.transform(images), labels
 
@@ -199,11 +231,13 @@ def collate_readable(batch: list):
 
 
 def apply_recipe(source: Dataset, data_cfg: DataCfg, aug_cfg: AugCfg, train: bool,
-                 mean: Sequence[float], std: Sequence[float]) -> Dataset:
-    """Wrap a raw split so it yields (float32 normalised image, int64 label)."""
+                 mean: Sequence[float], std: Sequence[float], seed: int = 0) -> Dataset:
+    """Wrap a raw split so it yields (float32 normalised image, int64 label); a train split's augmentation in
+    loader workers is seeded by (seed, epoch, sample)."""
+    seeding = EpochSeeding(seed) if train else None
     if data_cfg.recipe == "small":
         transform = SmallBatchTransform(data_cfg.img_size, mean, std, train, padding=aug_cfg.crop_padding,
                                         hflip=aug_cfg.hflip, reprob=aug_cfg.reprob,
                                         interpolation=aug_cfg.interpolation)
-        return BatchTransformed(source, transform)
-    return PerSampleTransformed(source, imagenet_transform(data_cfg, aug_cfg, train, mean, std))
+        return BatchTransformed(source, transform, seeding)
+    return PerSampleTransformed(source, imagenet_transform(data_cfg, aug_cfg, train, mean, std), seeding)

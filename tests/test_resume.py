@@ -47,11 +47,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_run(out, launcher=(), standalone=True, env=None):
+def start_run(out, launcher=(), standalone=True, env=None, extra=()):
     """The EXACT run under torchrun, in the background (2 workers unless `launcher` says otherwise)."""
     default = ["--standalone", "--nproc_per_node=2"] if standalone else []
     cmd = [sys.executable, "-m", "torch.distributed.run", *default, *launcher, "train.py",
-           "--config", DEBUG, f"output_dir={out}"] + EXACT
+           "--config", DEBUG, f"output_dir={out}"] + EXACT + list(extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -73,10 +73,24 @@ def wait_for(path, proc):
         time.sleep(0.02)
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, reference):
+@pytest.fixture(scope="module")
+def reference_with_workers(tmp_path_factory):
+    ref = str(tmp_path_factory.mktemp("ref_workers"))
+    run(["train.py", "--config", DEBUG, f"output_dir={ref}"] + EXACT + WORKERS, nproc=2)
+    return final_weights(ref)
+
+
+WORKERS = ["data.num_workers=2"]
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["in-process", "2-loader-workers"])
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, request, workers):
+    """With loader workers too: their augmentation is seeded by (seed, epoch, sample), not by the worker's history."""
+    reference = request.getfixturevalue("reference_with_workers" if workers else "reference")
+    extra = WORKERS if workers else []
     out = str(tmp_path / "killed")
 
-    proc = start_run(out)
+    proc = start_run(out, extra=extra)
     wait_for(os.path.join(out, "checkpoints", "step_000000006.pth"), proc)
     # torchrun starts its workers in sessions of their own, so kill by command line: torchrun and both workers.
     subprocess.run(["pkill", "-KILL", "-f", f"output_dir={out}"], check=False)
@@ -86,7 +100,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, reference)
     newest = sorted(glob.glob(os.path.join(out, "checkpoints", "step_*.pth")))[-1]
     assert torch.load(newest, weights_only=True)["epoch"] < 4, "the kill came too late to test anything"
 
-    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"] + EXACT, nproc=2)
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"] + EXACT + extra, nproc=2)
     assert "resumed from" in proc.stdout, proc.stdout
     assert_same_as_reference(out, reference)
 
