@@ -218,9 +218,10 @@ def main() -> int:
         epoch ends checkpoint after evaluating."""
         every = cfg.checkpoint.every_steps
         stopping = stop.agreed(step, device)
-        if stopping or (every and step % every == 0 and i_step < len(train_loader) // cfg.train.accum_steps):
+        # Not at a pass's last step: the epoch end saves then, after evaluating.
+        if stopping or (every and step % every == 0 and i_step < pass_steps):
             progress.step = step
-            progress.epoch_samples = start_samples + i_step * batch  # start_samples: where this pass began
+            progress.epoch_samples = start_samples + i_step * batch  # start_samples, pass_steps: set per epoch below
             save()
         if stopping:
             raise Preempted(f"stopped by a signal at epoch {progress.epoch}, step {step}; checkpoint written, "
@@ -230,6 +231,7 @@ def main() -> int:
     while progress.epoch < cfg.schedule.epochs:
         epoch, start_samples = progress.epoch, progress.epoch_samples
         start_epoch(train_loader, epoch, start=start_samples)
+        pass_steps = len(train_loader) // cfg.train.accum_steps  # fewer than steps_per_epoch when resumed mid-epoch
         try:
             progress.step = train_one_epoch(parts, train_loader, epoch=epoch, step=progress.step, logger=logger,
                                             log_every=cfg.train.log_every, global_batch=batch,
@@ -239,7 +241,8 @@ def main() -> int:
             logger.close()
             du.barrier()  # no rank exits (and makes srun kill the rest) before rank 0's checkpoint is on disk
             return EXIT_PREEMPTED
-        skipped = report_skipped(train_set, epoch, skipped, device)
+        if cfg.data.skip_corrupt:
+            skipped = report_skipped(train_set, epoch, skipped, device)
         progress.epoch, progress.epoch_samples = epoch + 1, 0
         improved = False
         if epoch + 1 == cfg.schedule.epochs or (epoch + 1) % cfg.train.eval_every == 0:
