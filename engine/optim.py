@@ -102,6 +102,7 @@ def freeze(model: nn.Module, stages: int, head_only: bool) -> None:
 
 
 def create_optimizer(model: nn.Module, cfg: OptimCfg, lr: float) -> torch.optim.AdamW:
+    """Freeze what optim.freeze_stages / optim.head_only say, then AdamW over the parameters left to train."""
     freeze(model, cfg.freeze_stages, cfg.head_only)
     # foreach keeps the step to a few fused kernels per group instead of one per tensor.
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=tuple(cfg.betas),
