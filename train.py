@@ -168,7 +168,7 @@ def main() -> int:
 
     # Data: every rank builds the same data sets; the samplers split them.
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=True, seed=cfg.seed)
-    train_loader, _ = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
+    train_loader = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
     val_loader = build_eval_loader(val_set, cfg.data, env.rank, env.world_size)
     steps_per_epoch = len(train_loader) // cfg.train.accum_steps
     if steps_per_epoch == 0:

@@ -1,7 +1,7 @@
 """Data sets, recipes and loaders: the API train.py and eval.py use.
 
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug)
-    loader, sampler = build_train_loader(train_set, cfg.data, rank, world_size, cfg.seed)
+    loader = build_train_loader(train_set, cfg.data, rank, world_size, cfg.seed)
     for epoch in ...:
         start_epoch(loader, epoch)
         for images, labels in loader: ...  # float32 NCHW normalised, int64
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.datasets import CheckedImageFolder, DataError, load_splits
-from data.samplers import ExactShardSampler, ResumableDistributedSampler, build_train_sampler
+from data.samplers import ExactShardSampler, build_train_sampler
 from data.transforms import BatchTransformed, PerSampleTransformed, apply_recipe, collate_readable, keep_batch, mean_std
 from engine.config import AugCfg, DataCfg
 
@@ -60,7 +60,7 @@ def _loader_options(dataset: Dataset, data_cfg: DataCfg) -> dict:
 
 
 def build_train_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size: int,
-                       seed: int) -> tuple[DataLoader, ResumableDistributedSampler]:
+                       seed: int) -> DataLoader:
     """Shuffled, drop_last loader for this rank; call start_epoch(loader, epoch) before each epoch."""
     per_rank = len(dataset) // world_size
     if per_rank < data_cfg.batch_size:
@@ -68,11 +68,12 @@ def build_train_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_siz
                         f"process, less than one batch (data.batch_size={data_cfg.batch_size}); lower "
                         f"data.batch_size")
     sampler = build_train_sampler(dataset, world_size, rank, seed)
-    # Seeds the workers' RNGs (hence their augmentations) per rank, whatever the caller's global seeding.
+    # A generator of its own keeps the worker-seed draw of each new iterator off the global RNG, as in
+    # build_eval_loader; the augmentation in workers is seeded by EpochSeeding (start_epoch).
     generator = torch.Generator().manual_seed(seed * 1000 + rank)
     loader = DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler, drop_last=True,
                         generator=generator, **_loader_options(dataset, data_cfg))
-    return loader, sampler
+    return loader
 
 
 def start_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:

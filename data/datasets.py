@@ -302,8 +302,8 @@ def _narrow(ds: Dataset, keep: torch.Tensor, relabel: torch.Tensor | None, what:
         labels = ds.labels[keep]
         return TensorImages(ds.images[keep], relabel[labels] if relabel is not None else labels)
     if isinstance(ds, ImageFolder):
-        ds.samples = [(ds.samples[i][0], int(relabel[ds.samples[i][1]]) if relabel is not None else ds.samples[i][1])
-                      for i in keep.tolist()]
+        kept = [ds.samples[i] for i in keep.tolist()]
+        ds.samples = [(path, int(relabel[label])) for path, label in kept] if relabel is not None else kept
         ds.targets = [label for _, label in ds.samples]
         return ds
     raise DataError(f"{what} works with fashion_mnist, cifar10/100 and imagefolder, not {type(ds).__name__}")

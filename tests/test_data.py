@@ -10,7 +10,7 @@ from PIL import Image
 
 import data.datasets as datasets
 from data import (DataError, ExactShardSampler, build_datasets, build_eval_loader, build_train_loader,
-                  skipped_images)
+                  skipped_images, start_epoch)
 from data.datasets import FASHION_MNIST_APT_DIR, TensorImages, load_splits, read_idx
 from data.transforms import SmallBatchTransform, _posterize, apply_recipe, imagenet_transform
 from engine.config import Config
@@ -141,7 +141,7 @@ def test_imagefolder_with_either_recipe(tmp_path, recipe):
     assert (info.num_classes, info.in_chans, info.train_size, info.val_size) == (2, 3, 6, 6)
     image, label = train_set[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and int(label) == 0
-    images, labels = next(iter(build_train_loader(train_set, cfg.data, 0, 1, seed=0)[0]))
+    images, labels = next(iter(build_train_loader(train_set, cfg.data, 0, 1, seed=0)))
     assert images.shape == (2, 3, 32, 32) and labels.dtype == torch.int64
     images, labels = next(iter(build_eval_loader(val_set, cfg.data, 0, 1)))
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
@@ -179,7 +179,7 @@ def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, recipe, work
     cfg = make_cfg(name="imagefolder", root=str(tmp_path), img_size=32, recipe=recipe, batch_size=3,
                    num_workers=workers)
     train_set = build_datasets(cfg.data, cfg.aug)[0]
-    loader = build_train_loader(train_set, cfg.data, 0, 1, seed=0)[0]
+    loader = build_train_loader(train_set, cfg.data, 0, 1, seed=0)
     with pytest.raises(DataError) as failure:
         list(loader)
     message = str(failure.value)
@@ -189,7 +189,7 @@ def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, recipe, work
 
     cfg.data.skip_corrupt = True
     train_set = build_datasets(cfg.data, cfg.aug)[0]
-    loader = build_train_loader(train_set, cfg.data, 0, 1, seed=0)[0]
+    loader = build_train_loader(train_set, cfg.data, 0, 1, seed=0)
     for epoch in (1, 2):
         seen = sum(len(labels) for _, labels in loader)
         assert seen == 9 - 2 and skipped_images(train_set) == 2 * epoch  # 3 full batches of 3, 2 images dropped
@@ -289,8 +289,8 @@ def test_train_loaders_of_two_ranks_are_disjoint_full_batches():
     dataset = indexed_set(101, train=True)
     per_rank = []
     for rank in range(2):
-        loader, sampler = build_train_loader(dataset, cfg.data, rank, 2, seed=0)
-        sampler.set_epoch(3)
+        loader = build_train_loader(dataset, cfg.data, rank, 2, seed=0)
+        start_epoch(loader, 3)
         batches = [labels for _, labels in loader]
         assert len(batches) == 50 // 8 and all(len(b) == 8 for b in batches)
         per_rank.append(set(torch.cat(batches).tolist()))
