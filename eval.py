@@ -56,9 +56,9 @@ def main() -> None:
     metrics = evaluate(model, loader, ctx.device, cfg.train.amp, cfg.train.channels_last,
                        num_classes=info.num_classes if args.per_class else 0)
     metrics["img_per_s"] = metrics["samples"] / (time.perf_counter() - start)
-    if args.per_class and ctx.env.is_main:
-        write_per_class(args.per_class, metrics.pop("confusion"), info.class_names)
-    metrics.pop("confusion", None)
+    confusion = metrics.pop("confusion", None)
+    if confusion is not None and ctx.env.is_main:
+        write_per_class(args.per_class, confusion, info.class_names)
     du.print0(json.dumps(metrics))
 
 

@@ -113,13 +113,13 @@ class _LossWindow:
         self.loss_sum += loss
         self.steps += 1
 
-    def close(self) -> tuple[float, float]:
-        """(mean loss over all ranks, seconds since the window opened); one all-reduce, then a fresh window."""
+    def close(self) -> tuple[float, int, float]:
+        """(mean loss over all ranks, steps, seconds) of the window; one all-reduce, then a fresh window."""
         mean = du.all_reduce_sum(self.loss_sum.clone()).item() / (self.steps * du.get_world_size())
-        elapsed = time.perf_counter() - self.start
+        closed = (mean, self.steps, time.perf_counter() - self.start)
         self.loss_sum.zero_()
         self.steps, self.start = 0, time.perf_counter()
-        return mean, elapsed
+        return closed
 
 
 def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: RunLogger, log_every: int,
@@ -166,8 +166,7 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
                     p.ema.update(p.raw_model, step=step)
             bar.update()
             if log_now and window.steps:
-                window_steps = window.steps
-                mean_loss, elapsed = window.close()
+                mean_loss, window_steps, elapsed = window.close()
                 if not math.isfinite(mean_loss):
                     raise non_finite_loss(f"mean {mean_loss} since the last record", epoch, step)
                 record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
