@@ -61,6 +61,7 @@ class DistContext:
 
 
 _ctx: DistContext | None = None
+_cpu_group: Any = None  # a gloo group for host-side flags, so agreeing on one never waits for the GPU
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,6 +239,8 @@ def setup(backend: str = "auto", timeout_s: int = 1800) -> DistContext:
         extra = {"device_id": device} if backend == "nccl" else {}  # lets NCCL connect eagerly, on the right GPU
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s), **extra)
+        global _cpu_group
+        _cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None  # None: the default group
     _ctx = DistContext(env, device, backend)
     if restarts_share_a_store():
         print0("warning: torchrun --max-restarts with its shared rendezvous store can hand restarted workers the "
@@ -288,10 +291,10 @@ def _export(env: DistEnv) -> None:
 
 
 def cleanup() -> None:
-    global _ctx
+    global _ctx, _cpu_group
     if _active():
         dist.destroy_process_group()
-    _ctx = None
+    _ctx, _cpu_group = None, None
 
 
 def _active() -> bool:
@@ -332,6 +335,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any. A host-side collective: on GPUs it neither syncs the device
+    nor waits behind queued kernels, unlike all-reducing a CUDA tensor and reading it back."""
+    if not _active():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_cpu_group)
+    return t.item() > 0
 
 
 def barrier() -> None:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
 from torch import nn
 
 import distributed_utils as du
@@ -27,6 +26,7 @@ from data import build_datasets, build_eval_loader, build_train_loader, skipped_
 from engine.checkpoint import (checkpoint_dir, load_checkpoint, load_latest, rng_state, save_training_checkpoint,
                                set_rng_state)
 from engine.config import Config, ConfigError, load_config, save_config, to_dict
+from engine.ema import Ema
 from engine.logging import RunLogger
 from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch
 from engine.optim import (accum_steps_for, create_optimizer, describe_groups, global_batch, lr_at, scaled_lr,
@@ -49,6 +49,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy
     torch.manual_seed(seed)
+
+
+def init_process(cfg: Config) -> du.DistContext:
+    """Join the process group (when launched as several ranks) and set this process's torch options."""
+    ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    elif ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
+    return ctx
+
+
+def build_model(cfg: Config, num_classes: int, in_chans: int, device: torch.device) -> nn.Module:
+    """The bare ConvNeXt of cfg.model (pretrained weights loaded), on the device in the configured layout."""
+    model = create_model(**asdict(cfg.model), num_classes=num_classes, in_chans=in_chans, log=du.print0)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    return model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+
+
+def wrap_model(model: nn.Module, cfg: Config, distributed: bool, device: torch.device) -> nn.Module:
+    """What forward runs through: DDP when distributed, compiled with train.compile."""
+    if distributed:
+        # Gradients as views into the all-reduce buckets: no copy in or out of them, and less memory.
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+            bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph)
+    if cfg.train.compile:
+        # Compiling the DDP wrapper lets dynamo split graphs at bucket boundaries to overlap the all-reduce.
+        model = torch.compile(model)
+    return model
 
 
 def build_loss(cfg: Config, num_classes: int) -> tuple[Mixup | None, nn.Module]:
@@ -124,7 +157,7 @@ def build_parts(cfg: Config, model: nn.Module, num_classes: int, device: torch.d
                               total_steps=total_steps),
         device=device, amp=cfg.train.amp, accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad,
         channels_last=cfg.train.channels_last, mixup=mixup, max_bad_steps=cfg.train.max_bad_steps,
-        ema=ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None)
+        ema=Ema(model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.every) if cfg.ema.enabled else None)
     return parts, batch, lr
 
 
@@ -154,12 +187,8 @@ def main() -> int:
     stop = StopRequest()  # first, so a stop signal during start-up is kept for the first agreed step
     args = parse_args()
     cfg = load_config(args.config, args.overrides)
-    ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    ctx = init_process(cfg)
     env, device = ctx.env, ctx.device
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
     accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, env.world_size)  # before anything is written
     if env.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -177,8 +206,7 @@ def main() -> int:
 
     # Model: the same seed on every rank gives the same init (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.seed)
-    model = create_model(**asdict(cfg.model), num_classes=info.num_classes, in_chans=info.in_chans, log=du.print0)
-    model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    model = build_model(cfg, info.num_classes, info.in_chans, device)
     seed_everything(cfg.seed + env.rank)  # augmentation, mixup and drop path differ per rank
 
     parts, batch, lr = build_parts(cfg, model, info.num_classes, device, env.world_size, steps_per_epoch)
@@ -198,12 +226,7 @@ def main() -> int:
         du.print0(f"resumed from {found[0]}: epoch {progress.epoch} (+{progress.epoch_samples} samples), "
                   f"{progress.step} steps done, best top-1 {progress.best_top1:.2f}")
 
-    if env.distributed:
-        parts.model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    if cfg.train.compile:
-        # Compiling the DDP wrapper lets dynamo split graphs at bucket boundaries to overlap the all-reduce.
-        parts.model = torch.compile(parts.model)
+    parts.model = wrap_model(model, cfg, env.distributed, device)
 
     logger = RunLogger(cfg.output_dir, enabled=env.is_main)
 
@@ -217,7 +240,7 @@ def main() -> int:
         """on_step hook: checkpoint every checkpoint.every_steps steps and when asked to stop (preemption);
         epoch ends checkpoint after evaluating."""
         every = cfg.checkpoint.every_steps
-        stopping = stop.agreed(step, device)
+        stopping = stop.agreed(step)
         # Not at a pass's last step: the epoch end saves then, after evaluating.
         if stopping or (every and step % every == 0 and i_step < pass_steps):
             progress.step = step

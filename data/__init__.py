@@ -55,6 +55,7 @@ def _loader_options(dataset: Dataset, data_cfg: DataCfg) -> dict:
         num_workers=data_cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=data_cfg.num_workers > 0,
+        prefetch_factor=data_cfg.prefetch_factor if data_cfg.num_workers > 0 else None,
         collate_fn=keep_batch if isinstance(dataset, BatchTransformed) else collate_readable,
     )
 

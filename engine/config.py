@@ -47,6 +47,7 @@ class DataCfg:
     batch_size: int = 128  # per process
     eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
     num_workers: int = 8
+    prefetch_factor: int = 2  # batches each loader worker prepares ahead
     num_classes: int = 0  # 0 means: what the data set has
     recipe: str = "imagenet"  # imagenet (timm RandAugment recipe) | small (pad-crop + flip, 28-32 px)
     crop_pct: float = 0.875  # eval centre crop for the imagenet recipe
@@ -97,6 +98,7 @@ class EmaCfg:
     enabled: bool = True
     decay: float = 0.9999
     warmup: bool = False  # timm ModelEmaV3 decay warm-up, for short runs
+    every: int = 1  # update every N optimizer steps with decay^N: the same average, 1/N of the cost
 
 
 @dataclass
@@ -108,6 +110,7 @@ class TrainCfg:
     max_bad_steps: int = 0  # non-finite-loss steps skipped (with a warning) before stopping; 0: stop at the first
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: int = 0  # recompute the blocks of the first N stages (0-4) in the backward: less memory
     log_every: int = 50  # optimizer steps between train records
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     threads: int = 0  # torch intra-op threads per process on CPU; 0 leaves torch's default
@@ -124,6 +127,8 @@ class CheckpointCfg:
 class DistCfg:
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
     timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
+    bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default); larger means fewer all-reduces
+    static_graph: bool = False  # DDP static_graph: the same parameters used every step (true for ConvNeXt)
 
 
 @dataclass
@@ -150,12 +155,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("checkpoint.keep_last", "data.img_size", "data.batch_size", "optim.lr_base_batch", "schedule.epochs",
-            "train.accum_steps", "train.log_every", "train.eval_every", "model.patch_size")
+            "train.accum_steps", "train.log_every", "train.eval_every", "model.patch_size", "ema.every",
+            "data.prefetch_factor")
 NON_NEGATIVE = ("data.train_limit", "data.num_workers", "data.eval_batch_size", "data.num_classes", "optim.lr",
                 "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
                 "train.clip_grad", "train.threads", "checkpoint.every_steps", "train.global_batch",
-                "train.max_bad_steps")
+                "train.max_bad_steps", "dist.bucket_cap_mb")
 UNIT_INTERVAL = ("optim.layer_decay", "aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob",
                  "aug.mixup_switch_prob", "ema.decay", "model.drop_path")
 
@@ -256,6 +262,8 @@ def validate(cfg: Config) -> None:
     if cfg.optim.layer_decay <= 0 or not 0 <= cfg.optim.freeze_stages <= 4:
         raise ConfigError(f"optim.layer_decay must be in (0, 1] (got {cfg.optim.layer_decay}) and optim.freeze_stages "
                           f"in 0-4 (got {cfg.optim.freeze_stages})")
+    if not 0 <= cfg.train.grad_checkpointing <= 4:
+        raise ConfigError(f"train.grad_checkpointing is a number of stages, 0-4; got {cfg.train.grad_checkpointing}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' must be two numbers, got {cfg.optim.betas}")
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import distributed_utils as du
+from engine.ema import Ema
 from engine.errors import UserError
 from engine.logging import RunLogger
 from engine.optim import set_lr
@@ -38,7 +39,7 @@ class TrainParts:
     accum_steps: int = 1
     clip_grad: float = 0.0
     channels_last: bool = False
-    ema: Optional[nn.Module] = None  # timm ModelEmaV3
+    ema: Optional[Ema] = None
     mixup: Optional[Callable] = None  # timm Mixup
     max_bad_steps: int = 0  # non-finite steps that may be skipped in all before the run stops
     bad_steps: int = 0  # skipped so far (checkpointed)
@@ -163,7 +164,7 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
                 window.add(step_loss)
                 norm = _optimizer_step(p, want_norm=log_now)
                 if p.ema is not None:
-                    p.ema.update(p.raw_model, step=step)
+                    p.ema.step(p.raw_model, step)
             bar.update()
             if log_now and window.steps:
                 mean_loss, window_steps, elapsed = window.close()

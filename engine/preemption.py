@@ -8,31 +8,28 @@ from __future__ import annotations
 
 import signal
 
-import torch
-
 import distributed_utils as du
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # sysexits' EX_TEMPFAIL: stopped early with a checkpoint, run it again. train.sbatch requeues the job on it.
 EXIT_PREEMPTED = 75
-CHECK_EVERY = 5  # steps between agreements: a collective and a host sync, so not every step on a GPU
+CHECK_EVERY = 5  # steps between agreements (a host-side collective: cheap, but a network round trip)
 
 
 class StopRequest:
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
         self.received: int | None = None
-        for sig in SIGNALS:
+        for sig in signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signum
 
-    def agreed(self, step: int, device: torch.device) -> bool:
+    def agreed(self, step: int) -> bool:
         """True on every rank, at the same step, once any rank has received a stop signal."""
         if step % CHECK_EVERY:
             return False
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
-        return du.all_reduce_sum(flag).item() > 0
+        return du.any_rank(self.received is not None)
 
 
 class Preempted(Exception):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # name -> (depths, dims). tiny..xlarge: paper Sec. 3, "ConvNeXt variants"; atto..nano: timm's small variants.
 VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -80,6 +81,7 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"ConvNeXt has 4 stages; got depths={tuple(depths)}, dims={tuple(dims)}")
         self.head_init_scale = head_init_scale
         self.num_features = dims[-1]
+        self.checkpoint_stages = 0  # set_grad_checkpointing
 
         # Index 0 is the stem, 1..3 the downsamplers: the official layout keeps them in one list.
         stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], patch_size, stride=patch_size), LayerNorm2d(dims[0], eps=EPS))
@@ -114,10 +116,22 @@ class ConvNeXt(nn.Module):
         ref = self.norm.weight
         self.head = self._new_head(num_classes).to(device=ref.device, dtype=ref.dtype)
 
+    def set_grad_checkpointing(self, stages: int) -> None:
+        """Keep only each block's input for the backward in the first `stages` stages (0-4), and recompute the rest:
+        less activation memory (the early stages hold the most), one more forward of those blocks in time."""
+        if not 0 <= stages <= len(self.stages):
+            raise ValueError(f"grad checkpointing takes 0 to {len(self.stages)} stages, not {stages}")
+        self.checkpoint_stages = stages
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Globally pooled and normalized features, (N, dims[-1])."""
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
+        for i, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages)):
+            x = downsample(x)
+            if i < self.checkpoint_stages and torch.is_grad_enabled():
+                for block in stage:  # non-reentrant: works under DDP and compile; drop path is replayed exactly
+                    x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = stage(x)
         return self.norm(x.mean(dim=(-2, -1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,6 @@ import re
 
 import pytest
 import torch
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -13,6 +12,7 @@ from engine.logging import RunLogger
 from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch
 from engine.optim import create_optimizer
 from engine.config import OptimCfg
+from engine.ema import Ema
 from models import create_model
 
 
@@ -51,7 +51,7 @@ def test_accumulation_equals_a_bigger_batch():
 
 def test_ema_follows_the_raw_weights():
     model = tiny_model()
-    ema = ModelEmaV3(model, decay=0.9)
+    ema = Ema(model, decay=0.9, warmup=False)
     parts, data = parts_for(model, ema=ema), loader(32)  # one batch: one optimizer step per epoch
     log = RunLogger("", enabled=False)
     # timm's convention (as in its train.py): the update at step 1 copies the weights, later ones average.
@@ -64,6 +64,24 @@ def test_ema_follows_the_raw_weights():
     assert any(not torch.equal(first[k], second[k]) for k in second)
     for name, value in ema.module.state_dict().items():
         torch.testing.assert_close(value, 0.9 * first[name] + 0.1 * second[name], msg=name)
+
+
+def test_ema_every_n_steps_updates_on_the_nth_with_decay_to_the_n():
+    model = tiny_model()
+    ema = Ema(model, decay=0.9, warmup=False, every=3)
+    start = copy.deepcopy(ema.module.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for step in (4, 5):  # not multiples of 3: nothing moves
+        ema.step(model, step)
+    for name, value in ema.module.state_dict().items():
+        torch.testing.assert_close(value, start[name], msg=name)
+    ema.step(model, 6)
+    target = model.state_dict()
+    for name, value in ema.module.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.9 ** 3 * start[name] + (1 - 0.9 ** 3) * target[name], msg=name)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -229,3 +229,21 @@ def test_bf16_autocast_and_compile_trace():
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("stages", [1, 4])
+def test_grad_checkpointing_gives_the_same_gradients(stages):
+    """Recomputed blocks replay their drop-path draws, so gradients match those of a normal backward."""
+    x = torch.randn(4, 3, 32, 32)
+    grads = []
+    for checkpointed in (0, stages):
+        torch.manual_seed(0)
+        model = create_model("convnext_atto", num_classes=5, patch_size=2, drop_path=0.3, layer_scale_init=1.0)
+        model.set_grad_checkpointing(checkpointed)
+        torch.manual_seed(1)
+        model(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="0 to 4 stages"):
+        model.set_grad_checkpointing(5)
