@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
 
 class RunLogger:
-    def __init__(self, output_dir: str, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, output_dir: str, enabled: bool, bar_file: TextIO | None = None):
+        self.enabled, self.bar_file = enabled, bar_file  # bar_file: where the bar goes (None: stderr)
         self._jsonl = None
         self._tb = None
         if enabled:
@@ -31,7 +31,8 @@ class RunLogger:
                 self._tb.add_scalar(f"{kind}/{name}", value, step)
 
     def progress(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=not self.enabled, dynamic_ncols=True, leave=False)
+        return tqdm(total=total, desc=desc, disable=not self.enabled, dynamic_ncols=True, leave=False,
+                    file=self.bar_file)
 
     def close(self) -> None:
         if self.enabled:

@@ -1,0 +1,310 @@
+"""Where the time goes: images/s of the bare model step, of the trainer's step path and of the real data pipeline.
+
+    python scripts/benchmark.py --config configs/fashion_mnist.yaml [--json OUT] [key=value ...]
+    torchrun --nproc_per_node=2 scripts/benchmark.py --config configs/debug.yaml
+    python scripts/benchmark.py --config configs/convnext_t.yaml data.name=synthetic train.amp=bf16 --vs-timm
+
+Three loops with the same model, batch, precision, memory format and optimizer, run in turn repeat after repeat so
+that a machine getting faster or slower shifts all three alike:
+  bare      forward, backward and optimizer step on one batch held on the device: the ceiling;
+  trainer   engine.loop.train_one_epoch on that same batch, with all it does per step: mixup, schedule, EMA, loss
+            reduction and logging, the stop-signal check, the DDP wrapper when there are several processes;
+  pipeline  the same with the config's real data loader (and its copy to the device).
+Each repeat times --steps optimizer steps after --warmup untimed ones; figures are medians over the repeats, ratios
+the median of each repeat's own ratio. --vs-timm also times forward+backward of timm's convnext_<variant>, built
+with the same options, against ours. The last stdout line is the JSON record (also written to --json).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import distributed_utils as du  # noqa: E402
+from data import build_datasets, build_train_loader, start_epoch  # noqa: E402
+from engine.config import Config, load_config  # noqa: E402
+from engine.logging import RunLogger  # noqa: E402
+from engine.loop import TrainParts, autocast, to_device, train_one_epoch  # noqa: E402
+from engine.optim import accum_steps_for, create_optimizer  # noqa: E402
+from engine.preemption import StopRequest  # noqa: E402
+from train import build_model, build_parts, init_process, seed_everything, wrap_model  # noqa: E402
+
+MODES = ("bare", "trainer", "pipeline", "loader")
+# Dense bf16/fp16 tensor-core peaks (vendor data sheets), for model FLOP utilisation; --peak-tflops overrides.
+PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
+               "A100": 312.0, "L40S": 362.1, "A10": 125.0, "RTX 3090": 71.0, "RTX 4090": 165.2}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per repeat")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them, every repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--modes", default="bare,trainer,pipeline,loader",
+                        help=f"comma-separated, timed in this order: {', '.join(MODES)}")
+    parser.add_argument("--vs-timm", action="store_true", help="also time forward+backward of ours against timm's")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak, for FLOP utilisation")
+    parser.add_argument("--json", default="", help="also write the JSON record here")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
+        parser.error("--warmup, --steps and --repeats must be at least 1")
+    args.modes = [m for m in args.modes.split(",") if m]
+    if not args.modes or not set(args.modes) <= set(MODES):
+        parser.error(f"--modes takes a comma-separated list of {', '.join(MODES)}; got {','.join(args.modes)!r}")
+    return args
+
+
+class StepClock:
+    """Times steps warmup+1 .. warmup+steps of a pass; on a GPU it waits for the queued work at both ends."""
+
+    def __init__(self, device: torch.device, warmup: int, steps: int):
+        self.device, self.ends = device, (warmup, warmup + steps)
+        self.marks: list[float] = []
+
+    def __call__(self, i: int) -> None:  # after the i-th optimizer step of the pass, 1-based
+        if i in self.ends:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> float:
+        return self.marks[1] - self.marks[0]
+
+
+class Repeated:
+    """One batch n times: the trainer's loop on data already in memory."""
+
+    def __init__(self, batch, n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return itertools.repeat(self.batch, self.n)
+
+
+class Batches:
+    """The first n batches of a loader, over as many epochs as that takes; `len` is what train_one_epoch sees."""
+
+    def __init__(self, loader, n: int):
+        self.loader, self.n, self.epoch = loader, n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(self._epochs(), self.n)
+
+    def _epochs(self):
+        while True:
+            start_epoch(self.loader, self.epoch)
+            self.epoch += 1
+            yield from self.loader
+
+
+def bare_pass(model, optimizer, batch, amp: str, accum: int, n: int, clock: StepClock) -> None:
+    """The ceiling: nothing but forward, backward and the optimizer (None: forward and backward alone)."""
+    images, labels = batch
+    model.train()
+    for i in range(1, n + 1):
+        for _ in range(accum):
+            with autocast(images.device, amp):
+                loss = F.cross_entropy(model(images), labels) / accum
+            loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        clock(i)
+
+
+def trainer_pass(parts: TrainParts, loader, cfg: Config, batch_size: int, logger: RunLogger,
+                 stop: StopRequest, clock: StepClock) -> None:
+    def on_step(step: int, i: int) -> None:  # what train.py's hook costs when no checkpoint is due
+        stop.agreed(step)
+        clock(i)
+
+    train_one_epoch(parts, loader, epoch=0, step=0, logger=logger, log_every=cfg.train.log_every,
+                    global_batch=batch_size, on_step=on_step)
+
+
+def timm_twin(cfg: Config, num_classes: int, in_chans: int, device: torch.device):
+    """timm's convnext_<variant> with our model options; its own defaults otherwise (conv_mlp for atto..nano)."""
+    import timm
+
+    m = cfg.model
+    model = timm.create_model(m.name, num_classes=num_classes, in_chans=in_chans, drop_path_rate=m.drop_path,
+                              ls_init_value=m.layer_scale_init or None, patch_size=m.patch_size,
+                              head_init_scale=m.head_init_scale)
+    if cfg.train.grad_checkpointing not in (0, 4):
+        raise SystemExit("error: --vs-timm compares train.grad_checkpointing 0 or 4 only (timm checkpoints all stages)")
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing == 4)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=fmt)
+
+
+def forward_flops(model, images: torch.Tensor) -> float:
+    """FLOPs (2 per multiply-add) of one image's forward pass, counted by torch."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images[:1])
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device, amp: str, override: float) -> float:
+    if override or device.type != "cuda" or amp == "none":
+        return override
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The CUDA allocator's peak since the last reset; on a CPU the process's peak resident set so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def loader_pass(loader, clock: StepClock) -> None:
+    """Decoding and augmentation alone: the batches are fetched and dropped."""
+    for i, _ in enumerate(loader, start=1):
+        clock(i)
+
+
+def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: torch.device,
+               logger: RunLogger) -> tuple[dict, torch.nn.Module, torch.Tensor]:
+    """{mode: (run(clock), images per clocked unit over all ranks)} for the asked modes; the bare model and the
+    in-memory images, for counting FLOPs."""
+    accum, n = cfg.train.accum_steps, args.warmup + args.steps
+    train_set, _, info = build_datasets(cfg.data, cfg.aug, train=True, seed=cfg.seed)
+    loader = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
+    start_epoch(loader, 0)
+    batch = to_device(*next(iter(loader)), device, cfg.train.channels_last)  # the in-memory batch
+    per_step = cfg.data.batch_size * env.world_size * accum
+
+    # Two models built alike: the bare one with the trainer's optimizer and nothing else, the trainer's with it all.
+    seed_everything(cfg.seed)
+    bare_model = build_model(cfg, info.num_classes, info.in_chans, device)
+    bare_opt = create_optimizer(bare_model, cfg.optim, cfg.optim.lr)
+    bare = torch.compile(bare_model) if cfg.train.compile else bare_model
+    seed_everything(cfg.seed)
+    model = build_model(cfg, info.num_classes, info.in_chans, device)
+    parts, _, _ = build_parts(cfg, model, info.num_classes, device, env.world_size, len(loader) // accum)
+    parts.model = wrap_model(model, cfg, env.distributed, device)
+    stop = StopRequest(signals=())  # the check's collective, without taking SIGTERM over
+
+    def trainer(batches):
+        return lambda c: trainer_pass(parts, batches, cfg, per_step, logger, stop, c)
+
+    runs = {"bare": (lambda c: bare_pass(bare, bare_opt, batch, cfg.train.amp, accum, n, c), per_step),
+            "trainer": (trainer(Repeated(batch, n * accum)), per_step),
+            "pipeline": (trainer(Batches(loader, n * accum)), per_step),
+            "loader": (lambda c: loader_pass(Batches(loader, n), c), cfg.data.batch_size * env.world_size)}
+    runs = {k: runs[k] for k in args.modes}
+    if args.vs_timm:
+        timm_model = timm_twin(cfg, info.num_classes, info.in_chans, device)
+        for name, m in (("ours", bare), ("timm", torch.compile(timm_model) if cfg.train.compile else timm_model)):
+            runs[f"{name}_fwd_bwd"] = (lambda c, m=m: bare_pass(m, None, batch, cfg.train.amp, accum, n, c), per_step)
+    return runs, bare_model, batch[0]
+
+
+def measure(runs: dict, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
+    """Every mode once per repeat, in turn; returns ({mode: [img/s per repeat]}, {mode: peak memory MB})."""
+    rates: dict[str, list[float]] = {}
+    memory: dict[str, float] = {}
+    for repeat in range(args.repeats):
+        for name, (run, images) in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            clock = StepClock(device, args.warmup, args.steps)
+            run(clock)
+            rates.setdefault(name, []).append(args.steps * images / clock.seconds())
+            memory[name] = max(memory.get(name, 0.0), peak_memory_mb(device))
+        du.print0(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
+                  + " img/s")
+    return rates, memory
+
+
+def main() -> int:
+    args = parse_args()
+    cfg = load_config(args.config, args.overrides)
+    ctx = init_process(cfg)
+    env, device = ctx.env, ctx.device
+    cfg.train.accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, env.world_size)
+    with tempfile.TemporaryDirectory() as log_dir, open(os.devnull, "w") as devnull:
+        logger = RunLogger(log_dir, enabled=env.is_main, bar_file=devnull)  # the bar's work is done, not shown
+        runs, model, images = build_runs(cfg, args, env, device, logger)
+        rates, memory = measure(runs, args, device)
+        logger.close()
+    record = summarize(rates, memory, forward_flops(model, images),
+                       peak_tflops(device, cfg.train.amp, args.peak_tflops))
+    record.update(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+                  threads=torch.get_num_threads(), world_size=env.world_size,
+                  global_batch=cfg.data.batch_size * env.world_size * cfg.train.accum_steps, config=args.config,
+                  overrides=args.overrides, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
+                  compile=cfg.train.compile, grad_checkpointing=cfg.train.grad_checkpointing,
+                  num_workers=cfg.data.num_workers, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                  torch=torch.__version__)
+    if "loader" in rates:
+        record["loader_img_per_s_per_worker"] = record["loader_img_per_s"] / max(1, cfg.data.num_workers)
+    if env.is_main:
+        print_table(record)
+        if args.json:
+            Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps(record))
+    return 0
+
+
+def summarize(rates: dict[str, list[float]], memory: dict[str, float], flops: float, peak: float) -> dict:
+    record: dict = {f"{k}_img_per_s": statistics.median(v) for k, v in rates.items()}
+    for top, bottom in (("trainer", "bare"), ("pipeline", "trainer"), ("ours_fwd_bwd", "timm_fwd_bwd")):
+        if top in rates and bottom in rates:
+            short = top.removesuffix("_fwd_bwd") + "_over_" + bottom.removesuffix("_fwd_bwd")
+            record[short] = statistics.median(a / b for a, b in zip(rates[top], rates[bottom]))
+    record["img_per_s_repeats"] = rates
+    record["peak_mem_mb"] = memory
+    record["forward_gflops_per_img"] = flops / 1e9
+    # Training costs about 3 forwards (the backward computes gradients for inputs and for weights).
+    record["train_tflops_per_s"] = {k: 3 * flops * statistics.median(v) / 1e12 for k, v in rates.items()
+                                    if k != "loader"}
+    if peak:
+        record["mfu"] = {k: v / peak for k, v in record["train_tflops_per_s"].items()}
+    return record
+
+
+def print_table(record: dict) -> None:
+    cpu = record["device"] == "cpu"
+    print(f"\n{record['config']} {' '.join(record['overrides'])} on {record['device']} "
+          f"({record['threads']} threads x {record['world_size']} processes): global batch {record['global_batch']},"
+          f" amp {record['amp']}, channels_last {record['channels_last']}, compile {record['compile']}, "
+          f"grad checkpointing {record['grad_checkpointing']}; median of {record['repeats']} x {record['steps']} steps"
+          + (f"; peak resident memory {max(record['peak_mem_mb'].values()):.0f} MB" if cpu else ""))
+    for name, values in record["img_per_s_repeats"].items():
+        line = f"  {name:14s} {record[name + '_img_per_s']:9.1f} img/s"
+        if not cpu:
+            line += f"  peak mem {record['peak_mem_mb'][name]:7.0f} MB"
+        if name in record["train_tflops_per_s"]:
+            line += f"  {record['train_tflops_per_s'][name]:.3f} TFLOP/s"
+        if name in record.get("mfu", {}):
+            line += f"  MFU {record['mfu'][name]:.1%}"
+        print(line + "   repeats: " + " ".join(f"{v:.0f}" for v in values))
+    ratios = [k for k in ("trainer_over_bare", "pipeline_over_trainer", "ours_over_timm") if k in record]
+    print("  " + "   ".join(f"{k.replace('_over_', '/')} {record[k]:.3f}" for k in ratios))
+
+
+if __name__ == "__main__":
+    du.run(main)

@@ -1,0 +1,42 @@
+"""scripts/benchmark.py as a user runs it: every mode timed, the ratios computed from what was timed, and the
+DDP path under torchrun. (Its figures are measured in the README, not asserted here.)"""
+import json
+import statistics
+
+import pytest
+
+from test_train_e2e import DEBUG, run
+
+pytestmark = pytest.mark.slow
+QUICK = ["--steps", "2", "--warmup", "1", "--repeats", "3", "data.batch_size=8", "model.patch_size=4"]
+
+
+def test_benchmark_times_every_mode_and_compares_with_timm(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--vs-timm", "--json", str(out), *QUICK,
+                "train.grad_checkpointing=4"])
+    record = json.loads(out.read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == record
+    repeats = record["img_per_s_repeats"]
+    assert set(repeats) == {"bare", "trainer", "pipeline", "loader", "ours_fwd_bwd", "timm_fwd_bwd"}
+    for mode, values in repeats.items():
+        assert len(values) == 3 and all(v > 0 for v in values), mode
+        assert record[f"{mode}_img_per_s"] == statistics.median(values)
+    for key, top, bottom in (("trainer_over_bare", "trainer", "bare"), ("pipeline_over_trainer", "pipeline", "trainer"),
+                             ("ours_over_timm", "ours_fwd_bwd", "timm_fwd_bwd")):
+        assert record[key] == pytest.approx(statistics.median(a / b for a, b in zip(repeats[top], repeats[bottom])))
+    assert record["device"] == "cpu" and record["global_batch"] == 8 and record["grad_checkpointing"] == 4
+    assert record["forward_gflops_per_img"] > 0 and "trainer/bare" in proc.stdout
+
+
+def test_benchmark_under_torchrun_counts_both_processes(tmp_path):
+    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--modes", "trainer,pipeline", *QUICK,
+                "dist.static_graph=true"], nproc=2)
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["world_size"] == 2 and record["global_batch"] == 16
+    assert set(record["img_per_s_repeats"]) == {"trainer", "pipeline"} and record["pipeline_over_trainer"] > 0
+
+
+def test_benchmark_refuses_an_unknown_mode():
+    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--modes", "bare,fast"], check=False)
+    assert proc.returncode == 2 and "--modes takes" in proc.stderr
