@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import distributed_utils as du  # noqa: E402
 from data import build_datasets, build_train_loader, start_epoch  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
+from engine.errors import UserError  # noqa: E402
 from engine.logging import RunLogger  # noqa: E402
 from engine.loop import TrainParts, autocast, to_device, train_one_epoch  # noqa: E402
 from engine.optim import accum_steps_for, create_optimizer  # noqa: E402
@@ -143,17 +144,23 @@ def trainer_pass(parts: TrainParts, loader, cfg: Config, batch_size: int, logger
                     global_batch=batch_size, on_step=on_step)
 
 
-def timm_twin(cfg: Config, num_classes: int, in_chans: int, device: torch.device):
-    """timm's convnext_<variant> with our model options; its own defaults otherwise (conv_mlp for atto..nano)."""
+def timm_twin(cfg: Config, num_classes: int, in_chans: int, device: torch.device, ours: torch.nn.Module,
+              images: torch.Tensor):
+    """timm's convnext_<variant> with our model options, its own defaults otherwise (conv_mlp for atto..nano);
+    refused unless it computes the same FLOPs as ours."""
     import timm
 
     m = cfg.model
+    if cfg.train.grad_checkpointing not in (0, 4):
+        raise UserError("--vs-timm compares train.grad_checkpointing 0 or 4 only (timm checkpoints all stages or none)")
     model = timm.create_model(m.name, num_classes=num_classes, in_chans=in_chans, drop_path_rate=m.drop_path,
                               ls_init_value=m.layer_scale_init or None, patch_size=m.patch_size,
                               head_init_scale=m.head_init_scale)
-    if cfg.train.grad_checkpointing not in (0, 4):
-        raise SystemExit("error: --vs-timm compares train.grad_checkpointing 0 or 4 only (timm checkpoints all stages)")
     model.set_grad_checkpointing(cfg.train.grad_checkpointing == 4)
+    theirs, mine = forward_flops(model.to(images.device), images), forward_flops(ours, images)
+    if abs(theirs - mine) > 1e-3 * mine:  # e.g. patch_size < 4, where timm adds a stride-2 downsampler to stage 0
+        raise UserError(f"--vs-timm: timm's {m.name} computes {theirs / 1e9:.4g} GFLOPs an image here, ours "
+                        f"{mine / 1e9:.4g}: not the same network, so not comparable (try model.patch_size=4)")
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     return model.to(device, memory_format=fmt)
 
@@ -216,7 +223,7 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
             "loader": (lambda c: loader_pass(Batches(loader, n), c), cfg.data.batch_size * env.world_size)}
     runs = {k: runs[k] for k in args.modes}
     if args.vs_timm:
-        timm_model = timm_twin(cfg, info.num_classes, info.in_chans, device)
+        timm_model = timm_twin(cfg, info.num_classes, info.in_chans, device, bare_model, batch[0])
         for name, m in (("ours", bare), ("timm", torch.compile(timm_model) if cfg.train.compile else timm_model)):
             runs[f"{name}_fwd_bwd"] = (lambda c, m=m: bare_pass(m, None, batch, cfg.train.amp, accum, n, c), per_step)
     return runs, bare_model, batch[0]

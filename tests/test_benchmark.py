@@ -40,3 +40,9 @@ def test_benchmark_under_torchrun_counts_both_processes(tmp_path):
 def test_benchmark_refuses_an_unknown_mode():
     proc = run(["scripts/benchmark.py", "--config", DEBUG, "--modes", "bare,fast"], check=False)
     assert proc.returncode == 2 and "--modes takes" in proc.stderr
+
+
+def test_benchmark_refuses_to_compare_with_a_different_timm_network():
+    """timm's convnext with patch_size 2 downsamples in stage 0 as well: 4x fewer FLOPs, not our network."""
+    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--vs-timm", *QUICK[:6], "model.patch_size=2"], check=False)
+    assert proc.returncode == 2 and "not the same network" in proc.stderr
