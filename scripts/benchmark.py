@@ -144,7 +144,7 @@ def trainer_pass(parts: TrainParts, loader, cfg: Config, batch_size: int, logger
                     global_batch=batch_size, on_step=on_step)
 
 
-def timm_twin(cfg: Config, num_classes: int, in_chans: int, device: torch.device, ours: torch.nn.Module,
+def timm_twin(cfg: Config, num_classes: int, in_chans: int, device: torch.device, our_flops: float,
               images: torch.Tensor):
     """timm's convnext_<variant> with our model options, its own defaults otherwise (conv_mlp for atto..nano);
     refused unless it computes the same FLOPs as ours."""
@@ -157,7 +157,7 @@ def timm_twin(cfg: Config, num_classes: int, in_chans: int, device: torch.device
                               ls_init_value=m.layer_scale_init or None, patch_size=m.patch_size,
                               head_init_scale=m.head_init_scale)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing == 4)
-    theirs, mine = forward_flops(model.to(images.device), images), forward_flops(ours, images)
+    theirs, mine = forward_flops(model.to(images.device), images), our_flops
     if abs(theirs - mine) > 1e-3 * mine:  # e.g. patch_size < 4, where timm adds a stride-2 downsampler to stage 0
         raise UserError(f"--vs-timm: timm's {m.name} computes {theirs / 1e9:.4g} GFLOPs an image here, ours "
                         f"{mine / 1e9:.4g}: not the same network, so not comparable (try model.patch_size=4)")
@@ -193,24 +193,24 @@ def loader_pass(loader, clock: StepClock) -> None:
 
 
 def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: torch.device,
-               logger: RunLogger) -> tuple[dict, torch.nn.Module, torch.Tensor]:
-    """{mode: (run(clock), images per clocked unit over all ranks)} for the asked modes; the bare model and the
-    in-memory images, for counting FLOPs."""
+               logger: RunLogger) -> tuple[dict, float, int]:
+    """{mode: (run(clock), images per clocked unit over all ranks)} for the asked modes, the model's forward FLOPs
+    per image, and the global batch."""
     accum, n = cfg.train.accum_steps, args.warmup + args.steps
     train_set, _, info = build_datasets(cfg.data, cfg.aug, train=True, seed=cfg.seed)
     loader = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
     start_epoch(loader, 0)
     batch = to_device(*next(iter(loader)), device, cfg.train.channels_last)  # the in-memory batch
-    per_step = cfg.data.batch_size * env.world_size * accum
 
     # Two models built alike: the bare one with the trainer's optimizer and nothing else, the trainer's with it all.
     seed_everything(cfg.seed)
     bare_model = build_model(cfg, info.num_classes, info.in_chans, device)
     bare_opt = create_optimizer(bare_model, cfg.optim, cfg.optim.lr)
     bare = torch.compile(bare_model) if cfg.train.compile else bare_model
+    flops = forward_flops(bare_model, batch[0])
     seed_everything(cfg.seed)
     model = build_model(cfg, info.num_classes, info.in_chans, device)
-    parts, _, _ = build_parts(cfg, model, info.num_classes, device, env.world_size, len(loader) // accum)
+    parts, per_step, _ = build_parts(cfg, model, info.num_classes, device, env.world_size, len(loader) // accum)
     parts.model = wrap_model(model, cfg, env.distributed, device)
     stop = StopRequest(signals=())  # the check's collective, without taking SIGTERM over
 
@@ -223,10 +223,10 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
             "loader": (lambda c: loader_pass(Batches(loader, n), c), cfg.data.batch_size * env.world_size)}
     runs = {k: runs[k] for k in args.modes}
     if args.vs_timm:
-        timm_model = timm_twin(cfg, info.num_classes, info.in_chans, device, bare_model, batch[0])
+        timm_model = timm_twin(cfg, info.num_classes, info.in_chans, device, flops, batch[0])
         for name, m in (("ours", bare), ("timm", torch.compile(timm_model) if cfg.train.compile else timm_model)):
             runs[f"{name}_fwd_bwd"] = (lambda c, m=m: bare_pass(m, None, batch, cfg.train.amp, accum, n, c), per_step)
-    return runs, bare_model, batch[0]
+    return runs, flops, per_step
 
 
 def measure(runs: dict, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
@@ -254,14 +254,13 @@ def main() -> int:
     cfg.train.accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, env.world_size)
     with tempfile.TemporaryDirectory() as log_dir, open(os.devnull, "w") as devnull:
         logger = RunLogger(log_dir, enabled=env.is_main, bar_file=devnull)  # the bar's work is done, not shown
-        runs, model, images = build_runs(cfg, args, env, device, logger)
+        runs, flops, global_batch = build_runs(cfg, args, env, device, logger)
         rates, memory = measure(runs, args, device)
         logger.close()
-    record = summarize(rates, memory, forward_flops(model, images),
-                       peak_tflops(device, cfg.train.amp, args.peak_tflops))
+    record = summarize(rates, memory, flops, peak_tflops(device, cfg.train.amp, args.peak_tflops))
     record.update(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                   threads=torch.get_num_threads(), world_size=env.world_size,
-                  global_batch=cfg.data.batch_size * env.world_size * cfg.train.accum_steps, config=args.config,
+                  global_batch=global_batch, config=args.config,
                   overrides=args.overrides, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
                   compile=cfg.train.compile, grad_checkpointing=cfg.train.grad_checkpointing,
                   num_workers=cfg.data.num_workers, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
