@@ -34,6 +34,8 @@ class ModelCfg:
     layer_scale_init: float = 1e-6  # 0 disables layer scale
     head_init_scale: float = 1.0
     patch_size: int = 4  # stem kernel = stride; 2 suits 28-32 px images
+    depths: list = field(default_factory=list)  # blocks in each of the 4 stages; [] keeps the variant's
+    dims: list = field(default_factory=list)  # channels of each of the 4 stages; [] keeps the variant's
     pretrained: str = ""  # weights to start from: ours, official release, timm (.pth/.bin/.safetensors)
     pretrained_ema: bool = False  # take the EMA weights of a training checkpoint
     pretrained_head: bool = True  # false: a fresh head even when the checkpoint's fits (other classes, same count)
@@ -262,6 +264,11 @@ def validate(cfg: Config) -> None:
     if cfg.optim.layer_decay <= 0 or not 0 <= cfg.optim.freeze_stages <= 4:
         raise ConfigError(f"optim.layer_decay must be in (0, 1] (got {cfg.optim.layer_decay}) and optim.freeze_stages "
                           f"in 0-4 (got {cfg.optim.freeze_stages})")
+    for key in ("model.depths", "model.dims"):
+        value = get(cfg, key)
+        if value and (len(value) != 4 or not all(isinstance(v, int) and v > 0 for v in value)):
+            raise ConfigError(f"config key '{key}' must be 4 positive integers, one per stage (or [] for the "
+                              f"variant's), got {value}")
     if not 0 <= cfg.train.grad_checkpointing <= 4:
         raise ConfigError(f"train.grad_checkpointing is a number of stages, 0-4; got {cfg.train.grad_checkpointing}")
     if len(cfg.optim.betas) != 2:

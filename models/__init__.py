@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from engine.errors import UserError
 
@@ -40,8 +40,10 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, num_classes: int = 1000, pretrained: str = "", pretrained_ema: bool = False,
-                 pretrained_head: bool = True, log: Callable[[str], None] = print, **overrides) -> ConvNeXt:
-    """Build `convnext_<variant>`; `overrides` replace any constructor argument, depths/dims included.
+                 pretrained_head: bool = True, log: Callable[[str], None] = print, depths: Sequence[int] = (),
+                 dims: Sequence[int] = (), **overrides) -> ConvNeXt:
+    """Build `convnext_<variant>`; `depths`/`dims`, when given, replace the variant's, `overrides` any other
+    constructor argument.
 
     `pretrained`: a weights file of any supported layout (models.pretrained) to start from, its EMA weights with
     `pretrained_ema`, without its head when not `pretrained_head`; what had to be adapted to fit (head, stem) is
@@ -51,8 +53,8 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str = "", pretr
     for key in overrides:
         if key not in _OVERRIDES:
             raise _unknown("model option", key, _OVERRIDES)
-    depths, dims = VARIANTS[name.removeprefix(_PREFIX)]
-    model = ConvNeXt(num_classes=num_classes, **{"depths": depths, "dims": dims, **overrides})
+    variant_depths, variant_dims = VARIANTS[name.removeprefix(_PREFIX)]
+    model = ConvNeXt(num_classes=num_classes, depths=depths or variant_depths, dims=dims or variant_dims, **overrides)
     if pretrained:
         for note in load_pretrained(model, pretrained, ema=pretrained_ema, head=pretrained_head):
             log(f"{pretrained}: {note}")

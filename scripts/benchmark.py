@@ -155,7 +155,8 @@ def timm_twin(cfg: Config, num_classes: int, in_chans: int, device: torch.device
         raise UserError("--vs-timm compares train.grad_checkpointing 0 or 4 only (timm checkpoints all stages or none)")
     model = timm.create_model(m.name, num_classes=num_classes, in_chans=in_chans, drop_path_rate=m.drop_path,
                               ls_init_value=m.layer_scale_init or None, patch_size=m.patch_size,
-                              head_init_scale=m.head_init_scale)
+                              head_init_scale=m.head_init_scale, **{k: v for k, v in (("depths", m.depths),
+                                                                                      ("dims", m.dims)) if v})
     model.set_grad_checkpointing(cfg.train.grad_checkpointing == 4)
     theirs, mine = forward_flops(model.to(images.device), images), our_flops
     if abs(theirs - mine) > 1e-3 * mine:  # e.g. patch_size < 4, where timm adds a stride-2 downsampler to stage 0
