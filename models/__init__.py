@@ -10,7 +10,8 @@ from engine.errors import UserError
 from .convnext import VARIANTS, ConvNeXt
 from .pretrained import load_pretrained
 
-__all__ = ["ConvNeXt", "UnknownModelError", "VARIANTS", "check_model_name", "create_model", "list_models"]
+__all__ = ["ConvNeXt", "UnknownModelError", "VARIANTS", "check_model_name", "create_model", "list_models",
+           "stage_shapes"]
 
 _PREFIX = "convnext_"
 # Everything the constructor takes except what create_model sets itself.
@@ -39,6 +40,12 @@ def check_model_name(name: str) -> None:
         raise _unknown("model", name, list_models(), prefix=_PREFIX)
 
 
+def stage_shapes(name: str, depths: Sequence[int] = (), dims: Sequence[int] = ()) -> tuple[Sequence[int], Sequence[int]]:
+    """(depths, dims) of `convnext_<variant>`, each replaced by the given one when that is not empty."""
+    variant_depths, variant_dims = VARIANTS[name.removeprefix(_PREFIX)]
+    return depths or variant_depths, dims or variant_dims
+
+
 def create_model(name: str, num_classes: int = 1000, pretrained: str = "", pretrained_ema: bool = False,
                  pretrained_head: bool = True, log: Callable[[str], None] = print, depths: Sequence[int] = (),
                  dims: Sequence[int] = (), **overrides) -> ConvNeXt:
@@ -53,8 +60,8 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str = "", pretr
     for key in overrides:
         if key not in _OVERRIDES:
             raise _unknown("model option", key, _OVERRIDES)
-    variant_depths, variant_dims = VARIANTS[name.removeprefix(_PREFIX)]
-    model = ConvNeXt(num_classes=num_classes, depths=depths or variant_depths, dims=dims or variant_dims, **overrides)
+    depths, dims = stage_shapes(name, depths, dims)
+    model = ConvNeXt(num_classes=num_classes, depths=depths, dims=dims, **overrides)
     if pretrained:
         for note in load_pretrained(model, pretrained, ema=pretrained_ema, head=pretrained_head):
             log(f"{pretrained}: {note}")

@@ -41,6 +41,7 @@ from engine.logging import RunLogger  # noqa: E402
 from engine.loop import TrainParts, autocast, to_device, train_one_epoch  # noqa: E402
 from engine.optim import accum_steps_for, create_optimizer  # noqa: E402
 from engine.preemption import StopRequest  # noqa: E402
+from models import stage_shapes  # noqa: E402
 from train import build_model, build_parts, init_process, seed_everything, wrap_model  # noqa: E402
 
 MODES = ("bare", "trainer", "pipeline", "loader")
@@ -153,10 +154,10 @@ def timm_twin(cfg: Config, num_classes: int, in_chans: int, device: torch.device
     m = cfg.model
     if cfg.train.grad_checkpointing not in (0, 4):
         raise UserError("--vs-timm compares train.grad_checkpointing 0 or 4 only (timm checkpoints all stages or none)")
-    model = timm.create_model(m.name, num_classes=num_classes, in_chans=in_chans, drop_path_rate=m.drop_path,
-                              ls_init_value=m.layer_scale_init or None, patch_size=m.patch_size,
-                              head_init_scale=m.head_init_scale, **{k: v for k, v in (("depths", m.depths),
-                                                                                      ("dims", m.dims)) if v})
+    depths, dims = stage_shapes(m.name, m.depths, m.dims)
+    model = timm.create_model(m.name, depths=depths, dims=dims, num_classes=num_classes, in_chans=in_chans,
+                              drop_path_rate=m.drop_path, ls_init_value=m.layer_scale_init or None,
+                              patch_size=m.patch_size, head_init_scale=m.head_init_scale)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing == 4)
     theirs, mine = forward_flops(model.to(images.device), images), our_flops
     if abs(theirs - mine) > 1e-3 * mine:  # e.g. patch_size < 4, where timm adds a stride-2 downsampler to stage 0

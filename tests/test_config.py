@@ -1,5 +1,6 @@
 import glob
 import os
+from dataclasses import asdict
 
 import pytest
 import yaml
@@ -7,6 +8,7 @@ import yaml
 from engine.errors import UserError
 from engine.config import ConfigError, all_keys, config_from_dict, load_config, save_config, to_dict
 from engine.optim import accum_steps_for
+from models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH = ["data.name=synthetic"]
@@ -93,8 +95,6 @@ def test_errors_name_the_key_and_the_way_out(override, expected):
 
 
 def test_depths_and_dims_replace_the_variants():
-    from dataclasses import asdict
-    from models import create_model
     cfg = load_config(None, SYNTH + ["model.name=convnext_atto", "model.depths=[1,1,2,1]", "model.dims=[8,16,24,32]"])
     model = create_model(**asdict(cfg.model), num_classes=3)
     assert [len(s) for s in model.stages] == [1, 1, 2, 1] and model.head.in_features == 32
