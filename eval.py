@@ -54,7 +54,7 @@ def main() -> None:
     du.barrier()  # time the evaluation alone, from the same moment on every rank
     start = time.perf_counter()
     metrics = evaluate(model, loader, ctx.device, cfg.train.amp, cfg.train.channels_last,
-                       num_classes=info.num_classes if args.per_class else 0)
+                       num_classes=info.num_classes if args.per_class else 0, tta=cfg.aug.tta)
     metrics["img_per_s"] = metrics["samples"] / (time.perf_counter() - start)
     confusion = metrics.pop("confusion", None)
     if confusion is not None and ctx.env.is_main:

@@ -172,10 +172,10 @@ def report_skipped(train_set, epoch: int, before: int, device: torch.device) -> 
 
 def evaluate_run(parts: TrainParts, loader, cfg: Config, epoch: int) -> dict:
     """The eval record: the raw model's metrics, and the EMA's next to them as ema_*."""
-    record = {"epoch": epoch, **evaluate(parts.raw_model, loader, parts.device, cfg.train.amp,
-                                         cfg.train.channels_last)}
+    options = dict(amp=cfg.train.amp, channels_last=cfg.train.channels_last, tta=cfg.aug.tta)
+    record = {"epoch": epoch, **evaluate(parts.raw_model, loader, parts.device, **options)}
     if parts.ema is not None:
-        ema = evaluate(parts.ema.module, loader, parts.device, cfg.train.amp, cfg.train.channels_last)
+        ema = evaluate(parts.ema.module, loader, parts.device, **options)
         record.update({f"ema_{k}": v for k, v in ema.items() if k != "samples"})
     du.print0(f"epoch {epoch}: top-1 {record['top1']:.2f} top-5 {record['top5']:.2f} loss {record['loss']:.4f}"
               + (f" | EMA top-1 {record['ema_top1']:.2f}" if parts.ema is not None else "")

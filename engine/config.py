@@ -73,6 +73,7 @@ class AugCfg:
     hflip: float = 0.5
     interpolation: str = "bicubic"
     crop_padding: int = 4  # small recipe: pad then random-crop back to img_size
+    tta: str = "none"  # test-time augmentation in every evaluation: none | flip | flip_shift (flip + 1-px shifts)
 
 
 @dataclass
@@ -152,6 +153,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic"),
     "data.recipe": ("imagenet", "small"),
     "aug.interpolation": ("bicubic", "bilinear", "nearest"),
+    "aug.tta": ("none", "flip", "flip_shift"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
     "train.amp": ("none", "bf16", "fp16"),
     "dist.backend": ("auto", "nccl", "gloo"),

@@ -182,20 +182,36 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
 
 
 @torch.no_grad()
+def tta_views(images: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
+    """The views whose logits evaluate() averages: the batch itself; with "flip" also its mirror image; with
+    "flip_shift" also the batch moved by one pixel up, down, left and right (edges replicated)."""
+    views = [images]
+    if tta in ("flip", "flip_shift"):
+        views.append(images.flip(3))
+    if tta == "flip_shift":
+        h, w = images.shape[2:]
+        padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
+        views += [padded[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+                  for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    return views
+
+
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none",
-             channels_last: bool = False, num_classes: int = 0) -> dict:
+             channels_last: bool = False, num_classes: int = 0, tta: str = "none") -> dict:
     """Exact top-1/top-5/loss over the whole split: each rank sums over its own shard, then one all-reduce.
 
     The eval sampler gives every sample to exactly one rank, so nothing is padded or counted twice. With
     num_classes, the record also holds "confusion": counts[true class][predicted class], over all ranks.
+    tta (aug.tta) averages the logits of the tta_views of each batch: test-time augmentation.
     """
     model.eval()
     sums = torch.zeros(4 + num_classes * num_classes, dtype=torch.float64, device=device)  # loss, top1, top5, n
     for images, labels in loader:
         images, labels = to_device(images, labels, device, channels_last)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         with autocast(device, amp):
-            logits = model(images)
-        logits = logits.float()
+            logits = torch.stack([model(view.contiguous(memory_format=memory_format)).float()
+                                  for view in tta_views(images, tta)]).mean(0)
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
         sums[:4] += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine.logging import RunLogger
-from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch
+from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch, tta_views
 from engine.optim import create_optimizer
 from engine.config import OptimCfg
 from engine.ema import Ema
@@ -137,6 +137,27 @@ def test_evaluate_is_exact_on_a_short_last_batch():
     top4 = logits.topk(4, dim=1).indices.eq(labels[:, None]).any(1).float().mean().item()
     assert metrics["top5"] == pytest.approx(100.0 * top4) == pytest.approx(100.0)  # 4 classes: top-5 is top-4
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_evaluate_with_tta_averages_the_logits_of_the_flipped_and_shifted_views():
+    model, data = tiny_model(), loader(batch_size=8, n=24)
+    images, labels = data.dataset.tensors
+    with torch.no_grad():
+        logits = (model.eval()(images) + model(images.flip(3))) / 2
+    metrics = evaluate(model, data, torch.device("cpu"), tta="flip")
+    assert metrics["top1"] == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
+    assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert metrics["loss"] != pytest.approx(evaluate(model, data, torch.device("cpu"))["loss"], rel=1e-3)
+
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    assert len(tta_views(x)) == 1 and len(tta_views(x, "flip")) == 2
+    plain, mirror, up, down, left, right = tta_views(x, "flip_shift")
+    assert torch.equal(plain, x) and torch.equal(mirror, x.flip(3))
+    # Each shifted view moves the content one pixel and repeats the edge row or column it uncovers.
+    assert torch.equal(up[:, :, :-1], x[:, :, 1:]) and torch.equal(up[:, :, -1], x[:, :, -1])
+    assert torch.equal(down[:, :, 1:], x[:, :, :-1]) and torch.equal(down[:, :, 0], x[:, :, 0])
+    assert torch.equal(left[..., :-1], x[..., 1:]) and torch.equal(left[..., -1], x[..., -1])
+    assert torch.equal(right[..., 1:], x[..., :-1]) and torch.equal(right[..., 0], x[..., 0])
 
 
 NAN_ON_RANK_1 = """
