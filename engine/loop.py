@@ -181,7 +181,6 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
     return step
 
 
-@torch.no_grad()
 def tta_views(images: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
     """The views whose logits evaluate() averages: the batch itself; with "flip" also its mirror image; with
     "flip_shift" also the batch moved by one pixel up, down, left and right (edges replicated)."""
@@ -196,6 +195,7 @@ def tta_views(images: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
     return views
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none",
              channels_last: bool = False, num_classes: int = 0, tta: str = "none") -> dict:
     """Exact top-1/top-5/loss over the whole split: each rank sums over its own shard, then one all-reduce.

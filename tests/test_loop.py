@@ -144,7 +144,10 @@ def test_evaluate_with_tta_averages_the_logits_of_the_flipped_and_shifted_views(
     images, labels = data.dataset.tensors
     with torch.no_grad():
         logits = (model.eval()(images) + model(images.flip(3))) / 2
+    grad_modes = []  # an evaluation that records autograd graphs holds every view's activations: gigabytes
+    model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     metrics = evaluate(model, data, torch.device("cpu"), tta="flip")
+    assert grad_modes == [False] * 6  # 3 batches x 2 views
     assert metrics["top1"] == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
     assert metrics["loss"] != pytest.approx(evaluate(model, data, torch.device("cpu"))["loss"], rel=1e-3)
