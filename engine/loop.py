@@ -206,9 +206,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none",
     """
     model.eval()
     sums = torch.zeros(4 + num_classes * num_classes, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format  # shifted views are strided
     for images, labels in loader:
         images, labels = to_device(images, labels, device, channels_last)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         with autocast(device, amp):
             logits = torch.stack([model(view.contiguous(memory_format=memory_format)).float()
                                   for view in tta_views(images, tta)]).mean(0)
