@@ -57,11 +57,25 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)  # identity at rate 0 or in eval; kept to expose the rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.norm(self._dwconv(x).permute(0, 2, 3, 1))
         y = self.pwconv2(self.act(self.pwconv1(y)))
         if self.gamma is not None:
             y = y * self.gamma
         return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+    def _dwconv(self, x: torch.Tensor) -> torch.Tensor:
+        """The 7x7 depthwise conv. On a map of fewer than 4 rows or columns (the last stages of small images) only
+        the kernel's central 2h-1 rows and 2w-1 columns ever meet an input pixel, the rest multiply padding: run
+        just those taps. The output is the same; on the CPU, oneDNN's weight gradient over the padded map is what
+        it saves (README, Speed)."""
+        k = self.dwconv.kernel_size[0]
+        h, w = x.shape[-2:]
+        kh, kw = min(k, 2 * h - 1), min(k, 2 * w - 1)
+        if kh == kw == k:
+            return self.dwconv(x)
+        top, left = (k - kh) // 2, (k - kw) // 2
+        weight = self.dwconv.weight[:, :, top:top + kh, left:left + kw]
+        return F.conv2d(x, weight, self.dwconv.bias, padding=(kh // 2, kw // 2), groups=self.dwconv.groups)
 
 
 class ConvNeXt(nn.Module):

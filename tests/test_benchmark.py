@@ -43,6 +43,6 @@ def test_benchmark_refuses_an_unknown_mode():
 
 
 def test_benchmark_refuses_to_compare_with_a_different_timm_network():
-    """timm's convnext with patch_size 2 downsamples in stage 0 as well: 4x fewer FLOPs, not our network."""
+    """timm's convnext with patch_size 2 downsamples in stage 0 as well: more parameters, not our network."""
     proc = run(["scripts/benchmark.py", "--config", DEBUG, "--vs-timm", *QUICK[:6], "model.patch_size=2"], check=False)
     assert proc.returncode == 2 and "not the same network" in proc.stderr

@@ -6,6 +6,7 @@ from torch import nn
 
 from engine.errors import UserError
 from models import VARIANTS, ConvNeXt, UnknownModelError, create_model, list_models
+from models.convnext import Block
 from models.keys import (CheckpointError, CheckpointMismatchError, detect_layout, load_weights, official_to_timm,
                          strip_prefixes, timm_to_official, to_official, unwrap_checkpoint)
 
@@ -208,6 +209,25 @@ def test_unknown_names_suggest_close_matches():
     with pytest.raises(UnknownModelError, match="did you mean drop_path.*valid: in_chans"):
         create_model("convnext_atto", drop_path_rate=0.1)
     assert list_models()[0] == "convnext_atto" and len(list_models()) == len(VARIANTS)
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (2, 2), (3, 3), (1, 5), (2, 4), (4, 4), (8, 3)])
+def test_small_maps_use_only_the_taps_that_reach_pixels(h, w):
+    """On maps narrower than the 7x7 kernel the block runs a cropped kernel: the output and every gradient must be
+    those of the full, padded conv, and the taps that only ever met padding get a zero gradient."""
+    torch.manual_seed(0)
+    block = Block(8)
+    x = torch.randn(3, 8, h, w, requires_grad=True)
+    grads = []
+    for conv in (block._dwconv, block.dwconv):  # cropped (when the map is small), then the plain nn.Conv2d
+        out = conv(x)
+        grads.append([out, *torch.autograd.grad(out.square().sum(), (x, block.dwconv.weight, block.dwconv.bias))])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    reach = torch.zeros(7, 7, dtype=torch.bool)
+    reach[max(0, 4 - h):3 + h, max(0, 4 - w):3 + w] = True  # kernel rows 3-(h-1) .. 3+(h-1), columns likewise
+    weight_grad = grads[0][2][:, 0]
+    assert weight_grad[:, ~reach].count_nonzero() == 0 and weight_grad[:, reach].abs().min() > 0
 
 
 def test_channels_last_matches_contiguous():
