@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -46,7 +45,7 @@ def main() -> None:
     _, val_set, info = build_datasets(cfg.data, cfg.aug, train=False)
     loader = build_eval_loader(val_set, cfg.data, ctx.env.rank, ctx.env.world_size)
     # model.pretrained is a starting point for training; what is evaluated is --checkpoint.
-    model = create_model(**{**asdict(cfg.model), "pretrained": ""}, num_classes=info.num_classes,
+    model = create_model(**{**cfg.model.create_args(), "pretrained": ""}, num_classes=info.num_classes,
                          in_chans=info.in_chans)
     load_weights(model, read_weights(args.checkpoint), ema=args.ema)  # .pth, .bin or .safetensors, any layout
     model.to(ctx.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)

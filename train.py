@@ -22,7 +22,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 import distributed_utils as du
-from data import build_datasets, build_eval_loader, build_train_loader, skipped_images, start_epoch
+from data import build_datasets, build_eval_loader, build_train_loader, sample_images, skipped_images, start_epoch
 from engine.checkpoint import (checkpoint_dir, load_checkpoint, load_latest, rng_state, save_training_checkpoint,
                                set_rng_state)
 from engine.config import Config, ConfigError, load_config, save_config, to_dict
@@ -34,6 +34,7 @@ from engine.optim import (accum_steps_for, create_optimizer, describe_groups, gl
 from engine.preemption import EXIT_PREEMPTED, Preempted, StopRequest
 from models import create_model
 from models.keys import load_weights
+from models.whitening import whiten_stem
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +67,7 @@ def init_process(cfg: Config) -> du.DistContext:
 
 def build_model(cfg: Config, num_classes: int, in_chans: int, device: torch.device) -> nn.Module:
     """The bare ConvNeXt of cfg.model (pretrained weights loaded), on the device in the configured layout."""
-    model = create_model(**asdict(cfg.model), num_classes=num_classes, in_chans=in_chans, log=du.print0)
+    model = create_model(**cfg.model.create_args(), num_classes=num_classes, in_chans=in_chans, log=du.print0)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     return model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
 
@@ -161,9 +162,14 @@ def build_parts(cfg: Config, model: nn.Module, num_classes: int, device: torch.d
     return parts, batch, lr
 
 
+def skipped_total(train_set, device: torch.device) -> int:
+    """Collective: the unreadable images (data.skip_corrupt) all ranks have skipped so far."""
+    return int(du.all_reduce_sum(torch.tensor([float(skipped_images(train_set))], device=device)).item())
+
+
 def report_skipped(train_set, epoch: int, before: int, device: torch.device) -> int:
-    """Say how many unreadable images (data.skip_corrupt) all ranks skipped this epoch; returns the total."""
-    total = int(du.all_reduce_sum(torch.tensor([float(skipped_images(train_set))], device=device)).item())
+    """Say how many unreadable images all ranks skipped this epoch; returns the total."""
+    total = skipped_total(train_set, device)
     if total > before:
         du.print0(f"warning: epoch {epoch} skipped {total - before} unreadable training images (data.skip_corrupt); "
                   f"their paths are in the warnings above")
@@ -207,6 +213,10 @@ def main() -> int:
     # Model: the same seed on every rank gives the same init (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.seed)
     model = build_model(cfg, info.num_classes, info.in_chans, device)
+    if cfg.model.stem_init == "whiten":  # before the EMA copies the model; a resumed run then loads over it
+        filters = whiten_stem(model, sample_images(train_set, cfg.data))
+        du.print0(f"model.stem_init=whiten: {filters} of {model.downsample_layers[0][0].out_channels} stem filters "
+                  f"set to +- the whitening of the training images' patches")
     seed_everything(cfg.seed + env.rank)  # augmentation, mixup and drop path differ per rank
 
     parts, batch, lr = build_parts(cfg, model, info.num_classes, device, env.world_size, steps_per_epoch)
@@ -250,7 +260,7 @@ def main() -> int:
             raise Preempted(f"stopped by a signal at epoch {progress.epoch}, step {step}; checkpoint written, "
                             f"start the run again to continue")
 
-    skipped = 0  # unreadable images so far, all ranks
+    skipped = skipped_total(train_set, device) if cfg.data.skip_corrupt else 0  # the stem's sample may have met some
     while progress.epoch < cfg.schedule.epochs:
         epoch, start_samples = progress.epoch, progress.epoch_samples
         start_epoch(train_loader, epoch, start=start_samples)

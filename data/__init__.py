@@ -77,6 +77,15 @@ def build_train_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_siz
     return loader
 
 
+def sample_images(dataset: Dataset, data_cfg: DataCfg, pixels: int = 2 ** 22) -> torch.Tensor:
+    """About `pixels` pixels' worth of images spread evenly over `dataset` (no RNG draws but the recipe's own), as
+    its recipe yields them: data statistics for models.whitening. 4,096 images at 32 px, 83 at 224 px."""
+    count = min(len(dataset), max(1, pixels // data_cfg.img_size ** 2))
+    indices = torch.linspace(0, len(dataset) - 1, count).long().tolist()
+    loader = DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=indices, **_loader_options(dataset, data_cfg))
+    return torch.cat([images for images, _ in loader])
+
+
 def start_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
     """Point a train loader at `start` samples into `epoch`: the same shuffle on every rank, resumed in place, and
     the same augmentation draws in loader workers whatever happened before (EpochSeeding)."""
@@ -97,4 +106,4 @@ def build_eval_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size
 
 
 __all__ = ["DataError", "DatasetInfo", "ExactShardSampler", "build_datasets", "build_train_loader",
-           "build_eval_loader", "skipped_images", "start_epoch"]
+           "build_eval_loader", "sample_images", "skipped_images", "start_epoch"]

@@ -28,7 +28,8 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class ModelCfg:
-    """Fields are create_model() keyword arguments, so a config builds its model with create_model(**asdict(cfg.model))."""
+    """Fields are create_model() keyword arguments (create_model(**cfg.model.create_args())), but for stem_init,
+    which needs the training data and is applied by train.py."""
     name: str = "convnext_tiny"
     drop_path: float = 0.1  # stochastic depth rate of the last block; rises linearly from 0
     layer_scale_init: float = 1e-6  # 0 disables layer scale
@@ -39,6 +40,13 @@ class ModelCfg:
     pretrained: str = ""  # weights to start from: ours, official release, timm (.pth/.bin/.safetensors)
     pretrained_ema: bool = False  # take the EMA weights of a training checkpoint
     pretrained_head: bool = True  # false: a fresh head even when the checkpoint's fits (other classes, same count)
+    stem_init: str = "default"  # default (truncated normal) | whiten (patch whitening of the training images)
+
+    def create_args(self) -> dict:
+        """The create_model() keyword arguments."""
+        args = dataclasses.asdict(self)
+        del args["stem_init"]
+        return args
 
 
 @dataclass
@@ -152,6 +160,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic"),
     "data.recipe": ("imagenet", "small"),
+    "model.stem_init": ("default", "whiten"),
     "aug.interpolation": ("bicubic", "bilinear", "nearest"),
     "aug.tta": ("none", "flip", "flip_shift"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
@@ -260,6 +269,9 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"config key '{key}' must be within [0, 1], got {get(cfg, key)}")
     check_model_name(cfg.model.name)  # before any data is read, which can take minutes on ImageNet
+    if cfg.model.stem_init == "whiten" and cfg.model.pretrained:
+        raise ConfigError("model.stem_init=whiten would overwrite the stem that model.pretrained loads; set "
+                          "model.stem_init=default to fine-tune, or drop model.pretrained to train from scratch")
     if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.data.batch_size % 2:
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be even for mixup/cutmix (they pair each "
                           f"image with its mirror in the batch); use an even size or set aug.mixup=0 aug.cutmix=0")

@@ -1,6 +1,5 @@
 import glob
 import os
-from dataclasses import asdict
 
 import pytest
 import yaml
@@ -86,19 +85,21 @@ def test_file_then_overrides(tmp_path):
     ("data.batch_size=15", "must be even for mixup/cutmix"),
     ("model.depths=[2,2,6]", "'model.depths' must be 4 positive integers"),
     ("model.dims=[8,16,0,32]", "'model.dims' must be 4 positive integers"),
+    ("model.stem_init=pca", "'model.stem_init' is 'pca'; allowed: default, whiten"),
+    ("model.pretrained=w.pth model.stem_init=whiten", "would overwrite the stem that model.pretrained loads"),
 ])
 def test_errors_name_the_key_and_the_way_out(override, expected):
     with pytest.raises(UserError) as e:
-        load_config(None, SYNTH + ["schedule.epochs=10", override])
+        load_config(None, SYNTH + ["schedule.epochs=10", *override.split()])
     assert expected in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_depths_and_dims_replace_the_variants():
     cfg = load_config(None, SYNTH + ["model.name=convnext_atto", "model.depths=[1,1,2,1]", "model.dims=[8,16,24,32]"])
-    model = create_model(**asdict(cfg.model), num_classes=3)
+    model = create_model(**cfg.model.create_args(), num_classes=3)
     assert [len(s) for s in model.stages] == [1, 1, 2, 1] and model.head.in_features == 32
-    default = create_model(**asdict(load_config(None, SYNTH + ["model.name=convnext_atto"]).model), num_classes=3)
+    default = create_model(**load_config(None, SYNTH + ["model.name=convnext_atto"]).model.create_args(), num_classes=3)
     assert [len(s) for s in default.stages] == [2, 2, 6, 2] and default.head.in_features == 320
 
 

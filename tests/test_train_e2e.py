@@ -87,6 +87,7 @@ def test_single_process_debug_run_then_resume_on_two(tmp_path):
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1",
                 "data.synthetic_train_size=64", "train.global_batch=32"])
     assert "single: world 1" in proc.stdout and "global batch 32 = 16 x 1 processes x 2 accum" in proc.stdout
+    assert "model.stem_init=whiten: 24 of 40 stem filters set to +- the whitening" in proc.stdout
     assert records(out, "eval")[-1]["samples"] == 101
     # Another world size: the global batch holds (accumulation halves), the change is announced.
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=2",
@@ -126,6 +127,7 @@ def test_training_starts_from_timm_weights_with_a_new_head(tmp_path):
     path, official = timm_weights(tmp_path)
     out = tmp_path / "finetuned"
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", f"model.pretrained={path}", "model.patch_size=4",
+                "model.stem_init=default",
                 "schedule.epochs=1", "data.synthetic_train_size=32", "model.drop_path=0"])
     assert "head: skipped head.weight, head.bias (1000 classes in the checkpoint, 10 here)" in proc.stdout
     trained = torch.load(out / "checkpoints" / "last.pth", weights_only=True)["model"]
