@@ -210,10 +210,12 @@ def main() -> int:
         raise ConfigError(f"an epoch has no optimizer step: {info.train_size} training images < data.batch_size "
                           f"x world size x train.accum_steps; lower data.batch_size or train.accum_steps")
 
+    found = (args.resume, load_checkpoint(args.resume)) if args.resume else load_latest(cfg.output_dir, du.print0)
+
     # Model: the same seed on every rank gives the same init (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.seed)
     model = build_model(cfg, info.num_classes, info.in_chans, device)
-    if cfg.model.stem_init == "whiten":  # before the EMA copies the model; a resumed run then loads over it
+    if cfg.model.stem_init == "whiten" and not found:  # before the EMA copies the model; a resumed run has its stem
         filters = whiten_stem(model, sample_images(train_set, cfg.data))
         du.print0(f"model.stem_init=whiten: {filters} of {model.downsample_layers[0][0].out_channels} stem filters "
                   f"set to +- the whitening of the training images' patches")
@@ -230,7 +232,6 @@ def main() -> int:
               f"in all")
 
     progress = Progress()
-    found = (args.resume, load_checkpoint(args.resume)) if args.resume else load_latest(cfg.output_dir, du.print0)
     if found:
         progress = restore(parts, found[1], env.rank, env.world_size)
         du.print0(f"resumed from {found[0]}: epoch {progress.epoch} (+{progress.epoch_samples} samples), "

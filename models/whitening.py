@@ -32,11 +32,11 @@ def patch_whitening(images: torch.Tensor, patch_size: int, eps: float = EPS) -> 
 
 
 @torch.no_grad()
-def whiten_stem(model: ConvNeXt, images: torch.Tensor, eps: float = EPS) -> int:
+def whiten_stem(model: ConvNeXt, images: torch.Tensor) -> int:
     """Set the stem's filters to +- the patch whitening of `images` (normalised, as the model sees them) and its
     biases so that those filters' outputs are centred; returns how many filters were set."""
     conv = model.downsample_layers[0][0]
-    filters, mean = patch_whitening(images.float(), conv.kernel_size[0], eps)
+    filters, mean = patch_whitening(images, conv.kernel_size[0])
     n = min(len(filters), conv.out_channels // 2)
     signed = torch.cat([filters[:n], -filters[:n]]).to(conv.weight)
     conv.weight[:2 * n] = signed
