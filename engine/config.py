@@ -81,7 +81,7 @@ class AugCfg:
     hflip: float = 0.5
     interpolation: str = "bicubic"
     crop_padding: int = 4  # small recipe: pad then random-crop back to img_size
-    tta: str = "none"  # test-time augmentation in every evaluation: none | flip | flip_shift (flip + 1-px shifts)
+    tta: str = "none"  # test-time augmentation in every evaluation: none | flip | flip_shift | flip_x_shift
 
 
 @dataclass
@@ -162,7 +162,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.recipe": ("imagenet", "small"),
     "model.stem_init": ("default", "whiten"),
     "aug.interpolation": ("bicubic", "bilinear", "nearest"),
-    "aug.tta": ("none", "flip", "flip_shift"),
+    "aug.tta": ("none", "flip", "flip_shift", "flip_x_shift"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
     "train.amp": ("none", "bf16", "fp16"),
     "dist.backend": ("auto", "nccl", "gloo"),

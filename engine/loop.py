@@ -79,8 +79,10 @@ def _micro_batches(loader: Iterable, accum_steps: int):
 def _optimizer_step(p: TrainParts, want_norm: bool) -> Optional[torch.Tensor]:
     p.scaler.unscale_(p.optimizer)  # clip real gradients, not fp16-scaled ones (a no-op without fp16)
     norm = None
-    if p.clip_grad > 0 or want_norm:
-        norm = nn.utils.clip_grad_norm_(p.raw_model.parameters(), p.clip_grad if p.clip_grad > 0 else math.inf)
+    if p.clip_grad > 0:
+        norm = nn.utils.clip_grad_norm_(p.raw_model.parameters(), p.clip_grad)
+    elif want_norm:  # the norm alone: clip_grad_norm_ with max inf would still multiply every gradient by 1
+        norm = nn.utils.get_total_norm([q.grad for q in p.raw_model.parameters() if q.grad is not None])
     p.scaler.step(p.optimizer)
     p.scaler.update()
     p.optimizer.zero_grad(set_to_none=True)
@@ -183,13 +185,15 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
 
 def tta_views(images: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
     """The views whose logits evaluate() averages: the batch itself; with "flip" also its mirror image; with
-    "flip_shift" also the batch moved by one pixel up, down, left and right (edges replicated)."""
+    "flip_shift" also the batch moved by one pixel up, down, left and right (edges replicated); with
+    "flip_x_shift" the mirror image moved those four ways as well (10 views)."""
     views = [images]
-    if tta in ("flip", "flip_shift"):
+    if tta != "none":
         views.append(images.flip(3))
-    if tta == "flip_shift":
-        h, w = images.shape[2:]
-        padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
+    shifted = {"flip_shift": views[:1], "flip_x_shift": views[:2]}.get(tta, [])
+    for view in shifted:
+        h, w = view.shape[2:]
+        padded = F.pad(view, (1, 1, 1, 1), mode="replicate")
         views += [padded[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
                   for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1))]
     return views

@@ -161,6 +161,9 @@ def test_evaluate_with_tta_averages_the_logits_of_the_flipped_and_shifted_views(
     assert torch.equal(down[:, :, 1:], x[:, :, :-1]) and torch.equal(down[:, :, 0], x[:, :, 0])
     assert torch.equal(left[..., :-1], x[..., 1:]) and torch.equal(left[..., -1], x[..., -1])
     assert torch.equal(right[..., 1:], x[..., :-1]) and torch.equal(right[..., 0], x[..., 0])
+    both = tta_views(x, "flip_x_shift")  # the same 6, then the mirror's 4 shifts
+    assert len(both) == 10 and all(torch.equal(a, b) for a, b in zip(both, tta_views(x, "flip_shift")))
+    assert all(torch.equal(m, v.flip(3)) for m, v in zip(both[6:], (up, down, right, left)))
 
 
 NAN_ON_RANK_1 = """
