@@ -190,9 +190,9 @@ def tta_views(images: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
     views = [images]
     if tta != "none":
         views.append(images.flip(3))
-    shifted = {"flip_shift": views[:1], "flip_x_shift": views[:2]}.get(tta, [])
+    shifted = views[:2] if tta == "flip_x_shift" else views[:1] if tta == "flip_shift" else []
+    h, w = images.shape[2:]
     for view in shifted:
-        h, w = view.shape[2:]
         padded = F.pad(view, (1, 1, 1, 1), mode="replicate")
         views += [padded[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
                   for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1))]
