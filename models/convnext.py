@@ -13,6 +13,8 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .convs import DepthwiseConv2d, PatchConv2d
+
 # name -> (depths, dims). tiny..xlarge: paper Sec. 3, "ConvNeXt variants"; atto..nano: timm's small variants.
 VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
@@ -46,7 +48,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init: float = 1e-6):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.dwconv = DepthwiseConv2d(dim, kernel_size=7)
         self.norm = nn.LayerNorm(dim, eps=EPS)
         # Linear layers on NHWC are the official 1x1 convs; the names must stay for checkpoint keys.
         self.pwconv1 = nn.Linear(dim, 4 * dim)
@@ -57,25 +59,11 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)  # identity at rate 0 or in eval; kept to expose the rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(self._dwconv(x).permute(0, 2, 3, 1))
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
         y = self.pwconv2(self.act(self.pwconv1(y)))
         if self.gamma is not None:
             y = y * self.gamma
         return x + self.drop_path(y.permute(0, 3, 1, 2))
-
-    def _dwconv(self, x: torch.Tensor) -> torch.Tensor:
-        """The 7x7 depthwise conv. On a map of fewer than 4 rows or columns (the last stages of small images) only
-        the kernel's central 2h-1 rows and 2w-1 columns ever meet an input pixel, the rest multiply padding: run
-        just those taps. The output is the same; on the CPU, oneDNN's weight gradient over the padded map is what
-        it saves (README, Speed)."""
-        k = self.dwconv.kernel_size[0]
-        h, w = x.shape[-2:]
-        kh, kw = min(k, 2 * h - 1), min(k, 2 * w - 1)
-        if kh == kw == k:
-            return self.dwconv(x)
-        top, left = (k - kh) // 2, (k - kw) // 2
-        weight = self.dwconv.weight[:, :, top:top + kh, left:left + kw]
-        return F.conv2d(x, weight, self.dwconv.bias, padding=(kh // 2, kw // 2), groups=self.dwconv.groups)
 
 
 class ConvNeXt(nn.Module):
@@ -98,9 +86,9 @@ class ConvNeXt(nn.Module):
         self.checkpoint_stages = 0  # set_grad_checkpointing
 
         # Index 0 is the stem, 1..3 the downsamplers: the official layout keeps them in one list.
-        stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], patch_size, stride=patch_size), LayerNorm2d(dims[0], eps=EPS))
+        stem = nn.Sequential(PatchConv2d(in_chans, dims[0], patch_size), LayerNorm2d(dims[0], eps=EPS))
         self.downsample_layers = nn.ModuleList(
-            [stem] + [nn.Sequential(LayerNorm2d(dims[i - 1], eps=EPS), nn.Conv2d(dims[i - 1], dims[i], 2, stride=2))
+            [stem] + [nn.Sequential(LayerNorm2d(dims[i - 1], eps=EPS), PatchConv2d(dims[i - 1], dims[i], 2))
                       for i in range(1, 4)]
         )
 

@@ -1,12 +1,13 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
 from engine.errors import UserError
 from models import VARIANTS, ConvNeXt, UnknownModelError, create_model, list_models
-from models.convnext import Block
+from models.convs import DENSE_MAX_PIXELS, DepthwiseConv2d, PatchConv2d
 from models.keys import (CheckpointError, CheckpointMismatchError, detect_layout, load_weights, official_to_timm,
                          strip_prefixes, timm_to_official, to_official, unwrap_checkpoint)
 
@@ -211,23 +212,48 @@ def test_unknown_names_suggest_close_matches():
     assert list_models()[0] == "convnext_atto" and len(list_models()) == len(VARIANTS)
 
 
-@pytest.mark.parametrize("h, w", [(1, 1), (2, 2), (3, 3), (1, 5), (2, 4), (4, 4), (8, 3)])
-def test_small_maps_use_only_the_taps_that_reach_pixels(h, w):
-    """On maps narrower than the 7x7 kernel the block runs a cropped kernel: the output and every gradient must be
-    those of the full, padded conv, and the taps that only ever met padding get a zero gradient."""
+def _forward_and_grads(fn, x: torch.Tensor, conv: nn.Conv2d) -> list[torch.Tensor]:
+    out = fn(x)
+    return [out, *torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))]
+
+
+def _assert_matches_conv2d(conv: nn.Conv2d, x: torch.Tensor, monkeypatch) -> None:
+    """conv(x) and every gradient equal F.conv2d's with the same weights, and conv never ran nn.Conv2d's kernel."""
+    want = _forward_and_grads(lambda t: F.conv2d(t, conv.weight, conv.bias, conv.stride, conv.padding, 1, conv.groups),
+                              x, conv)
+    with monkeypatch.context() as m:
+        m.setattr(nn.Conv2d, "_conv_forward", lambda *a: pytest.fail("took nn.Conv2d's path"))
+        got = _forward_and_grads(conv, x, conv)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("h, w", [(1, 1), (2, 2), (3, 3), (1, 5), (2, 4), (4, 4), (8, 3), (7, 7), (8, 8)])
+def test_depthwise_conv_on_small_maps_is_a_matrix_product_with_the_same_results(h, w, channels_last, monkeypatch):
     torch.manual_seed(0)
-    block = Block(8)
-    x = torch.randn(3, 8, h, w, requires_grad=True)
-    grads = []
-    for conv in (block._dwconv, block.dwconv):  # cropped (when the map is small), then the plain nn.Conv2d
-        out = conv(x)
-        grads.append([out, *torch.autograd.grad(out.square().sum(), (x, block.dwconv.weight, block.dwconv.bias))])
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    reach = torch.zeros(7, 7, dtype=torch.bool)
-    reach[max(0, 4 - h):3 + h, max(0, 4 - w):3 + w] = True  # kernel rows 3-(h-1) .. 3+(h-1), columns likewise
-    weight_grad = grads[0][2][:, 0]
-    assert weight_grad[:, ~reach].count_nonzero() == 0 and weight_grad[:, reach].abs().min() > 0
+    conv = DepthwiseConv2d(8, kernel_size=7)
+    x = torch.randn(3, 8, h, w).contiguous(memory_format=torch.channels_last if channels_last else
+                                           torch.contiguous_format).requires_grad_()
+    _assert_matches_conv2d(conv, x, monkeypatch)
+
+
+def test_depthwise_conv_on_larger_maps_runs_the_conv(monkeypatch):
+    calls, original = [], nn.Conv2d._conv_forward
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda *a: calls.append(1) or original(*a))
+    DepthwiseConv2d(4, kernel_size=7)(torch.randn(2, 4, 9, 8))  # 72 pixels
+    assert DENSE_MAX_PIXELS < 72 and calls == [1]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("in_chans, patch, size", [(1, 4, 32), (3, 4, 30), (8, 2, 8), (8, 2, 7), (16, 2, 3)])
+def test_patch_conv_is_a_matrix_product_with_the_same_results(in_chans, patch, size, channels_last, monkeypatch):
+    """Stride == kernel: the stem and the downsamplers, odd sizes included (the last row and column are dropped)."""
+    torch.manual_seed(0)
+    conv = PatchConv2d(in_chans, 12, patch)
+    x = torch.randn(3, in_chans, size, size + 1).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format).requires_grad_()
+    _assert_matches_conv2d(conv, x, monkeypatch)
 
 
 def test_channels_last_matches_contiguous():
@@ -249,6 +275,19 @@ def test_bf16_autocast_and_compile_trace():
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x))
+
+
+def test_compiled_backward_matches_eager():
+    """The matrix-form convs, their custom backward included, traced by torch.compile's autograd: same gradients."""
+    model = randomize(ConvNeXt(**SMALL)).train()  # maps of 16, 8, 4 and 2 px: the last three take the matrix form
+    x = torch.randn(2, 1, 32, 32)
+    grads = []
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad()
+        run(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("stages", [1, 4])

@@ -1,0 +1,73 @@
+"""ConvNeXt's two kinds of convolution, computed on the CPU as matrix products: the same results, several times faster.
+
+Both are nn.Conv2d subclasses with its parameters, so state_dict keys and initialisation do not change; on any other
+device they run nn.Conv2d's own forward (cuDNN), since the matrix forms were only measured on the CPU. There, for
+the small maps of 28-32 px images, oneDNN's convolution kernels (their weight gradients above all) took half of a
+ConvNeXt-atto training step (README, Speed).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Largest map (pixels) given the dense form: fwd+bwd at batch 128, 2 threads, channels_last, 2026-12-02: 8x8 1.6x
+# faster than the conv, 7x7 1.9x, 4x4 14x, 2x2 8x; 14x14 0.7x.
+DENSE_MAX_PIXELS = 64
+
+
+class PatchConv2d(nn.Conv2d):
+    """A convolution whose stride is its kernel size (the stem and the downsamplers): it maps each non-overlapping
+    k x k patch on its own, so on the CPU it runs as one matrix product of the flattened patches."""
+
+    def __init__(self, in_chans: int, out_chans: int, patch_size: int):
+        super().__init__(in_chans, out_chans, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        n, c, k = x.shape[0], x.shape[1], self.stride[0]
+        h, w = x.shape[2] // k, x.shape[3] // k  # as the conv, drop the rows and columns past the last whole patch
+        # Patches flattened in (row, column, channel) order: from channels_last memory that is one gather copy.
+        patches = x[:, :, :h * k, :w * k].permute(0, 2, 3, 1).reshape(n, h, k, w, k, c).transpose(2, 3)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, k * k * c)
+        out = F.linear(patches.reshape(n * h * w, k * k * c), weight, self.bias)
+        return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # NCHW shape, channels_last memory
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """A k x k depthwise convolution with 'same' zero padding. On the CPU, a map of at most DENSE_MAX_PIXELS pixels
+    is convolved as a matrix product: per channel, an (h*w x h*w) matrix holding the kernel weight that links each
+    output pixel to each input pixel (zero beyond the kernel's reach), applied to all images at once."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if x.device.type != "cpu" or h * w > DENSE_MAX_PIXELS:
+            return super().forward(x)
+        r = self.kernel_size[0] // 2
+        # Each kernel cropped or zero-padded to (2h-1) x (2w-1): one weight for every offset between two pixels.
+        offsets = F.pad(self.weight, (w - 1 - r, w - 1 - r, h - 1 - r, h - 1 - r))
+        # Its h x w window (i, j) holds the weights that output pixel (h-1-i, w-1-j) gives every input pixel, so
+        # the windows in reverse order are the columns of matrix[channel, input pixel, output pixel]. (As channels of
+        # one image, not as c images: unfold and its backward loop over images.)
+        matrix = F.unfold(offsets.view(1, c, 2 * h - 1, 2 * w - 1), (h, w)).view(c, h * w, h * w).flip(-1)
+        rows = x.permute(1, 0, 2, 3).reshape(c, n, h * w).contiguous()  # bmm is slow on strided batches
+        out = _ContiguousGrad.apply(torch.baddbmm(self.bias.view(c, 1, 1), rows, matrix))
+        return out.view(c, n, h, w).permute(1, 0, 2, 3)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the gradient contiguous. The gradient of the dense conv's output comes back
+    from the block in channels_last memory, a stride-1 batch dimension to bmm's backward, which then falls back to a
+    loop over the channels (8x slower at 2x2 px)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
