@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -17,6 +18,7 @@ class Ema(ModelEmaV3):
     def __init__(self, model: nn.Module, decay: float, warmup: bool, every: int = 1):
         super().__init__(model, decay=decay, use_warmup=warmup)
         self.every = every
+        self._pairs: Optional[tuple[list, list, list]] = None
 
     def get_decay(self, step: Optional[int] = None) -> float:
         return super().get_decay(step) ** self.every
@@ -25,3 +27,18 @@ class Ema(ModelEmaV3):
         """Called after each optimizer step; updates on every `every`-th."""
         if step % self.every == 0:
             self.update(model, step=step)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: Optional[int] = None) -> None:
+        """timm's update, except that the two models' tensors are paired once, not through both state_dicts at every
+        update: those two module walks took ~1.5 ms for atto, 1.5% of a batch-16 step. The pairs are the Parameter
+        and buffer objects themselves (keep_vars), which stay the models' own all run: checkpoints load into them."""
+        if self._pairs is None:
+            pairs = list(zip(self.module.state_dict(keep_vars=True).values(), model.state_dict(keep_vars=True).values()))
+            floats = [pair for pair in pairs if pair[0].is_floating_point()]
+            self._pairs = ([e for e, _ in floats], [m for _, m in floats],
+                           [pair for pair in pairs if not pair[0].is_floating_point()])
+        ema_values, model_values, others = self._pairs
+        for ema_v, model_v in others:  # integer buffers (BatchNorm's step count) are copied, as timm does
+            ema_v.copy_(model_v)
+        self._foreach_lerp_(ema_values, model_values, weight=1.0 - self.get_decay(step))

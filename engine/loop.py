@@ -79,10 +79,12 @@ def _micro_batches(loader: Iterable, accum_steps: int):
 def _optimizer_step(p: TrainParts, want_norm: bool) -> Optional[torch.Tensor]:
     p.scaler.unscale_(p.optimizer)  # clip real gradients, not fp16-scaled ones (a no-op without fp16)
     norm = None
+    # The optimizer's flat list, not model.parameters(): walking the modules costs ~0.3 ms for atto.
+    params = [q for group in p.optimizer.param_groups for q in group["params"]]
     if p.clip_grad > 0:
-        norm = nn.utils.clip_grad_norm_(p.raw_model.parameters(), p.clip_grad)
+        norm = nn.utils.clip_grad_norm_(params, p.clip_grad)
     elif want_norm:  # the norm alone: clip_grad_norm_ with max inf would still multiply every gradient by 1
-        norm = nn.utils.get_total_norm([q.grad for q in p.raw_model.parameters() if q.grad is not None])
+        norm = nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
     p.scaler.step(p.optimizer)
     p.scaler.update()
     p.optimizer.zero_grad(set_to_none=True)
@@ -177,7 +179,8 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
                 if norm is not None:
                     record["grad_norm"] = norm.item()
                 logger.log("train", record, step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
+                                refresh=False)  # shown at the bar's next redraw
             if on_step is not None:
                 on_step(step, i_step)
     return step

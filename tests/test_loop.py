@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -64,6 +65,26 @@ def test_ema_follows_the_raw_weights():
     assert any(not torch.equal(first[k], second[k]) for k in second)
     for name, value in ema.module.state_dict().items():
         torch.testing.assert_close(value, 0.9 * first[name] + 0.1 * second[name], msg=name)
+
+
+def test_ema_update_matches_timms_after_weights_are_loaded_in_place():
+    """Ema pairs the tensors once; it must still average what the model holds after a checkpoint is loaded into it,
+    and copy integer buffers (a BatchNorm's count) as timm's ModelEmaV3 does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ours, timms = Ema(model, decay=0.8, warmup=False), ModelEmaV3(model, decay=0.8)
+    for step in (1, 2, 3):
+        model.train()(torch.randn(2, 3, 8, 8))  # moves the BatchNorm's running stats and count
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        if step == 2:
+            model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+        ours.update(model, step=step)
+        timms.update(model, step=step)
+        for (name, value), want in zip(ours.module.state_dict().items(), timms.module.state_dict().values()):
+            torch.testing.assert_close(value, want, msg=name, rtol=0, atol=0)
+    assert ours.module[1].num_batches_tracked == model[1].num_batches_tracked == 4  # 3 batches, +1 when loaded
 
 
 def test_ema_every_n_steps_updates_on_the_nth_with_decay_to_the_n():
