@@ -1,6 +1,7 @@
 """The moving average of the weights: timm's ModelEmaV3 (foreach updates), optionally updated every N steps."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -18,7 +19,8 @@ class Ema(ModelEmaV3):
     def __init__(self, model: nn.Module, decay: float, warmup: bool, every: int = 1):
         super().__init__(model, decay=decay, use_warmup=warmup)
         self.every = every
-        self._pairs: Optional[tuple[list, list, list]] = None
+        self._pairs: tuple[list, list, list] = ([], [], [])
+        self._paired_with: Optional[weakref.ref] = None
 
     def get_decay(self, step: Optional[int] = None) -> float:
         return super().get_decay(step) ** self.every
@@ -33,7 +35,8 @@ class Ema(ModelEmaV3):
         """timm's update, except that the two models' tensors are paired once, not through both state_dicts at every
         update: those two module walks took ~1.5 ms for atto, 1.5% of a batch-16 step. The pairs are the Parameter
         and buffer objects themselves (keep_vars), which stay the models' own all run: checkpoints load into them."""
-        if self._pairs is None:
+        if self._paired_with is None or self._paired_with() is not model:
+            self._paired_with = weakref.ref(model)  # a plain reference would make the model a submodule of the EMA
             pairs = list(zip(self.module.state_dict(keep_vars=True).values(), model.state_dict(keep_vars=True).values()))
             floats = [pair for pair in pairs if pair[0].is_floating_point()]
             self._pairs = ([e for e, _ in floats], [m for _, m in floats],

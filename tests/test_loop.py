@@ -69,11 +69,13 @@ def test_ema_follows_the_raw_weights():
 
 def test_ema_update_matches_timms_after_weights_are_loaded_in_place():
     """Ema pairs the tensors once; it must still average what the model holds after a checkpoint is loaded into it,
-    and copy integer buffers (a BatchNorm's count) as timm's ModelEmaV3 does."""
+    copy integer buffers (a BatchNorm's count) as timm's ModelEmaV3 does, and pair afresh when given another model."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     ours, timms = Ema(model, decay=0.8, warmup=False), ModelEmaV3(model, decay=0.8)
-    for step in (1, 2, 3):
+    for step in (1, 2, 3, 4):
+        if step == 4:
+            model = copy.deepcopy(model)
         model.train()(torch.randn(2, 3, 8, 8))  # moves the BatchNorm's running stats and count
         with torch.no_grad():
             for p in model.parameters():
@@ -84,7 +86,7 @@ def test_ema_update_matches_timms_after_weights_are_loaded_in_place():
         timms.update(model, step=step)
         for (name, value), want in zip(ours.module.state_dict().items(), timms.module.state_dict().values()):
             torch.testing.assert_close(value, want, msg=name, rtol=0, atol=0)
-    assert ours.module[1].num_batches_tracked == model[1].num_batches_tracked == 4  # 3 batches, +1 when loaded
+    assert ours.module[1].num_batches_tracked == model[1].num_batches_tracked == 5  # 4 batches, +1 when loaded
 
 
 def test_ema_every_n_steps_updates_on_the_nth_with_decay_to_the_n():
