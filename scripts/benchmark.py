@@ -12,7 +12,9 @@ that a machine getting faster or slower shifts all three alike:
   pipeline  the same with the config's real data loader (and its copy to the device).
 Each repeat times --steps optimizer steps after --warmup untimed ones; figures are medians over the repeats, ratios
 the median of each repeat's own ratio. --vs-timm also times forward+backward of timm's convnext_<variant>, built
-with the same options, against ours. The last stdout line is the JSON record (also written to --json).
+with the same options, against ours. Model FLOP utilisation (MFU) is against a known GPU's data-sheet peak (bf16/fp16)
+or --peak-tflops; on a CPU against the best 2048^3 matmul in the training dtype, timed after every repeat. The last
+stdout line is the JSON record (also written to --json).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +41,7 @@ from data import build_datasets, build_train_loader, start_epoch  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.logging import RunLogger  # noqa: E402
-from engine.loop import TrainParts, autocast, to_device, train_one_epoch  # noqa: E402
+from engine.loop import AMP_DTYPES, TrainParts, autocast, to_device, train_one_epoch  # noqa: E402
 from engine.optim import accum_steps_for, create_optimizer  # noqa: E402
 from engine.preemption import StopRequest  # noqa: E402
 from models import stage_shapes  # noqa: E402
@@ -174,11 +177,31 @@ def forward_flops(model, images: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def peak_tflops(device: torch.device, amp: str, override: float) -> float:
-    if override or device.type != "cuda" or amp == "none":
-        return override
+def known_peak_tflops(device: torch.device, amp: str, override: float) -> tuple[float, str]:
+    """The yardstick for FLOP utilisation and where it came from: --peak-tflops, or a known GPU's data-sheet peak
+    (bf16/fp16). ("", 0) on a CPU: its peak is measured (matmul_tflops) between the repeats."""
+    if override:
+        return override, "--peak-tflops"
+    if device.type != "cuda" or amp == "none":
+        return 0.0, ""
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    sheet = next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    return sheet, "data sheet" if sheet else ""
+
+
+def matmul_tflops(dtype: torch.dtype, size: int = 2048, tries: int = 5) -> float:
+    """What this CPU reaches on a large matrix product in the training dtype: the best of a few, run on every rank
+    at once (they share the cores as training does) and summed over the ranks."""
+    a = torch.randn(size, size, dtype=dtype)
+    du.barrier()
+    best = min(_seconds(lambda: a @ a) for _ in range(tries))
+    return du.all_reduce_sum(torch.tensor(2 * size**3 / best / 1e12, dtype=torch.float64)).item()
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -232,10 +255,13 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
     return runs, flops, per_step
 
 
-def measure(runs: dict, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
-    """Every mode once per repeat, in turn; returns ({mode: [img/s per repeat]}, {mode: peak memory MB})."""
+def measure(runs: dict, args: argparse.Namespace, device: torch.device,
+            yardstick: Optional[Callable[[], float]] = None) -> tuple[dict, dict, list[float]]:
+    """Every mode once per repeat, in turn, then the yardstick if given; returns ({mode: [img/s per repeat]},
+    {mode: peak memory MB}, [yardstick TFLOP/s per repeat])."""
     rates: dict[str, list[float]] = {}
     memory: dict[str, float] = {}
+    peaks: list[float] = []
     for repeat in range(args.repeats):
         for name, (run, images) in runs.items():
             if device.type == "cuda":
@@ -244,9 +270,11 @@ def measure(runs: dict, args: argparse.Namespace, device: torch.device) -> tuple
             run(clock)
             rates.setdefault(name, []).append(args.steps * images / clock.seconds())
             memory[name] = max(memory.get(name, 0.0), peak_memory_mb(device))
+        if yardstick:
+            peaks.append(yardstick())
         du.print0(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
-                  + " img/s")
-    return rates, memory
+                  + " img/s" + (f", 2048^3 matmul {peaks[-1]:.3f} TFLOP/s" if peaks else ""))
+    return rates, memory, peaks
 
 
 def main() -> int:
@@ -258,9 +286,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as log_dir, open(os.devnull, "w") as devnull:
         logger = RunLogger(log_dir, enabled=env.is_main, bar_file=devnull)  # the bar's work is done, not shown
         runs, flops, global_batch = build_runs(cfg, args, env, device, logger)
-        rates, memory = measure(runs, args, device)
+        peak, peak_source = known_peak_tflops(device, cfg.train.amp, args.peak_tflops)
+        # On a CPU the yardstick is measured at every repeat, as the machine's speed drifts; its best is the peak.
+        yardstick = (lambda: matmul_tflops(AMP_DTYPES[cfg.train.amp] or torch.float32)) \
+            if device.type == "cpu" and not peak else None
+        rates, memory, peaks = measure(runs, args, device, yardstick)
         logger.close()
-    record = summarize(rates, memory, flops, peak_tflops(device, cfg.train.amp, args.peak_tflops))
+    if peaks:
+        peak, peak_source = max(peaks), f"the best 2048^3 matmul of {len(peaks)} here"
+    record = summarize(rates, memory, flops, peak)
+    record.update(peak_tflops=peak, peak_source=peak_source, matmul_tflops_repeats=peaks)
     record.update(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                   threads=torch.get_num_threads(), world_size=env.world_size,
                   global_batch=global_batch, config=args.config,
@@ -311,6 +346,8 @@ def print_table(record: dict) -> None:
         if name in record.get("mfu", {}):
             line += f"  MFU {record['mfu'][name]:.1%}"
         print(line + "   repeats: " + " ".join(f"{v:.0f}" for v in values))
+    if record["peak_tflops"]:
+        print(f"  MFU: of {record['peak_tflops']:.3f} TFLOP/s ({record['peak_source']})")
     ratios = [k for k in ("trainer_over_bare", "pipeline_over_trainer", "ours_over_timm") if k in record]
     print("  " + "   ".join(f"{k.replace('_over_', '/')} {record[k]:.3f}" for k in ratios))
 

@@ -27,6 +27,11 @@ def test_benchmark_times_every_mode_and_compares_with_timm(tmp_path):
         assert record[key] == pytest.approx(statistics.median(a / b for a, b in zip(repeats[top], repeats[bottom])))
     assert record["device"] == "cpu" and record["global_batch"] == 8 and record["grad_checkpointing"] == 4
     assert record["forward_gflops_per_img"] > 0 and "trainer/bare" in proc.stdout
+    # On a CPU, MFU is against the best matmul rate timed after each repeat.
+    peaks = record["matmul_tflops_repeats"]
+    assert len(peaks) == 3 and record["peak_tflops"] == max(peaks) > 0 and "2048^3 matmul" in record["peak_source"]
+    for mode, mfu in record["mfu"].items():
+        assert mfu == pytest.approx(record["train_tflops_per_s"][mode] / max(peaks)), mode
 
 
 def test_benchmark_under_torchrun_counts_both_processes(tmp_path):
@@ -35,6 +40,7 @@ def test_benchmark_under_torchrun_counts_both_processes(tmp_path):
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["world_size"] == 2 and record["global_batch"] == 16
     assert set(record["img_per_s_repeats"]) == {"trainer", "pipeline"} and record["pipeline_over_trainer"] > 0
+    assert len(record["matmul_tflops_repeats"]) == 3 and record["peak_tflops"] > 0  # both ranks' matmuls, summed
 
 
 def test_benchmark_refuses_an_unknown_mode():
