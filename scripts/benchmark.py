@@ -179,7 +179,7 @@ def forward_flops(model, images: torch.Tensor) -> float:
 
 def known_peak_tflops(device: torch.device, amp: str, override: float) -> tuple[float, str]:
     """The yardstick for FLOP utilisation and where it came from: --peak-tflops, or a known GPU's data-sheet peak
-    (bf16/fp16). ("", 0) on a CPU: its peak is measured (matmul_tflops) between the repeats."""
+    (bf16/fp16); (0, "") otherwise: on a CPU the peak is measured (matmul_tflops) between the repeats."""
     if override:
         return override, "--peak-tflops"
     if device.type != "cuda" or amp == "none":
