@@ -48,6 +48,7 @@ from models import stage_shapes  # noqa: E402
 from train import build_model, build_parts, init_process, seed_everything, wrap_model  # noqa: E402
 
 MODES = ("bare", "trainer", "pipeline", "loader")
+MATMUL_SIZE = 2048  # the square matmul whose best rate is a CPU's yardstick for FLOP utilisation
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets), for model FLOP utilisation; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
                "A100": 312.0, "L40S": 362.1, "A10": 125.0, "RTX 3090": 71.0, "RTX 4090": 165.2}
@@ -189,13 +190,13 @@ def known_peak_tflops(device: torch.device, amp: str, override: float) -> tuple[
     return sheet, "data sheet" if sheet else ""
 
 
-def matmul_tflops(dtype: torch.dtype, size: int = 2048, tries: int = 5) -> float:
+def matmul_tflops(dtype: torch.dtype, tries: int = 5) -> float:
     """What this CPU reaches on a large matrix product in the training dtype: the best of a few, run on every rank
     at once (they share the cores as training does) and summed over the ranks."""
-    a = torch.randn(size, size, dtype=dtype)
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
     du.barrier()
     best = min(_seconds(lambda: a @ a) for _ in range(tries))
-    return du.all_reduce_sum(torch.tensor(2 * size**3 / best / 1e12, dtype=torch.float64)).item()
+    return du.all_reduce_sum(torch.tensor(2 * MATMUL_SIZE**3 / best / 1e12, dtype=torch.float64)).item()
 
 
 def _seconds(fn) -> float:
@@ -273,7 +274,7 @@ def measure(runs: dict, args: argparse.Namespace, device: torch.device,
         if yardstick:
             peaks.append(yardstick())
         du.print0(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
-                  + " img/s" + (f", 2048^3 matmul {peaks[-1]:.3f} TFLOP/s" if peaks else ""))
+                  + " img/s" + (f", {MATMUL_SIZE}^3 matmul {peaks[-1]:.3f} TFLOP/s" if peaks else ""))
     return rates, memory, peaks
 
 
@@ -293,7 +294,7 @@ def main() -> int:
         rates, memory, peaks = measure(runs, args, device, yardstick)
         logger.close()
     if peaks:
-        peak, peak_source = max(peaks), f"the best 2048^3 matmul of {len(peaks)} here"
+        peak, peak_source = max(peaks), f"the best {MATMUL_SIZE}^3 matmul of {len(peaks)} here"
     record = summarize(rates, memory, flops, peak)
     record.update(peak_tflops=peak, peak_source=peak_source, matmul_tflops_repeats=peaks)
     record.update(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
