@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 import distributed_utils as du
 from data import build_datasets, build_eval_loader
 from engine.config import load_config
-from engine.loop import evaluate
+from engine.loop import evaluate, resolve_amp
 from models import create_model
 from models.keys import load_weights
 from models.pretrained import read_weights
@@ -52,7 +52,7 @@ def main() -> None:
 
     du.barrier()  # time the evaluation alone, from the same moment on every rank
     start = time.perf_counter()
-    metrics = evaluate(model, loader, ctx.device, cfg.train.amp, cfg.train.channels_last,
+    metrics = evaluate(model, loader, ctx.device, resolve_amp(cfg.train.amp, ctx.device), cfg.train.channels_last,
                        num_classes=info.num_classes if args.per_class else 0, tta=cfg.aug.tta)
     metrics["img_per_s"] = metrics["samples"] / (time.perf_counter() - start)
     confusion = metrics.pop("confusion", None)

@@ -28,7 +28,7 @@ from engine.checkpoint import (checkpoint_dir, load_checkpoint, load_latest, rng
 from engine.config import Config, ConfigError, load_config, save_config, to_dict
 from engine.ema import Ema
 from engine.logging import RunLogger
-from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch
+from engine.loop import NonFiniteLoss, TrainParts, evaluate, resolve_amp, train_one_epoch
 from engine.optim import (accum_steps_for, create_optimizer, describe_groups, global_batch, lr_at, scaled_lr,
                           schedule_steps)
 from engine.preemption import EXIT_PREEMPTED, Preempted, StopRequest
@@ -198,8 +198,9 @@ def main() -> int:
     accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, env.world_size)  # before anything is written
     if env.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    # Set after saving, so config.yaml keeps train.global_batch alone and still fits another world size.
+    # Set after saving, so config.yaml keeps train.global_batch and train.amp=auto and still fits another machine.
     cfg.train.accum_steps = accum_steps
+    cfg.train.amp = resolve_amp(cfg.train.amp, device)
 
     # Data: every rank builds the same data sets; the samplers split them.
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=True, seed=cfg.seed)
@@ -229,7 +230,7 @@ def main() -> int:
               f"backend) | global batch {batch} = {cfg.data.batch_size} x {env.world_size} processes x "
               f"{cfg.train.accum_steps} accum | lr {lr:.3g} = {cfg.optim.lr:g} x {batch}/{cfg.optim.lr_base_batch} "
               f"({cfg.optim.lr_scaling}) | {steps_per_epoch} steps/epoch, {steps_per_epoch * cfg.schedule.epochs} "
-              f"in all")
+              f"in all | amp {cfg.train.amp}")
 
     progress = Progress()
     if found:

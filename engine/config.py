@@ -114,7 +114,7 @@ class EmaCfg:
 
 @dataclass
 class TrainCfg:
-    amp: str = "none"  # none | bf16 | fp16
+    amp: str = "none"  # none | bf16 | fp16 | auto (bf16 where the device computes it natively, else none)
     accum_steps: int = 1
     global_batch: int = 0  # images per optimizer step; when set, accum_steps follows from it and the world size
     clip_grad: float = 0.0  # max global grad norm; 0 disables
@@ -164,7 +164,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "aug.interpolation": ("bicubic", "bilinear", "nearest"),
     "aug.tta": ("none", "flip", "flip_shift", "flip_x_shift"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
-    "train.amp": ("none", "bf16", "fp16"),
+    "train.amp": ("none", "bf16", "fp16", "auto"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("checkpoint.keep_last", "data.img_size", "data.batch_size", "optim.lr_base_batch", "schedule.epochs",

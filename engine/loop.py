@@ -55,6 +55,24 @@ def non_finite_loss(what: str, epoch: int, step: int) -> NonFiniteLoss:
                          f"train.amp=bf16, or let train.max_bad_steps skip a few such steps")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device has bf16 arithmetic of its own (CUDA since Ampere; x86 CPUs with AVX512-BF16 or AMX);
+    elsewhere bf16 tensors are converted to fp32 and back around each product, a cost with no gain."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":  # torch.cpu's private probes: absent from other builds, then no
+        return any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """train.amp=auto: bf16 autocast where the device computes bf16 natively, else none (fp32)."""
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16(device) else "none"
+
+
 def autocast(device: torch.device, amp: str):
     dtype = AMP_DTYPES[amp]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

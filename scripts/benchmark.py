@@ -41,7 +41,7 @@ from data import build_datasets, build_train_loader, start_epoch  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.logging import RunLogger  # noqa: E402
-from engine.loop import AMP_DTYPES, TrainParts, autocast, to_device, train_one_epoch  # noqa: E402
+from engine.loop import AMP_DTYPES, TrainParts, autocast, resolve_amp, to_device, train_one_epoch  # noqa: E402
 from engine.optim import accum_steps_for, create_optimizer  # noqa: E402
 from engine.preemption import StopRequest  # noqa: E402
 from models import stage_shapes  # noqa: E402
@@ -284,6 +284,7 @@ def main() -> int:
     ctx = init_process(cfg)
     env, device = ctx.env, ctx.device
     cfg.train.accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, env.world_size)
+    cfg.train.amp = resolve_amp(cfg.train.amp, device)
     with tempfile.TemporaryDirectory() as log_dir, open(os.devnull, "w") as devnull:
         logger = RunLogger(log_dir, enabled=env.is_main, bar_file=devnull)  # the bar's work is done, not shown
         runs, flops, global_batch = build_runs(cfg, args, env, device, logger)

@@ -74,7 +74,7 @@ def test_file_then_overrides(tmp_path):
     ("data.batch_size=abc", "'data.batch_size' must be int, got str"),
     ("data.batch_size=1.5", "'data.batch_size' must be int"),
     ("ema.enabled=3", "'ema.enabled' must be bool"),
-    ("train.amp=fp8", "'train.amp' is 'fp8'; allowed: none, bf16, fp16"),
+    ("train.amp=fp8", "'train.amp' is 'fp8'; allowed: none, bf16, fp16, auto"),
     ("optim.lr_scaling=cubic", "allowed: linear, sqrt, none"),
     ("aug.smoothing=1.5", "'aug.smoothing' must be within [0, 1]"),
     ("data.batch_size=0", "'data.batch_size' must be > 0"),

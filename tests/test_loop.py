@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine.logging import RunLogger
-from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch, tta_views
+from engine.loop import NonFiniteLoss, TrainParts, evaluate, resolve_amp, train_one_epoch, tta_views
 from engine.optim import create_optimizer
 from engine.config import OptimCfg
 from engine.ema import Ema
@@ -115,6 +115,16 @@ def test_mixed_precision_and_clipping_train(amp):
     after = model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "none"), (True, False, "bf16"),
+                                                         (False, True, "bf16")])
+def test_amp_auto_picks_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) == expected
+    assert [resolve_amp(a, cpu) for a in ("none", "bf16", "fp16")] == ["none", "bf16", "fp16"]  # chosen, not probed
 
 
 def test_non_finite_loss_stops_with_the_step():
