@@ -188,8 +188,9 @@ def test_ddp_matches_one_process_with_twice_the_batch(tmp_path):
     for a, b in zip(train2, train1):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     diff = torch.cat([(weights2[k] - weights1[k]).flatten() for k in weights1]).abs()
-    # Adam divides by sqrt(v): where a gradient is ~0, float noise in the reduction order can flip a step of
-    # size lr (2e-3 here) for a handful of elements. So: all but a few elements equal, none off by a step.
+    # Adam divides by sqrt(v): where a gradient is ~0, float noise in the reduction order can move a step of
+    # size lr (2e-3 here) by a fraction of it for a handful of elements (2.0e-4 on a Zen 5 CPU, under 2e-4 on
+    # others). So: all but a few elements equal, none off by half a step.
     assert diff.mean().item() < 1e-7, diff.mean().item()
     assert (diff > 1e-6).float().mean().item() < 1e-3
-    assert diff.max().item() < 2e-4, diff.max().item()
+    assert diff.max().item() < 1e-3, diff.max().item()
