@@ -57,7 +57,7 @@ def non_finite_loss(what: str, epoch: int, step: int) -> NonFiniteLoss:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether the device has bf16 arithmetic of its own (CUDA since Ampere; x86 CPUs with AVX512-BF16 or AMX);
-    elsewhere bf16 tensors are converted to fp32 and back around each product, a cost with no gain."""
+    elsewhere bf16 is emulated through fp32 conversions, which auto does not bet on (not measured here)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":  # torch.cpu's private probes: absent from other builds, then no
