@@ -9,13 +9,15 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 setup: $(VENV)/.installed
 
-# Re-installs only when requirements.txt changes; torch/torchvision are pinned to builds on local disk.
+# Re-installs only when the requirements change; torch/torchvision are pinned to builds on local disk. The project
+# itself goes in editable (pyproject.toml), so its packages import from anywhere and edits take effect at once.
 # torch's CUDA build takes ~5.5 GB: say so up front instead of pip's "No space left on device" halfway through.
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@free_mb=$$(df -Pm $(dir $(abspath $(VENV))) | awk 'NR == 2 {print $$4}'); if [ "$$free_mb" -lt 6500 ]; then \
 	  echo "error: installing needs about 6.5 GB of free disk and only $$free_mb MB are free here; free some space, or set VENV=<a folder on a larger disk>" >&2; exit 1; fi
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test]'
 	touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist (the four original idx .gz files).

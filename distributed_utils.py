@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
-from engine.errors import UserError
+from core.errors import UserError
 
 DEFAULT_ADDR = "127.0.0.1"
 DEFAULT_PORT = 29500

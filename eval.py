@@ -19,9 +19,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 import distributed_utils as du
 from data import build_datasets, build_eval_loader
-from engine.config import load_config
+from core.files import atomic_write
+from engine.build import build_model, load_run_config
 from engine.loop import evaluate, resolve_amp
-from models import create_model
 from models.keys import load_weights
 from models.pretrained import read_weights
 
@@ -40,15 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
     _, val_set, info = build_datasets(cfg.data, cfg.aug, train=False)
     loader = build_eval_loader(val_set, cfg.data, ctx.env.rank, ctx.env.world_size)
     # model.pretrained is a starting point for training; what is evaluated is --checkpoint.
-    model = create_model(**{**cfg.model.create_args(), "pretrained": ""}, num_classes=info.num_classes,
-                         in_chans=info.in_chans)
+    model = build_model(cfg, info.num_classes, info.in_chans, ctx.device, pretrained=False)
     load_weights(model, read_weights(args.checkpoint), ema=args.ema)  # .pth, .bin or .safetensors, any layout
-    model.to(ctx.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
 
     du.barrier()  # time the evaluation alone, from the same moment on every rank
     start = time.perf_counter()
@@ -66,10 +64,8 @@ def write_per_class(path: str, confusion: list[list[int]], names: list[str]) -> 
     counts = torch.tensor(confusion, dtype=torch.float64)
     per_class = (100.0 * counts.diag() / counts.sum(1).clamp(min=1)).tolist()
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"classes": names, "per_class_top1": dict(zip(names, per_class)), "confusion": confusion}, f,
-                  separators=(",", ":"))
+    record = {"classes": names, "per_class_top1": dict(zip(names, per_class)), "confusion": confusion}
+    atomic_write(path, lambda f: json.dump(record, f, separators=(",", ":")), binary=False)
     # One cell per 16 px, white = all of the row's images: readable in TensorBoard without a plotting library.
     image = (counts / counts.sum(1, keepdim=True).clamp(min=1)).float()
     image = image.repeat_interleave(16, 0).repeat_interleave(16, 1)
@@ -79,5 +75,10 @@ def write_per_class(path: str, confusion: list[list[int]], names: list[str]) -> 
     print(f"per-class top-1 in {path}; lowest: {names[worst]} {per_class[worst]:.2f}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script's entry point."""
     du.run(main)
+
+
+if __name__ == "__main__":
+    cli()

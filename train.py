@@ -12,27 +12,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 import distributed_utils as du
+from core.config import Config, ConfigError, save_config, to_dict
+from core.files import load_checkpoint
 from data import build_datasets, build_eval_loader, build_train_loader, sample_images, skipped_images, start_epoch
-from engine.checkpoint import (checkpoint_dir, load_checkpoint, load_latest, rng_state, save_training_checkpoint,
-                               set_rng_state)
-from engine.config import Config, ConfigError, load_config, save_config, to_dict
-from engine.ema import Ema
+from engine.build import build_model, build_parts, init_process, load_run_config, seed_everything, wrap_model
+from engine.checkpoint import checkpoint_dir, load_latest, rng_state, save_training_checkpoint, set_rng_state
 from engine.logging import RunLogger
 from engine.loop import NonFiniteLoss, TrainParts, evaluate, resolve_amp, train_one_epoch
-from engine.optim import (accum_steps_for, create_optimizer, describe_groups, global_batch, lr_at, scaled_lr,
-                          schedule_steps)
+from engine.optim import accum_steps_for, describe_groups
 from engine.preemption import EXIT_PREEMPTED, Preempted, StopRequest
-from models import create_model
 from models.keys import load_weights
 from models.whitening import whiten_stem
 
@@ -44,55 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: <output_dir>/checkpoints/last.pth when it exists)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser.parse_args(argv)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy
-    torch.manual_seed(seed)
-
-
-def init_process(cfg: Config) -> du.DistContext:
-    """Join the process group (when launched as several ranks) and set this process's torch options."""
-    ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-    elif ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
-    return ctx
-
-
-def build_model(cfg: Config, num_classes: int, in_chans: int, device: torch.device) -> nn.Module:
-    """The bare ConvNeXt of cfg.model (pretrained weights loaded), on the device in the configured layout."""
-    model = create_model(**cfg.model.create_args(), num_classes=num_classes, in_chans=in_chans, log=du.print0)
-    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
-    return model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
-
-
-def wrap_model(model: nn.Module, cfg: Config, distributed: bool, device: torch.device) -> nn.Module:
-    """What forward runs through: DDP when distributed, compiled with train.compile."""
-    if distributed:
-        # Gradients as views into the all-reduce buckets: no copy in or out of them, and less memory.
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-            bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph)
-    if cfg.train.compile:
-        # Compiling the DDP wrapper lets dynamo split graphs at bucket boundaries to overlap the all-reduce.
-        model = torch.compile(model)
-    return model
-
-
-def build_loss(cfg: Config, num_classes: int) -> tuple[Mixup | None, nn.Module]:
-    """Mixup/cutmix with soft targets (label smoothing folded in), or plain label-smoothed CE when both are off."""
-    if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
-                      switch_prob=cfg.aug.mixup_switch_prob, label_smoothing=cfg.aug.smoothing,
-                      num_classes=num_classes)
-        return mixup, SoftTargetCrossEntropy()
-    return None, nn.CrossEntropyLoss(label_smoothing=cfg.aug.smoothing)
 
 
 @dataclass
@@ -143,25 +88,6 @@ def restore(parts: TrainParts, state: dict, rank: int, world_size: int) -> Progr
     return Progress(state["epoch"], state.get("epoch_samples", 0), state["step"], state["best_top1"])
 
 
-def build_parts(cfg: Config, model: nn.Module, num_classes: int, device: torch.device, world_size: int,
-                steps_per_epoch: int) -> tuple[TrainParts, int, float]:
-    """Optimizer, schedule, loss, EMA and precision around the model; returns (parts, global batch, peak lr)."""
-    # The lr is quoted at optim.lr_base_batch and scaled to the global batch actually used.
-    batch = global_batch(cfg.data.batch_size, world_size, cfg.train.accum_steps)
-    lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_base_batch, cfg.optim.lr_scaling)
-    warmup_steps, total_steps = schedule_steps(cfg.schedule, steps_per_epoch)
-    mixup, criterion = build_loss(cfg, num_classes)
-    parts = TrainParts(
-        model=model, raw_model=model, optimizer=create_optimizer(model, cfg.optim, lr), criterion=criterion,
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"),
-        lr_fn=lambda s: lr_at(s, base_lr=lr, min_lr=cfg.schedule.min_lr, warmup_steps=warmup_steps,
-                              total_steps=total_steps),
-        device=device, amp=cfg.train.amp, accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad,
-        channels_last=cfg.train.channels_last, mixup=mixup, max_bad_steps=cfg.train.max_bad_steps,
-        ema=Ema(model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.every) if cfg.ema.enabled else None)
-    return parts, batch, lr
-
-
 def skipped_total(train_set, device: torch.device) -> int:
     """Collective: the unreadable images (data.skip_corrupt) all ranks have skipped so far."""
     return int(du.all_reduce_sum(torch.tensor([float(skipped_images(train_set))], device=device)).item())
@@ -192,7 +118,7 @@ def evaluate_run(parts: TrainParts, loader, cfg: Config, epoch: int) -> dict:
 def main() -> int:
     stop = StopRequest()  # first, so a stop signal during start-up is kept for the first agreed step
     args = parse_args()
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     ctx = init_process(cfg)
     env, device = ctx.env, ctx.device
     accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, env.world_size)  # before anything is written
@@ -291,5 +217,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script's entry point."""
     du.run(main)
+
+
+if __name__ == "__main__":
+    cli()

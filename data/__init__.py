@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from core.config import AugCfg, DataCfg
 from data.datasets import CheckedImageFolder, DataError, load_splits
 from data.samplers import ExactShardSampler, build_train_sampler
 from data.transforms import BatchTransformed, PerSampleTransformed, apply_recipe, collate_readable, keep_batch, mean_std
-from engine.config import AugCfg, DataCfg
 
 
 @dataclass

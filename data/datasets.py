@@ -20,8 +20,8 @@ from torch.utils.data import Dataset, get_worker_info
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import find_classes
 
-from engine.config import DataCfg
-from engine.errors import UserError
+from core.config import DataCfg
+from core.errors import UserError
 
 FASHION_MNIST_APT_DIR = "/usr/share/datasets/fashion-mnist"
 

@@ -18,8 +18,8 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset, default_collate, get_worker_info
 from torchvision.transforms.functional import InterpolationMode, pil_to_tensor, resize, to_pil_image
 
+from core.config import AugCfg, DataCfg
 from data.datasets import DataError, TensorImages
-from engine.config import AugCfg, DataCfg
 
 MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion_mnist": ((0.2860,), (0.3530,)),

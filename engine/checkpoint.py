@@ -1,73 +1,24 @@
-"""Checkpoints: atomic writes, safe loads, and where to resume from.
+"""Training checkpoints: step files with last/best links, where to resume from, and the RNG states they keep.
 
-A checkpoint is a plain dict of tensors and builtins, so it loads with torch.load(weights_only=True):
-a crafted file cannot run code. Model weights are stored in the official ConvNeXt key layout.
+A checkpoint is a plain dict of tensors and builtins, written atomically and read weights-only (core.files), so a
+crafted file cannot run code. Model weights are stored in the official ConvNeXt key layout.
 """
 from __future__ import annotations
 
 import glob
 import os
 import random
-import tempfile
 from typing import Callable
 
 import numpy as np
 import torch
 
-from engine.errors import CheckpointError
+from core.errors import CheckpointError
+from core.files import load_checkpoint, save_checkpoint
 
 
 def checkpoint_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
-
-
-def _os_error(e: BaseException | None) -> OSError | None:
-    """The OSError behind `e`, if any: torch.save's zip writer re-raises a failed write as a RuntimeError."""
-    while e is not None and not isinstance(e, OSError):
-        e = e.__cause__ or e.__context__
-    return e
-
-
-def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    The rename is atomic, so a crash or a full disk leaves the previous file at `path` intact.
-    """
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        cause = _os_error(e)
-        if cause is not None:  # a full disk, a quota, a lost mount: the user's to fix, in one line
-            raise CheckpointError(f"cannot write checkpoint '{path}' ({cause.strerror or cause}); the previous "
-                                  f"checkpoint there is untouched. Free space in '{folder}' or set output_dir "
-                                  f"elsewhere, then start the run again to resume") from None
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def load_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' does not exist; check the path (runs keep theirs under "
-                              f"<output_dir>/checkpoints/)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, ...: all mean "not a usable checkpoint"
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}); it is corrupt, truncated "
-                              f"or not a weights-only checkpoint") from None
 
 
 def _link_atomically(src: str, dst: str) -> None:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import distributed_utils as du
+from core.errors import UserError
 from engine.ema import Ema
-from engine.errors import UserError
 from engine.logging import RunLogger
 from engine.optim import set_lr
 

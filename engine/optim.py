@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from engine.config import ConfigError, OptimCfg, ScheduleCfg, TrainCfg
+from core.config import ConfigError, OptimCfg, ScheduleCfg, TrainCfg
 
 
 def global_batch(batch_size: int, world_size: int, accum_steps: int) -> int:

@@ -5,7 +5,7 @@ import difflib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 
-from engine.errors import UserError
+from core.errors import UserError
 
 from .convnext import VARIANTS, ConvNeXt
 from .pretrained import load_pretrained

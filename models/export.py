@@ -15,8 +15,8 @@ import sys
 import torch
 
 import distributed_utils as du
-from engine.checkpoint import save_checkpoint
-from engine.errors import UserError
+from core.errors import UserError
+from core.files import atomic_write, save_checkpoint
 from models.keys import official_to_timm, to_official, unwrap_checkpoint, variant_of
 from models.pretrained import STEM, read_weights
 
@@ -38,11 +38,12 @@ def export(obj: object, layout: str, ema: bool = False) -> dict[str, torch.Tenso
 
 
 def write(sd: dict[str, torch.Tensor], path: str) -> None:
+    """Atomically: a half-written file never takes the name."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file  # a dependency of timm
-        save_file(sd, path)
+        from safetensors.torch import save  # a dependency of timm
+        atomic_write(path, lambda f: f.write(save(sd)))
     else:
-        save_checkpoint(sd, path)  # atomic: a half-written file never takes the name
+        save_checkpoint(sd, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,5 +60,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{', EMA' if args.ema else ''}) to {args.out}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script's entry point."""
     du.run(main)
+
+
+if __name__ == "__main__":
+    cli()

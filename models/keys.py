@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from engine.errors import CheckpointError
+from core.errors import CheckpointError
 
 from .convnext import VARIANTS
 

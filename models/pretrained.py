@@ -10,8 +10,8 @@ import os
 import torch
 from torch import nn
 
-from engine.checkpoint import load_checkpoint
-from engine.errors import CheckpointError
+from core.errors import CheckpointError
+from core.files import load_checkpoint
 
 from .keys import StateDict, load_weights, to_official, unwrap_checkpoint
 

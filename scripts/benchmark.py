@@ -24,28 +24,25 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import distributed_utils as du  # noqa: E402
-from data import build_datasets, build_train_loader, start_epoch  # noqa: E402
-from engine.config import Config, load_config  # noqa: E402
-from engine.errors import UserError  # noqa: E402
-from engine.logging import RunLogger  # noqa: E402
-from engine.loop import AMP_DTYPES, TrainParts, autocast, resolve_amp, to_device, train_one_epoch  # noqa: E402
-from engine.optim import accum_steps_for, create_optimizer  # noqa: E402
-from engine.preemption import StopRequest  # noqa: E402
-from models import stage_shapes  # noqa: E402
-from train import build_model, build_parts, init_process, seed_everything, wrap_model  # noqa: E402
+import distributed_utils as du
+from core.config import Config
+from core.errors import UserError
+from core.files import atomic_write
+from data import build_datasets, build_train_loader, start_epoch
+from engine.build import build_model, build_parts, init_process, load_run_config, seed_everything, wrap_model
+from engine.logging import RunLogger
+from engine.loop import AMP_DTYPES, TrainParts, autocast, resolve_amp, to_device, train_one_epoch
+from engine.optim import accum_steps_for, create_optimizer
+from engine.preemption import StopRequest
+from models import stage_shapes
 
 MODES = ("bare", "trainer", "pipeline", "loader")
 MATMUL_SIZE = 2048  # the square matmul whose best rate is a CPU's yardstick for FLOP utilisation
@@ -280,7 +277,7 @@ def measure(runs: dict, args: argparse.Namespace, device: torch.device,
 
 def main() -> int:
     args = parse_args()
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     ctx = init_process(cfg)
     env, device = ctx.env, ctx.device
     cfg.train.accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, env.world_size)
@@ -310,7 +307,7 @@ def main() -> int:
     if env.is_main:
         print_table(record)
         if args.json:
-            Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+            atomic_write(args.json, lambda f: f.write(json.dumps(record, indent=1) + "\n"), binary=False)
         print(json.dumps(record))
     return 0
 

@@ -5,8 +5,9 @@ import pickle
 import pytest
 import torch
 
-from engine.checkpoint import (CheckpointError, load_checkpoint, load_latest, resume_candidates, save_checkpoint,
-                               save_training_checkpoint)
+from core.errors import CheckpointError
+from core.files import load_checkpoint, save_checkpoint
+from engine.checkpoint import load_latest, resume_candidates, save_training_checkpoint
 
 
 def test_save_and_load(tmp_path):
@@ -26,7 +27,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint there is untouched"):
+    with pytest.raises(CheckpointError, match="No space left on device.*previous file there is untouched"):
         save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
@@ -48,7 +49,7 @@ def tiny_disk(tmp_path):
 def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tiny_disk):
     path = str(tiny_disk / "checkpoints" / "last.pth")
     save_checkpoint({"w": torch.ones(16_000)}, path)  # 64 KB: fits
-    with pytest.raises(CheckpointError, match="No space left on device.*the previous checkpoint there is untouched"):
+    with pytest.raises(CheckpointError, match="No space left on device.*the previous file there is untouched"):
         save_checkpoint({"w": torch.zeros(64_000)}, path)  # 256 KB: does not
     assert torch.equal(load_checkpoint(path)["w"], torch.ones(16_000))
     assert os.listdir(os.path.dirname(path)) == ["last.pth"]  # no temporary file left behind

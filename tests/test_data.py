@@ -13,8 +13,8 @@ from data import (DataError, ExactShardSampler, build_datasets, build_eval_loade
                   skipped_images, start_epoch)
 from data.datasets import FASHION_MNIST_APT_DIR, TensorImages, load_splits, read_idx
 from data.transforms import SmallBatchTransform, _posterize, apply_recipe, imagenet_transform
-from engine.config import Config
-from engine.errors import UserError
+from core.config import Config
+from core.errors import UserError
 
 
 def make_cfg(**data) -> Config:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import distributed_utils as du
-from engine.errors import UserError
+from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,7 +239,8 @@ def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                                                        "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    # The project is installed in the venv; the tests folder is on the path for job scripts that reuse test helpers.
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")]),
                CUDA_VISIBLE_DEVICES="")
     return env
 
@@ -300,7 +301,7 @@ def test_failing_rank_ends_the_job(tmp_path, error, expected, absent):
     result, seconds = _launch(tmp_path, f"""
         import torch
         import distributed_utils as du
-        from engine.errors import UserError
+        from core.errors import UserError
 
         def main():
             du.setup("gloo", timeout_s=600)
@@ -322,7 +323,7 @@ def test_failing_rank_ends_the_job(tmp_path, error, expected, absent):
 def test_user_error_single_process_is_one_line_exit_2(tmp_path):
     result, _ = _launch(tmp_path, """
         import distributed_utils as du
-        from engine.errors import UserError
+        from core.errors import UserError
 
         def main():
             du.setup()

@@ -1,6 +1,5 @@
 """train_one_epoch and evaluate in one process: accumulation, EMA, precision, clipping, exact metrics."""
 import copy
-import os
 import re
 
 import pytest
@@ -12,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from engine.logging import RunLogger
 from engine.loop import NonFiniteLoss, TrainParts, evaluate, resolve_amp, train_one_epoch, tta_views
 from engine.optim import create_optimizer
-from engine.config import OptimCfg
+from core.config import OptimCfg
 from engine.ema import Ema
 from models import create_model
 
@@ -201,7 +200,6 @@ def test_evaluate_with_tta_averages_the_logits_of_the_flipped_and_shifted_views(
 
 NAN_ON_RANK_1 = """
     import sys
-    sys.path.insert(0, sys.argv[2])  # the tests folder
     from torch import nn
     import distributed_utils as du
     from engine.loop import NonFiniteLoss
@@ -228,7 +226,7 @@ NAN_ON_RANK_1 = """
 def test_nan_on_one_rank_is_seen_by_every_rank(tmp_path, max_bad_steps):
     """A NaN in rank 1's third batch only: both ranks stop at the same step, or both skip it."""
     from test_distributed_utils import _launch
-    result, _ = _launch(tmp_path, NAN_ON_RANK_1, nproc=2, args=(str(max_bad_steps), os.path.dirname(__file__)))
+    result, _ = _launch(tmp_path, NAN_ON_RANK_1, nproc=2, args=(str(max_bad_steps),))
     assert result.returncode == 0, result.stderr
     # The two ranks share the pipe and their lines can interleave: count occurrences rather than split lines.
     out = result.stdout

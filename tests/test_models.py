@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from engine.errors import UserError
+from core.errors import UserError
 from models import VARIANTS, ConvNeXt, UnknownModelError, create_model, list_models
 from models.convs import DENSE_MAX_PIXELS, DepthwiseConv2d, PatchConv2d
 from models.keys import (CheckpointError, CheckpointMismatchError, detect_layout, load_weights, official_to_timm,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from engine.config import ConfigError, OptimCfg, ScheduleCfg, TrainCfg
+from core.config import ConfigError, OptimCfg, ScheduleCfg, TrainCfg
 from engine.optim import (accum_steps_for, create_optimizer, global_batch, layer_id, lr_at, param_groups,
                           scaled_lr, schedule_steps, set_lr)
 from models import create_model

@@ -11,15 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from engine.errors import UserError
-from models import check_model_name
+from core.errors import UserError
+from core.files import atomic_write
 
 
 class ConfigError(UserError, ValueError):
@@ -268,7 +267,6 @@ def validate(cfg: Config) -> None:
     for key in UNIT_INTERVAL:
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"config key '{key}' must be within [0, 1], got {get(cfg, key)}")
-    check_model_name(cfg.model.name)  # before any data is read, which can take minutes on ImageNet
     if cfg.model.stem_init == "whiten" and cfg.model.pretrained:
         raise ConfigError("model.stem_init=whiten would overwrite the stem that model.pretrained loads; set "
                           "model.stem_init=default to fine-tune, or drop model.pretrained to train from scratch")
@@ -342,11 +340,7 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config atomically, so a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".config.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: yaml.safe_dump(to_dict(cfg), f, sort_keys=False), binary=False)
 
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "config_from_dict", "to_dict", "all_keys",

@@ -1,0 +1,110 @@
+"""Building a run: the process, its seeds, the model and everything an optimizer step needs around it.
+
+train.py, eval.py and scripts/benchmark.py all build through here, so the three run the same model the same way.
+
+    cfg = load_run_config(path, overrides)
+    ctx = init_process(cfg)
+    model = build_model(cfg, num_classes, in_chans, ctx.device)
+    parts, global_batch, lr = build_parts(cfg, model, num_classes, ctx.device, world_size, steps_per_epoch)
+    parts.model = wrap_model(model, cfg, distributed, ctx.device)
+"""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+
+import distributed_utils as du
+from core.config import Config, load_config
+from engine.ema import Ema
+from engine.loop import TrainParts
+from engine.optim import create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
+from models import check_model_name, create_model
+
+
+def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
+    """The validated config, its model name checked too: before any data is read, which can take minutes."""
+    cfg = load_config(path, overrides)
+    check_model_name(cfg.model.name)
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy
+    torch.manual_seed(seed)
+
+
+def init_process(cfg: Config) -> du.DistContext:
+    """Join the process group (when launched as several ranks) and set this process's torch options."""
+    ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    elif ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
+    return ctx
+
+
+def build_model(cfg: Config, num_classes: int, in_chans: int, device: torch.device,
+                pretrained: bool = True) -> nn.Module:
+    """The bare ConvNeXt of cfg.model, on the device in the configured layout.
+
+    Args:
+        pretrained: load model.pretrained; false where other weights are loaded next (eval.py's --checkpoint).
+    """
+    args = {**cfg.model.create_args(), **({} if pretrained else {"pretrained": ""})}
+    model = create_model(**args, num_classes=num_classes, in_chans=in_chans, log=du.print0)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    return model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+
+
+def wrap_model(model: nn.Module, cfg: Config, distributed: bool, device: torch.device) -> nn.Module:
+    """What forward runs through: DDP when distributed, compiled with train.compile."""
+    if distributed:
+        # Gradients as views into the all-reduce buckets: no copy in or out of them, and less memory.
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+            bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph)
+    if cfg.train.compile:
+        # Compiling the DDP wrapper lets dynamo split graphs at bucket boundaries to overlap the all-reduce.
+        model = torch.compile(model)
+    return model
+
+
+def build_loss(cfg: Config, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """Mixup/cutmix with soft targets (label smoothing folded in), or plain label-smoothed CE when both are off."""
+    if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
+                      switch_prob=cfg.aug.mixup_switch_prob, label_smoothing=cfg.aug.smoothing,
+                      num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    return None, nn.CrossEntropyLoss(label_smoothing=cfg.aug.smoothing)
+
+
+def build_parts(cfg: Config, model: nn.Module, num_classes: int, device: torch.device, world_size: int,
+                steps_per_epoch: int) -> tuple[TrainParts, int, float]:
+    """Optimizer, schedule, loss, EMA and precision around the model; returns (parts, global batch, peak lr)."""
+    # The lr is quoted at optim.lr_base_batch and scaled to the global batch actually used.
+    batch = global_batch(cfg.data.batch_size, world_size, cfg.train.accum_steps)
+    lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_base_batch, cfg.optim.lr_scaling)
+    warmup_steps, total_steps = schedule_steps(cfg.schedule, steps_per_epoch)
+    mixup, criterion = build_loss(cfg, num_classes)
+    parts = TrainParts(
+        model=model, raw_model=model, optimizer=create_optimizer(model, cfg.optim, lr), criterion=criterion,
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"),
+        lr_fn=lambda s: lr_at(s, base_lr=lr, min_lr=cfg.schedule.min_lr, warmup_steps=warmup_steps,
+                              total_steps=total_steps),
+        device=device, amp=cfg.train.amp, accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad,
+        channels_last=cfg.train.channels_last, mixup=mixup, max_bad_steps=cfg.train.max_bad_steps,
+        ema=Ema(model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.every) if cfg.ema.enabled else None)
+    return parts, batch, lr
+
+

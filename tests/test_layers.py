@@ -1,0 +1,96 @@
+"""The code's layers: every import points down (or across, within a layer), nothing imports back in a circle, and
+no file edits sys.path (the project is installed into its venv instead)."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# From the bottom up; a module may import from its own layer and the layers below.
+LAYERS = {"core": 0, "distributed_utils": 0, "models": 1, "data": 2, "engine": 3, "train": 4, "eval": 4,
+          "scripts": 4}
+
+
+def project_files() -> list[Path]:
+    files = [p for top in LAYERS for p in [REPO / f"{top}.py", *sorted((REPO / top).rglob("*.py"))] if p.is_file()]
+    return [p for p in files if ".venv" not in p.parts]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The project modules `path` imports, relative imports resolved."""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1]) if node.level else ""
+            name = ".".join(filter(None, [base, node.module or ""]))
+            found.add(name)
+            found.update(f"{name}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+    return {m for m in found if m.split(".")[0] in LAYERS}
+
+
+def existing(name: str, modules: set[str]) -> str | None:
+    """The longest prefix of a dotted import that is one of the project's modules."""
+    parts = name.split(".")
+    return next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in modules), None)
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in project_files()}
+    graph = {}
+    for name, path in files.items():
+        targets = {existing(m, set(files)) for m in imported_modules(path)}
+        graph[name] = {t for t in targets if t and t != name}
+    return graph
+
+
+def test_the_scan_sees_the_layers():
+    graph = import_graph()
+    assert {"core.config", "models.convnext", "data.samplers", "engine.loop", "train", "eval"} <= set(graph)
+    assert "core.errors" in graph["distributed_utils"] and "engine.build" in graph["train"]
+
+
+def test_imports_point_down():
+    wrong = [f"{a} (layer {LAYERS[a.split('.')[0]]}) imports {b} (layer {LAYERS[b.split('.')[0]]})"
+             for a, targets in import_graph().items() for b in targets
+             if LAYERS[b.split(".")[0]] > LAYERS[a.split(".")[0]]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+
+
+def test_config_does_not_import_the_model_code():
+    assert not any(m.startswith("models") for m in import_graph()["core.config"])
+
+
+def test_nothing_edits_sys_path():
+    edit = re.compile(r"sys\.path\.(insert|append|extend)\(|sys\.path\s*\+?=")
+    offenders = [str(p.relative_to(REPO)) for p in [*project_files(), *sorted((REPO / "tests").glob("*.py"))]
+                 if edit.search(p.read_text())]
+    assert not offenders, offenders
