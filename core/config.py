@@ -120,6 +120,7 @@ class TrainCfg:
     max_bad_steps: int = 0  # non-finite-loss steps skipped (with a warning) before stopping; 0: stop at the first
     channels_last: bool = False
     compile: bool = False
+    cpu_matrix_convs: bool = True  # on the CPU, run the patchify and small-map depthwise convs as matrix products
     grad_checkpointing: int = 0  # recompute the blocks of the first N stages (0-4) in the backward: less memory
     log_every: int = 50  # optimizer steps between train records
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
@@ -305,21 +306,60 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- overrides, validated. Raises ConfigError with a one-line message."""
-    cfg = Config()
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file '{path}' does not exist; see configs/ for the shipped ones")
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(data).__name__}")
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist; see configs/ for the shipped ones")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _base_path(path: str, data: dict) -> str | None:
+    """The file named by a top-level 'base:' key (removed from data), relative to the folder of path."""
+    if "base" not in data:
+        return None
+    base = data.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file '{path}': base must be the path of the YAML file it extends (relative to "
+                          f"its folder, or absolute), got {type(base).__name__} {base!r}")
+    return os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(base.strip())))
+
+
+def _apply_file(cfg: Config, path: str, chain: tuple[str, ...] = ()) -> None:
+    """Set cfg from a YAML file: its base first (recursively), then its own keys, each overriding one key."""
+    data = _read_yaml(path)
+    base = _base_path(path, data)
+    if base is not None:
+        chain = (*chain, path)
+        if os.path.realpath(base) in map(os.path.realpath, chain):
+            raise ConfigError(f"config files extend each other in a cycle: {' -> '.join((*chain, base))}; "
+                              f"remove the base key from one of them")
+        if not os.path.isfile(base):
+            raise ConfigError(f"config file '{path}': its base '{base}' does not exist; base is a path relative "
+                              f"to the folder of '{path}', or absolute")
+        _apply_file(cfg, base, chain)
+    try:
         for key, value in data.items():
             _set(cfg, str(key), value)
+    except ConfigError as e:
+        raise ConfigError(f"config file '{path}': {e}") from None
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- overrides, validated. Raises ConfigError with a one-line message.
+
+    A file may start from another: a top-level 'base: other.yaml' (relative to the file's folder) loads that
+    file first (which may have a base of its own); the file's keys then override the base's one by one, so a
+    section names only the keys it changes. The resolved Config holds no trace of the base.
+    """
+    cfg = Config()
+    if path:
+        _apply_file(cfg, path)
     for text in overrides:
         _set(cfg, *parse_override(text))
     validate(cfg)

@@ -127,3 +127,81 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(str(tmp_path / "config.yaml"))
     assert to_dict(again) == to_dict(cfg)
     assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_base_child_overrides_one_key_and_keeps_the_rest(tmp_path):
+    _write(tmp_path / "base.yaml", "data: {name: synthetic, batch_size: 8}\noptim: {lr: 0.5, weight_decay: 0.1}\n")
+    child = _write(tmp_path / "child.yaml", "base: base.yaml\noptim: {lr: 0.25}\n")
+    cfg = load_config(child)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.data.batch_size) == (0.25, 0.1, 8)
+    assert load_config(child, ["optim.lr=0.125"]).optim.lr == 0.125  # overrides still apply last
+
+
+def test_base_chain_and_relative_paths_from_another_cwd(tmp_path, monkeypatch):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    _write(tmp_path / "a" / "root.yaml", "data: {name: synthetic, batch_size: 8}\nseed: 1\noutput_dir: runs/root\n")
+    _write(tmp_path / "a" / "b" / "mid.yaml", "base: ../root.yaml\nseed: 2\ndata: {batch_size: 4}\n")
+    leaf = _write(tmp_path / "leaf.yaml", "base: a/b/mid.yaml\nseed: 3\n")
+    monkeypatch.chdir(tmp_path / "a")  # the bases resolve from each file's folder, not from the cwd
+    cfg = load_config(os.path.relpath(leaf))
+    assert (cfg.seed, cfg.data.batch_size, cfg.data.name, cfg.output_dir) == (3, 4, "synthetic", "runs/root")
+    absolute = _write(tmp_path / "abs.yaml", f"base: {tmp_path / 'a' / 'root.yaml'}\n")
+    assert load_config(absolute).seed == 1
+
+
+def test_saved_config_is_whole_without_base(tmp_path):
+    _write(tmp_path / "base.yaml", "data: {name: synthetic}\noptim: {lr: 0.5}\n")
+    cfg = load_config(_write(tmp_path / "child.yaml", "base: base.yaml\nseed: 7\n"))
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "base" not in saved and saved["optim"]["lr"] == 0.5 and saved["seed"] == 7
+    assert "base" not in all_keys()
+
+
+@pytest.mark.parametrize("files,expected", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "a.yaml -> *b.yaml -> *a.yaml; remove the base"),
+    ({"a.yaml": "base: a.yaml\n"}, "extend each other in a cycle: *a.yaml -> *a.yaml"),
+    ({"a.yaml": "base: nowhere.yaml\n"}, "a.yaml': its base '*nowhere.yaml' does not exist; base is a path relative"),
+    ({"a.yaml": "base: 3\n"}, "a.yaml': base must be the path of the YAML file it extends (relative to its folder"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "data: {nmae: synthetic}\n"}, "*b.yaml': unknown config key 'data.nmae'"),
+])
+def test_base_errors_name_the_file_and_the_way_out(tmp_path, files, expected):
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path / "a.yaml"))
+    message = str(e.value).replace(str(tmp_path) + os.sep, "*")
+    assert expected in message and "\n" not in message
+
+
+def test_base_is_not_an_override_key():
+    with pytest.raises(ConfigError, match="unknown config key 'base'"):
+        load_config(None, SYNTH + ["base=configs/convnext_t.yaml"])
+
+
+@pytest.mark.parametrize("name,model,drop_path,batch", [
+    ("convnext_s", "convnext_small", 0.4, 128), ("convnext_b", "convnext_base", 0.5, 128),
+    ("convnext_l", "convnext_large", 0.5, 64), ("convnext_xl", "convnext_xlarge", 0.5, 64)])
+def test_variant_configs_resolve_to_the_full_recipe(name, model, drop_path, batch):
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    assert (cfg.model.name, cfg.model.drop_path, cfg.data.batch_size, cfg.output_dir) == \
+        (model, drop_path, batch, f"runs/{name}")
+    assert (cfg.model.dims, cfg.model.layer_scale_init, cfg.data.root, cfg.data.num_workers) == \
+        ([], 1e-6, "/datasets/imagenet", 10)
+    assert (cfg.optim.lr, cfg.schedule.epochs, cfg.aug.mixup, cfg.ema.enabled, cfg.train.amp) == \
+        (4e-3, 300, 0.8, True, "bf16")
+
+
+@pytest.mark.parametrize("name,model", [("t", "convnext_tiny"), ("b", "convnext_base"), ("l", "convnext_large"),
+                                        ("xl", "convnext_xlarge")])
+def test_fine_tuning_configs_resolve_to_the_full_recipe(name, model):
+    cfg = load_config(os.path.join(ROOT, "configs", f"finetune_convnext_{name}.yaml"))
+    assert (cfg.model.name, cfg.model.pretrained, cfg.output_dir) == (model, "", f"runs/finetune_{model}")
+    assert (cfg.optim.layer_decay, cfg.schedule.epochs, cfg.data.batch_size, cfg.optim.lr) == (0.8, 30, 32, 5e-5)
+    assert (cfg.aug.rand_augment, cfg.aug.smoothing, cfg.data.crop_pct, cfg.train.amp, cfg.train.clip_grad) == \
+        ("rand-m9-mstd0.5-inc1", 0.1, 0.875, "bf16", 0.0)
