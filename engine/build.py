@@ -11,7 +11,7 @@ train.py, eval.py and scripts/benchmark.py all build through here, so the three 
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 import distributed_utils as du
 from core.config import Config, load_config
+from engine.cpu_convs import use_cpu_matrix_convs
 from engine.ema import Ema
 from engine.loop import TrainParts
 from engine.optim import create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
@@ -55,7 +56,8 @@ def init_process(cfg: Config) -> du.DistContext:
 
 def build_model(cfg: Config, num_classes: int, in_chans: int, device: torch.device,
                 pretrained: bool = True) -> nn.Module:
-    """The bare ConvNeXt of cfg.model, on the device in the configured layout.
+    """The bare ConvNeXt of cfg.model, on the device in the configured layout; on the CPU with its convolutions in
+    matrix form when train.cpu_matrix_convs is set (engine.cpu_convs: the same results, faster).
 
     Args:
         pretrained: load model.pretrained; false where other weights are loaded next (eval.py's --checkpoint).
@@ -63,12 +65,15 @@ def build_model(cfg: Config, num_classes: int, in_chans: int, device: torch.devi
     args = {**cfg.model.create_args(), **({} if pretrained else {"pretrained": ""})}
     model = create_model(**args, num_classes=num_classes, in_chans=in_chans, log=du.print0)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    if cfg.train.cpu_matrix_convs and device.type == "cpu":
+        use_cpu_matrix_convs(model)
     return model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
 
 
 def wrap_model(model: nn.Module, cfg: Config, distributed: bool, device: torch.device) -> nn.Module:
     """What forward runs through: DDP when distributed, compiled with train.compile."""
     if distributed:
+        grads_with_param_strides(model)
         # Gradients as views into the all-reduce buckets: no copy in or out of them, and less memory.
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
@@ -77,6 +82,33 @@ def wrap_model(model: nn.Module, cfg: Config, distributed: bool, device: torch.d
         # Compiling the DDP wrapper lets dynamo split graphs at bucket boundaries to overlap the all-reduce.
         model = torch.compile(model)
     return model
+
+
+def grads_with_param_strides(model: nn.Module) -> int:
+    """Make each gradient that differs from its parameter's strides only on size-1 dims a view with the parameter's
+    strides (the same memory, no copy); returns how many parameters got that hook.
+
+    oneDNN and the matrix-form depthwise conv give the (C, 1, k, k) depthwise weights' gradients another stride on
+    the size-1 dim than the parameter has. Such a stride is never used, but DDP compares strides literally and warns
+    that the gradients "may impair performance".
+    """
+    params = [p for p in model.parameters() if p.requires_grad and 1 in p.shape]
+    for param in params:
+        param.register_hook(_restride(param.stride()))
+    return len(params)
+
+
+def _restride(stride: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """A gradient hook: the gradient with `stride` if only its size-1 dims' strides differ, else the gradient as is
+    (None). Holds the strides, not the parameter, which would then keep itself alive through its own hook."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor | None:
+        pairs = zip(grad.shape, grad.stride(), stride)
+        if grad.stride() == stride or any(size > 1 and mine != want for size, mine, want in pairs):
+            return None
+        return grad.as_strided(grad.shape, stride, grad.storage_offset())
+
+    return hook
 
 
 def build_loss(cfg: Config, num_classes: int) -> tuple[Mixup | None, nn.Module]:

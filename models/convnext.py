@@ -8,12 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from .convs import DepthwiseConv2d, PatchConv2d
 
 # name -> (depths, dims). tiny..xlarge: paper Sec. 3, "ConvNeXt variants"; atto..nano: timm's small variants.
 VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -31,24 +28,12 @@ VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 EPS = 1e-6  # the paper's LayerNorm epsilon; released weights were trained with it
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW tensor.
-
-    Permuting to NHWC costs nothing for channels_last inputs (it is then a contiguous view),
-    and F.layer_norm is one fused kernel, unlike the mean/var formula of the official code.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
 class Block(nn.Module):
     """dwconv 7x7 -> LN -> Linear 4C -> GELU -> Linear C -> layer scale -> drop path, plus residual."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init: float = 1e-6):
         super().__init__()
-        self.dwconv = DepthwiseConv2d(dim, kernel_size=7)
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=EPS)
         # Linear layers on NHWC are the official 1x1 convs; the names must stay for checkpoint keys.
         self.pwconv1 = nn.Linear(dim, 4 * dim)
@@ -85,12 +70,14 @@ class ConvNeXt(nn.Module):
         self.num_features = dims[-1]
         self.checkpoint_stages = 0  # set_grad_checkpointing
 
-        # Index 0 is the stem, 1..3 the downsamplers: the official layout keeps them in one list.
-        stem = nn.Sequential(PatchConv2d(in_chans, dims[0], patch_size), LayerNorm2d(dims[0], eps=EPS))
-        self.downsample_layers = nn.ModuleList(
-            [stem] + [nn.Sequential(LayerNorm2d(dims[i - 1], eps=EPS), PatchConv2d(dims[i - 1], dims[i], 2))
-                      for i in range(1, 4)]
-        )
+        # Index 0 is the stem, 1..3 the downsamplers: the official layout keeps them in one list. LayerNorm2d
+        # normalises the channels of NCHW maps (F.layer_norm on an NHWC view).
+        stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=patch_size, stride=patch_size),
+                             LayerNorm2d(dims[0], eps=EPS))
+        self.downsample_layers = nn.ModuleList([stem] + [
+            nn.Sequential(LayerNorm2d(dims[i - 1], eps=EPS), nn.Conv2d(dims[i - 1], dims[i], kernel_size=2, stride=2))
+            for i in range(1, 4)
+        ])
 
         # Linear 0..drop_path over all blocks; plain Python so it also works under a meta-device context.
         n = sum(depths)

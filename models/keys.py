@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from core.errors import CheckpointError
 
@@ -61,12 +62,12 @@ _to_official = _renamer([(timm, official) for official, timm in _RULES])
 
 
 def strip_prefixes(sd: StateDict) -> dict[str, torch.Tensor]:
-    """Drop leading DDP / torch.compile wrapper prefixes, however they are stacked."""
-    out = {}
-    for key, value in sd.items():
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
+    """A copy without the leading DDP / torch.compile wrapper prefixes, however they are stacked. Keys keep their
+    order when all carry the same prefixes, as a wrapped model's do."""
+    out = dict(sd)
+    while any(key.startswith(WRAPPER_PREFIXES) for key in out):
+        for prefix in WRAPPER_PREFIXES:
+            consume_prefix_in_state_dict_if_present(out, prefix)
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import torch
+from timm.models import adapt_input_conv
 from torch import nn
 
 from core.errors import CheckpointError
@@ -34,17 +35,13 @@ def read_weights(path: str) -> object:
 
 
 def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Stem weights (out, c, k, k) for `in_chans` input channels.
+    """Stem weights (out, c, k, k) for `in_chans` input channels, as timm adapts input convs.
 
     One channel: the sum over the source channels, so a grey image gives the response it gave before. More
-    channels: the source channels taken in turn and scaled by c / in_chans (as timm adapts input convs), which
-    keeps the grey response exactly when in_chans is a multiple of c.
+    channels: the source channels taken in turn and scaled by c / in_chans, which keeps the grey response exactly
+    when in_chans is a multiple of c.
     """
-    c = weight.shape[1]
-    if in_chans == 1:
-        return weight.sum(dim=1, keepdim=True)
-    repeats = -(-in_chans // c)  # ceil
-    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (c / in_chans)
+    return adapt_input_conv(in_chans, weight, base_chans=weight.shape[1])
 
 
 def _fit_stem(sd: dict, own: StateDict) -> list[str]:

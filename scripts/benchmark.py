@@ -149,7 +149,7 @@ def trainer_pass(parts: TrainParts, loader, cfg: Config, batch_size: int, logger
 def timm_twin(cfg: Config, num_classes: int, in_chans: int, device: torch.device, our_params: int):
     """timm's convnext_<variant> with our model options, its own defaults otherwise (conv_mlp for atto..nano);
     refused unless it has as many parameters as ours. (Not FLOPs: on the CPU ours runs the patchify and small-map
-    depthwise convs as matrix products (models/convs.py), whose FLOPs torch counts differently.)"""
+    depthwise convs as matrix products (engine/cpu_convs.py), whose FLOPs torch counts differently.)"""
     import timm
 
     m = cfg.model

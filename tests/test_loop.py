@@ -67,8 +67,8 @@ def test_ema_follows_the_raw_weights():
 
 
 def test_ema_update_matches_timms_after_weights_are_loaded_in_place():
-    """Ema pairs the tensors once; it must still average what the model holds after a checkpoint is loaded into it,
-    copy integer buffers (a BatchNorm's count) as timm's ModelEmaV3 does, and pair afresh when given another model."""
+    """Ema (every=1) is timm's ModelEmaV3: it averages what the model holds after a checkpoint is loaded into it,
+    copies integer buffers (a BatchNorm's count) and follows when given another model."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     ours, timms = Ema(model, decay=0.8, warmup=False), ModelEmaV3(model, decay=0.8)

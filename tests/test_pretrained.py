@@ -67,6 +67,22 @@ def test_official_release_file_into_one_channel_model_keeps_the_grey_response(tm
         torch.testing.assert_close(grey.eval()(x), source.eval()(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
 
 
+def hand_written_adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """The project's own stem adaptation before timm's adapt_input_conv took its place: the reference."""
+    c = weight.shape[1]
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    return weight.repeat(1, -(-in_chans // c), 1, 1)[:, :in_chans] * (c / in_chans)
+
+
+@pytest.mark.parametrize("source, in_chans", [(3, 1), (3, 2), (3, 4), (3, 6), (1, 3), (4, 3)])
+def test_stem_adaptation_equals_the_hand_written_one(source, in_chans):
+    w = torch.randn(8, source, 4, 4)
+    original = w.clone()
+    assert torch.equal(adapt_stem(w, in_chans), hand_written_adapt_stem(w, in_chans))
+    assert torch.equal(w, original)  # the checkpoint's tensor is left alone
+
+
 def test_more_channels_repeat_and_rescale():
     w = torch.randn(8, 3, 4, 4)
     torch.testing.assert_close(adapt_stem(w, 6).sum(1), w.sum(1))  # a grey image gets the same response

@@ -1,9 +1,10 @@
-"""ConvNeXt's two kinds of convolution, computed on the CPU as matrix products: the same results, several times faster.
+"""ConvNeXt's two kinds of convolution computed on the CPU as matrix products: the same results, several times faster.
 
-Both are nn.Conv2d subclasses with its parameters, so state_dict keys and initialisation do not change; on any other
-device they run nn.Conv2d's own forward (cuDNN), since the matrix forms were only measured on the CPU. There, for
-the small maps of 28-32 px images, oneDNN's convolution kernels (their weight gradients above all) took half of a
-ConvNeXt-atto training step (README, Speed).
+`use_cpu_matrix_convs(model)` switches a built model's patchify convolutions (the stem and the downsamplers) and its
+depthwise convolutions to these forms in place. Each module keeps its Parameter objects and only changes class, so
+the state dict, an optimizer made before or after, and checkpoints are unaffected. On any other device the forms run
+nn.Conv2d's own forward, since they were only measured on the CPU. There, for the small maps of 28-32 px images,
+oneDNN's convolution kernels (their weight gradients above all) took half of a ConvNeXt-atto training step.
 """
 from __future__ import annotations
 
@@ -11,17 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Largest map (pixels) given the dense form. Fwd+bwd against the conv, channels_last, 2 threads (AVX2), 2026-12-02:
-# 8x8 x40 channels 1.7x faster, 4x4 x80 10x, 2x2 x160 18x (batch 128); 7x7 x80 1.5x, 14x14 x40 0.74x (batch 256).
+# Largest map (pixels) given the dense form of the depthwise convolution: its matrix grows as the square of the map,
+# and by 14x14 px oneDNN's kernel is the faster.
 DENSE_MAX_PIXELS = 64
 
 
 class PatchConv2d(nn.Conv2d):
-    """A convolution whose stride is its kernel size (the stem and the downsamplers): it maps each non-overlapping
-    k x k patch on its own, so on the CPU it runs as one matrix product of the flattened patches."""
-
-    def __init__(self, in_chans: int, out_chans: int, patch_size: int):
-        super().__init__(in_chans, out_chans, patch_size, stride=patch_size)
+    """A convolution whose stride is its kernel size: it maps each non-overlapping k x k patch on its own, so on the
+    CPU it runs as one matrix product of the flattened patches."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -39,9 +37,6 @@ class DepthwiseConv2d(nn.Conv2d):
     """A k x k depthwise convolution with 'same' zero padding. On the CPU, a map of at most DENSE_MAX_PIXELS pixels
     is convolved as a matrix product: per channel, an (h*w x h*w) matrix holding the kernel weight that links each
     output pixel to each input pixel (zero beyond the kernel's reach), applied to all images at once."""
-
-    def __init__(self, channels: int, kernel_size: int):
-        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -71,3 +66,38 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+
+def _plain(conv: nn.Conv2d) -> bool:
+    """Square kernel, no dilation, zero padding: what both matrix forms assume besides their own shape."""
+    return (conv.kernel_size[0] == conv.kernel_size[1] and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def is_patch_conv(conv: nn.Conv2d) -> bool:
+    """A dense convolution over non-overlapping patches: stride = kernel size, no padding."""
+    return _plain(conv) and conv.groups == 1 and conv.stride == conv.kernel_size and conv.padding == (0, 0)
+
+
+def is_depthwise_conv(conv: nn.Conv2d) -> bool:
+    """A depthwise convolution with an odd kernel, stride 1, 'same' padding and a bias (ConvNeXt's 7x7)."""
+    k = conv.kernel_size[0]
+    return (_plain(conv) and conv.groups == conv.in_channels == conv.out_channels and k % 2 == 1
+            and conv.stride == (1, 1) and conv.padding == (k // 2, k // 2) and conv.bias is not None)
+
+
+def use_cpu_matrix_convs(model: nn.Module) -> int:
+    """Switch the model's plain nn.Conv2d modules that have a matrix form to it, in place; returns how many.
+
+    Only the class changes: parameters, buffers, hooks and the module tree stay as they are. Modules switched
+    already are left alone, so a second call returns 0.
+    """
+    switched = 0
+    for module in model.modules():
+        if type(module) is not nn.Conv2d:
+            continue
+        form = PatchConv2d if is_patch_conv(module) else DepthwiseConv2d if is_depthwise_conv(module) else None
+        if form is not None:
+            module.__class__ = form
+            switched += 1
+    return switched
