@@ -1,0 +1,157 @@
+"""data/jpeg.py: the worker-side decode + crop + RandAugment, held against timm's transforms."""
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data import auto_augment as aa
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms.functional import pil_to_tensor
+
+from data.datasets import DataError
+from data.jpeg import (JpegEvalDecode, JpegTrainDecode, decode, make_rand_augment, read_source, sample_crop,
+                       shear_x, shear_y, translate_x_rel, translate_y_rel)
+from data.testbed import jpeg_bytes, make_jpeg_testbed
+
+FILL = dict(fillcolor=(124, 116, 104), resample=Image.Resampling.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> list[str]:
+    return make_jpeg_testbed(str(tmp_path_factory.mktemp("bed")), num_images=10, num_classes=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def timm_train():
+    """timm's train transform of the imagenet recipe, as (crop, flip, RandAugment) PIL steps."""
+    steps = create_transform(224, is_training=True, hflip=0.5, auto_augment="rand-m9-mstd0.5-inc1",
+                             color_jitter=None, interpolation="bicubic").transforms
+    for op in steps[2].ops:  # Pillow >= 13 rejects posterize to 0 bits, which timm can ask for
+        if op.aug_fn is aa.posterize:
+            op.aug_fn = lambda img, bits, **kw: Image.new(img.mode, img.size) if bits <= 0 else aa.posterize(img, bits)
+    return steps[:3]
+
+
+def _seed(value: int) -> None:
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.int() - b.int()).abs().float().mean().item()
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (1000, 90), (224, 224)])
+def test_crop_box_is_timms_for_the_same_seed(size):
+    image = Image.new("L", size)
+    for seed in range(200):
+        random.seed(seed)
+        expected = RandomResizedCropAndInterpolation.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
+        random.seed(seed)
+        assert sample_crop(*size) == expected
+
+
+def test_crop_scale_and_ratio_distribution_matches_timms():
+    """Two-sample Kolmogorov-Smirnov statistics of area fraction and log aspect ratio, independent draws."""
+    image = Image.new("L", (500, 375))
+    random.seed(0)
+    ours = np.array([sample_crop(500, 375) for _ in range(3000)])
+    random.seed(1)
+    theirs = np.array([RandomResizedCropAndInterpolation.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
+                       for _ in range(3000)])
+
+    def ks(a: np.ndarray, b: np.ndarray) -> float:
+        grid = np.sort(np.concatenate([a, b]))
+        cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+        return float(np.abs(cdf(a) - cdf(b)).max())
+
+    for stat in (lambda c: c[:, 2] * c[:, 3] / (500 * 375), lambda c: np.log(c[:, 3] / c[:, 2])):
+        assert ks(stat(ours), stat(theirs)) < 1.63 / math.sqrt(1500)  # the 1% critical value
+
+
+def test_train_output_is_uint8_224_from_path_or_bytes(paths):
+    train = JpegTrainDecode()
+    for path in paths[:4]:
+        for source in (path, open(path, "rb").read()):
+            image = train(source)
+            assert image.dtype == torch.uint8 and image.shape == (3, 224, 224)
+
+
+def test_train_matches_timm_for_the_same_seeds(paths, timm_train):
+    crop, _, rand_augment = timm_train
+    ours = JpegTrainDecode()
+    for k, path in enumerate(paths):
+        _seed(k)
+        expected = pil_to_tensor(rand_augment(crop(Image.open(path).convert("RGB"))))
+        _seed(k)
+        assert _mean_abs(ours(path), expected) < 0.5  # resize rounding, now and then amplified by an op
+
+
+def test_flip_in_the_worker_matches_timm_exactly_in_distribution(paths, timm_train):
+    crop, flip, rand_augment = timm_train
+    ours = JpegTrainDecode(hflip=0.5)
+    for k, path in enumerate(paths):
+        _seed(k)
+        expected = pil_to_tensor(rand_augment(flip(crop(Image.open(path).convert("RGB")))))
+        _seed(k)
+        assert _mean_abs(ours(path), expected) < 0.5
+
+
+def test_eval_matches_timms_eval_transform(paths):
+    resize, centre = create_transform(224, is_training=False, interpolation="bicubic", crop_pct=0.875).transforms[:2]
+    ours = JpegEvalDecode()
+    for path in paths:
+        expected = pil_to_tensor(centre(resize(Image.open(path).convert("RGB"))))
+        got = ours(path)
+        assert got.shape == (3, 224, 224) and got.dtype == torch.uint8
+        assert _mean_abs(got, expected) < 0.05 and (got.int() - expected.int()).abs().max() <= 3
+
+
+@pytest.mark.parametrize("fast, reference, magnitude", [
+    (shear_x, aa.shear_x, 0.27), (shear_y, aa.shear_y, -0.27),
+    (translate_x_rel, aa.translate_x_rel, 0.405), (translate_y_rel, aa.translate_y_rel, -0.31)])
+def test_one_dimensional_shears_and_translations_equal_pils(paths, fast, reference, magnitude):
+    image = Image.open(paths[0]).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
+    expected = np.asarray(reference(image, magnitude, **dict(FILL))).astype(int)
+    got = np.asarray(fast(image, magnitude, **dict(FILL)))
+    diff = np.abs(expected - got)
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3  # float32 here, float64 in PIL
+
+
+def test_rand_augment_keeps_zero_bit_posterize_black():
+    posterize = next(op for op in make_rand_augment().ops if op.name == "PosterizeIncreasing")
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert posterize.aug_fn(image, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("RGB", "BMP")])
+def test_other_modes_and_formats_decode_to_rgb_as_pil_does(paths, mode, fmt):
+    image = Image.open(paths[1]).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    data = buffer.getvalue()
+    expected = pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB"))
+    got = decode(*read_source(data))
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_unreadable_files_raise_an_error_naming_the_file(tmp_path, paths):
+    garbage = tmp_path / "garbage.JPEG"
+    garbage.write_bytes(b"this is no image" * 100)
+    truncated = tmp_path / "truncated.JPEG"
+    truncated.write_bytes(open(paths[0], "rb").read()[:20000])
+    for path, reason in [(garbage, "format"), (truncated, "truncated"), (tmp_path / "missing.JPEG", "No such file")]:
+        for transform in (JpegTrainDecode(), JpegEvalDecode()):
+            with pytest.raises(DataError, match=reason) as caught:
+                transform(str(path))
+            assert str(path) in str(caught.value)
+
+
+def test_bytes_in_memory_are_named_as_such():
+    with pytest.raises(DataError, match="<bytes>"):
+        JpegTrainDecode()(jpeg_bytes(Image.new("RGB", (64, 64)))[:300])
