@@ -259,8 +259,6 @@ def _resolve_backend(name: str) -> str:
     cuda = torch.cuda.is_available()
     if name == "auto":
         return "nccl" if cuda else "gloo"
-    if name not in ("nccl", "gloo"):
-        raise DistError(f"dist.backend={name!r} is unknown; choose auto, nccl or gloo")
     if name == "nccl" and not cuda:
         raise DistError("dist.backend=nccl needs CUDA but no GPU is visible; use dist.backend=gloo or auto")
     return name
@@ -307,8 +305,14 @@ def _current_env() -> DistEnv:
     return _ctx.env if _ctx is not None else detect_env()
 
 
-def get_rank() -> int:
-    return _current_env().rank
+def cores_per_process() -> int:
+    """The CPU cores this process can count on: those it may run on, shared with the other processes of its node,
+    unless the launcher gave each its own (SLURM's --cpus-per-task, with task binding)."""
+    cores = len(os.sched_getaffinity(0))
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit():
+        return max(1, min(cores, int(per_task)))
+    return max(1, cores // _current_env().local_world_size)
 
 
 def get_world_size() -> int:
@@ -350,15 +354,6 @@ def any_rank(flag: bool) -> bool:
 def barrier() -> None:
     if _active():
         dist.barrier()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """`obj` as rank `src` has it (any picklable value)."""
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -18,9 +18,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import distributed_utils as du
-from data import build_datasets, build_eval_loader
+from data import batch_transforms, build_datasets, build_eval_loader
 from core.files import atomic_write
-from engine.build import build_model, load_run_config
+from engine.build import build_model, init_process, load_run_config
 from engine.loop import evaluate, resolve_amp
 from models.keys import load_weights
 from models.pretrained import read_weights
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     cfg = load_run_config(args.config, args.overrides)
-    ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    ctx = init_process(cfg)
     _, val_set, info = build_datasets(cfg.data, cfg.aug, train=False)
     loader = build_eval_loader(val_set, cfg.data, ctx.env.rank, ctx.env.world_size)
     # model.pretrained is a starting point for training; what is evaluated is --checkpoint.
@@ -51,7 +51,8 @@ def main() -> None:
     du.barrier()  # time the evaluation alone, from the same moment on every rank
     start = time.perf_counter()
     metrics = evaluate(model, loader, ctx.device, resolve_amp(cfg.train.amp, ctx.device), cfg.train.channels_last,
-                       num_classes=info.num_classes if args.per_class else 0, tta=cfg.aug.tta)
+                       num_classes=info.num_classes if args.per_class else 0, tta=cfg.aug.tta,
+                       on_device=batch_transforms(cfg.data, cfg.aug, info.mean, info.std)[1])
     metrics["img_per_s"] = metrics["samples"] / (time.perf_counter() - start)
     confusion = metrics.pop("confusion", None)
     if confusion is not None and ctx.env.is_main:

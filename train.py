@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -20,7 +21,8 @@ from torch import nn
 import distributed_utils as du
 from core.config import Config, ConfigError, save_config, to_dict
 from core.files import load_checkpoint
-from data import build_datasets, build_eval_loader, build_train_loader, sample_images, skipped_images, start_epoch
+from data import (batch_transforms, build_datasets, build_eval_loader, build_train_loader, sample_images,
+                  skipped_images, start_epoch)
 from engine.build import build_model, build_parts, init_process, load_run_config, seed_everything, wrap_model
 from engine.checkpoint import checkpoint_dir, load_latest, rng_state, save_training_checkpoint, set_rng_state
 from engine.logging import RunLogger
@@ -102,9 +104,9 @@ def report_skipped(train_set, epoch: int, before: int, device: torch.device) -> 
     return total
 
 
-def evaluate_run(parts: TrainParts, loader, cfg: Config, epoch: int) -> dict:
+def evaluate_run(parts: TrainParts, loader, cfg: Config, epoch: int, on_device) -> dict:
     """The eval record: the raw model's metrics, and the EMA's next to them as ema_*."""
-    options = dict(amp=cfg.train.amp, channels_last=cfg.train.channels_last, tta=cfg.aug.tta)
+    options = dict(amp=cfg.train.amp, channels_last=cfg.train.channels_last, tta=cfg.aug.tta, on_device=on_device)
     record = {"epoch": epoch, **evaluate(parts.raw_model, loader, parts.device, **options)}
     if parts.ema is not None:
         ema = evaluate(parts.ema.module, loader, parts.device, **options)
@@ -132,6 +134,7 @@ def main() -> int:
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=True, seed=cfg.seed)
     train_loader = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
     val_loader = build_eval_loader(val_set, cfg.data, env.rank, env.world_size)
+    train_on_device, eval_on_device = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
     steps_per_epoch = len(train_loader) // cfg.train.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"an epoch has no optimizer step: {info.train_size} training images < data.batch_size "
@@ -148,7 +151,8 @@ def main() -> int:
                   f"set to +- the whitening of the training images' patches")
     seed_everything(cfg.seed + env.rank)  # augmentation, mixup and drop path differ per rank
 
-    parts, batch, lr = build_parts(cfg, model, info.num_classes, device, env.world_size, steps_per_epoch)
+    parts, batch, lr = build_parts(cfg, model, info.num_classes, device, env.world_size, steps_per_epoch,
+                                   on_device=train_on_device)
     if cfg.optim.layer_decay < 1 or cfg.optim.freeze_stages or cfg.optim.head_only:
         du.print0(f"trained parameters by layer, lr scale (optim.layer_decay={cfg.optim.layer_decay:g}): "
                   f"{describe_groups(parts.optimizer.param_groups)}")
@@ -174,15 +178,15 @@ def main() -> int:
         if env.is_main:
             save_training_checkpoint(state, cfg.output_dir, progress.step, cfg.checkpoint.keep_last, best=best)
 
-    def mid_epoch_checkpoint(step: int, i_step: int) -> None:
-        """on_step hook: checkpoint every checkpoint.every_steps steps and when asked to stop (preemption);
-        epoch ends checkpoint after evaluating."""
+    def mid_epoch_checkpoint(step: int, i_step: int, start_samples: int, pass_steps: int) -> None:
+        """on_step hook of a pass that started `start_samples` into its epoch and runs `pass_steps` steps:
+        checkpoint every checkpoint.every_steps steps and when asked to stop (preemption)."""
         every = cfg.checkpoint.every_steps
         stopping = stop.agreed(step)
         # Not at a pass's last step: the epoch end saves then, after evaluating.
         if stopping or (every and step % every == 0 and i_step < pass_steps):
             progress.step = step
-            progress.epoch_samples = start_samples + i_step * batch  # start_samples, pass_steps: set per epoch below
+            progress.epoch_samples = start_samples + i_step * batch
             save()
         if stopping:
             raise Preempted(f"stopped by a signal at epoch {progress.epoch}, step {step}; checkpoint written, "
@@ -193,10 +197,10 @@ def main() -> int:
         epoch, start_samples = progress.epoch, progress.epoch_samples
         start_epoch(train_loader, epoch, start=start_samples)
         pass_steps = len(train_loader) // cfg.train.accum_steps  # fewer than steps_per_epoch when resumed mid-epoch
+        on_step = partial(mid_epoch_checkpoint, start_samples=start_samples, pass_steps=pass_steps)
         try:
             progress.step = train_one_epoch(parts, train_loader, epoch=epoch, step=progress.step, logger=logger,
-                                            log_every=cfg.train.log_every, global_batch=batch,
-                                            on_step=mid_epoch_checkpoint)
+                                            log_every=cfg.train.log_every, global_batch=batch, on_step=on_step)
         except Preempted as e:
             du.print0(str(e))
             logger.close()
@@ -207,7 +211,7 @@ def main() -> int:
         progress.epoch, progress.epoch_samples = epoch + 1, 0
         improved = False
         if epoch + 1 == cfg.schedule.epochs or (epoch + 1) % cfg.train.eval_every == 0:
-            record = evaluate_run(parts, val_loader, cfg, epoch)
+            record = evaluate_run(parts, val_loader, cfg, epoch, eval_on_device)
             logger.log("eval", record, progress.step)
             top1 = max(record["top1"], record.get("ema_top1", -1.0))
             improved, progress.best_top1 = top1 > progress.best_top1, max(top1, progress.best_top1)

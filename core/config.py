@@ -55,7 +55,7 @@ class DataCfg:
     img_size: int = 224
     batch_size: int = 128  # per process
     eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
-    num_workers: int = 8
+    num_workers: int = -1  # loader processes per process; -1: its share of the node's cores, less one for itself
     prefetch_factor: int = 2  # batches each loader worker prepares ahead
     num_classes: int = 0  # 0 means: what the data set has
     recipe: str = "imagenet"  # imagenet (timm RandAugment recipe) | small (pad-crop + flip, 28-32 px)
@@ -170,7 +170,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("checkpoint.keep_last", "data.img_size", "data.batch_size", "optim.lr_base_batch", "schedule.epochs",
             "train.accum_steps", "train.log_every", "train.eval_every", "model.patch_size", "ema.every",
             "data.prefetch_factor")
-NON_NEGATIVE = ("data.train_limit", "data.num_workers", "data.eval_batch_size", "data.num_classes", "optim.lr",
+NON_NEGATIVE = ("data.train_limit", "data.eval_batch_size", "data.num_classes", "optim.lr",
                 "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
                 "train.clip_grad", "train.threads", "checkpoint.every_steps", "train.global_batch",
@@ -268,6 +268,12 @@ def validate(cfg: Config) -> None:
     for key in UNIT_INTERVAL:
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"config key '{key}' must be within [0, 1], got {get(cfg, key)}")
+    if cfg.data.num_workers < -1:
+        raise ConfigError(f"data.num_workers is a number of loader processes, 0 to load in the training process or "
+                          f"-1 for one per core; got {cfg.data.num_workers}")
+    if cfg.aug.rand_augment and not cfg.aug.rand_augment.startswith("rand"):
+        raise ConfigError(f"aug.rand_augment={cfg.aug.rand_augment!r} is not a timm RandAugment string; give one such "
+                          f"as 'rand-m9-mstd0.5-inc1', or '' for none")
     if cfg.model.stem_init == "whiten" and cfg.model.pretrained:
         raise ConfigError("model.stem_init=whiten would overwrite the stem that model.pretrained loads; set "
                           "model.stem_init=default to fine-tune, or drop model.pretrained to train from scratch")

@@ -1,10 +1,13 @@
 """Data sets, recipes and loaders: the API train.py and eval.py use.
 
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug)
+    on_device, _ = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
     loader = build_train_loader(train_set, cfg.data, rank, world_size, cfg.seed)
     for epoch in ...:
         start_epoch(loader, epoch)
-        for images, labels in loader: ...  # float32 NCHW normalised, int64
+        for images, labels in loader:  # uint8 (imagenet recipe) or float32 normalised (small) NCHW, int64
+            images = images.to(device)
+            images = on_device(images) if on_device else images  # float32 NCHW normalised
 """
 from __future__ import annotations
 
@@ -13,10 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import distributed_utils as du
 from core.config import AugCfg, DataCfg
 from data.datasets import CheckedImageFolder, DataError, load_splits
 from data.samplers import ExactShardSampler, build_train_sampler
-from data.transforms import BatchTransformed, PerSampleTransformed, apply_recipe, collate_readable, keep_batch, mean_std
+from data.batch_aug import BatchNormalize
+from data.transforms import (BatchTransformed, PerSampleTransformed, apply_recipe, batch_transforms, collate_readable,
+                             keep_batch, mean_std)
 
 
 @dataclass
@@ -32,7 +38,8 @@ class DatasetInfo:
 
 def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool = True,
                    seed: int = 0) -> tuple[Dataset | None, Dataset, DatasetInfo]:
-    """(train set or None when train=False, val set, info); items are (float32 CHW, label)."""
+    """(train set or None when train=False, val set, info); items are (CHW image, label), the image uint8 for
+    the imagenet recipe (batch_transforms finishes it on the device) and normalised float32 for the small one."""
     splits = load_splits(data_cfg, train)
     mean, std = mean_std(data_cfg.name)
     train_set = (apply_recipe(splits.train, data_cfg, aug_cfg, True, mean, std, seed)
@@ -50,12 +57,18 @@ def skipped_images(dataset: Dataset) -> int:
     return dataset.skipped() if isinstance(dataset, CheckedImageFolder) else 0
 
 
+def loader_workers(data_cfg: DataCfg) -> int:
+    """data.num_workers, or for -1 this process's share of the node's cores less the one it needs itself."""
+    return data_cfg.num_workers if data_cfg.num_workers >= 0 else du.cores_per_process() - 1
+
+
 def _loader_options(dataset: Dataset, data_cfg: DataCfg) -> dict:
+    workers = loader_workers(data_cfg)
     return dict(
-        num_workers=data_cfg.num_workers,
+        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=data_cfg.num_workers > 0,
-        prefetch_factor=data_cfg.prefetch_factor if data_cfg.num_workers > 0 else None,
+        persistent_workers=workers > 0,
+        prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
         collate_fn=keep_batch if isinstance(dataset, BatchTransformed) else collate_readable,
     )
 
@@ -79,11 +92,12 @@ def build_train_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_siz
 
 def sample_images(dataset: Dataset, data_cfg: DataCfg, pixels: int = 2 ** 22) -> torch.Tensor:
     """About `pixels` pixels' worth of images spread evenly over `dataset` (no RNG draws but the recipe's own), as
-    its recipe yields them: data statistics for models.whitening. 4,096 images at 32 px, 83 at 224 px."""
+    its recipe yields them, normalised: data statistics for models.whitening. 4,096 images at 32 px, 83 at 224 px."""
     count = min(len(dataset), max(1, pixels // data_cfg.img_size ** 2))
     indices = torch.linspace(0, len(dataset) - 1, count).long().tolist()
     loader = DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=indices, **_loader_options(dataset, data_cfg))
-    return torch.cat([images for images, _ in loader])
+    images = torch.cat([images for images, _ in loader])
+    return BatchNormalize(*mean_std(data_cfg.name))(images) if images.dtype == torch.uint8 else images
 
 
 def start_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
@@ -105,5 +119,5 @@ def build_eval_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size
                       generator=torch.Generator().manual_seed(0), **_loader_options(dataset, data_cfg))
 
 
-__all__ = ["DataError", "DatasetInfo", "ExactShardSampler", "build_datasets", "build_train_loader",
-           "build_eval_loader", "sample_images", "skipped_images", "start_epoch"]
+__all__ = ["DataError", "DatasetInfo", "ExactShardSampler", "batch_transforms", "build_datasets", "build_train_loader",
+           "build_eval_loader", "loader_workers", "sample_images", "skipped_images", "start_epoch"]

@@ -211,8 +211,9 @@ def _cifar(cfg: DataCfg, train: bool, **which) -> RawSplits:
 class CheckedImageFolder(ImageFolder):
     """ImageFolder that names an unreadable image in its error, or (skip_corrupt) yields None for it.
 
-    None samples are dropped from their batch by the loader. Skips are counted in shared memory, one slot
-    per loader worker so no two processes write one slot, and read back with `skipped()`.
+    `loader` (path -> image) is torchvision's PIL RGB loader unless a recipe sets its own decoder. None samples
+    are dropped from their batch by the loader. Skips are counted in shared memory, one slot per loader worker
+    so no two processes write one slot, and read back with `skipped()`.
     """
 
     SLOTS = 64  # loader workers beyond this share slots (and may undercount)
@@ -222,15 +223,15 @@ class CheckedImageFolder(ImageFolder):
         self.skip_corrupt = skip_corrupt
         self._skips = torch.zeros(self.SLOTS + 1, dtype=torch.int64).share_memory_()
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int] | None:
+    def __getitem__(self, i: int) -> tuple[Image.Image | torch.Tensor, int] | None:
         path, label = self.samples[i]
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB"), label  # convert decodes every pixel: truncation shows here
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return self.loader(path), label  # the loaders decode every pixel: truncation shows here
+        except (DataError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             if not self.skip_corrupt:
-                raise DataError(f"cannot read image '{path}' ({_first_line(e)}); replace or delete it, or set "
-                                f"data.skip_corrupt=true to skip unreadable images") from None
+                what = str(e) if isinstance(e, DataError) else f"cannot read image '{path}' ({_first_line(e)})"
+                raise DataError(f"{what}; replace or delete it, or set data.skip_corrupt=true to skip unreadable "
+                                f"images") from None
         worker = get_worker_info()
         self._skips[0 if worker is None else 1 + worker.id % self.SLOTS] += 1
         print(f"warning: skipped unreadable image '{path}' (data.skip_corrupt)", file=sys.stderr)
@@ -340,9 +341,8 @@ def limit_train(splits: RawSplits, n: int) -> RawSplits:
 
 
 def load_splits(cfg: DataCfg, train: bool = True) -> RawSplits:
-    """The raw splits of `cfg.name`; the train split is only read when `train` is true."""
-    if cfg.name not in BUILDERS:
-        raise DataError(f"unknown data set data.name={cfg.name!r}; choose one of {', '.join(BUILDERS)}")
+    """The raw splits of `cfg.name` (one of BUILDERS, which the config checks); the train split is only read
+    when `train` is true."""
     splits = BUILDERS[cfg.name](cfg, train)
     if cfg.classes:
         splits = keep_classes(splits, cfg.classes)

@@ -195,3 +195,25 @@ def _lighting(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     ys = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None]
     xs = np.linspace(-0.5, 0.5, width, dtype=np.float32)[None, :]
     return 1.0 + rng.uniform(0.0, 0.5) * (np.cos(angle) * xs + np.sin(angle) * ys)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m data.testbed ROOT [--train N] [--val N] [--classes K]: write a test bed with train/ and val/."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("root", help="folder to write train/ and val/ into")
+    parser.add_argument("--train", type=int, default=1000, help="training images")
+    parser.add_argument("--val", type=int, default=100, help="validation images")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for split, count, seed in (("train", args.train, args.seed), ("val", args.val, args.seed + 1)):
+        paths = make_jpeg_testbed(args.root, count, args.classes, seed=seed, split=split)
+        sizes = [os.path.getsize(path) for path in paths]
+        print(f"{split}: {len(paths)} JPEGs in {os.path.join(args.root, split)}, {sum(sizes) / len(sizes) / 1e3:.1f} KB "
+              f"on average")
+
+
+if __name__ == "__main__":
+    main()

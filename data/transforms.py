@@ -1,8 +1,10 @@
-"""The two recipes (`data.recipe`) that turn raw images into normalised float tensors.
+"""The two recipes (`data.recipe`) that turn raw images into what the loader yields.
 
-- imagenet: timm's RandAugment recipe, sample by sample on PIL images.
+- imagenet: timm's RandAugment recipe. Loader workers decode, crop, resize, flip and RandAugment image by image
+  (data.jpeg) and yield uint8; normalisation and random erasing follow on the device over the whole batch
+  (data.batch_aug, through `batch_transforms`).
 - small: pad-crop + flip (+ random erasing) for 28-32 px images, done on a whole uint8 batch at once,
-  because per-image calls would leave a 2-core trainer waiting on the data.
+  because per-image calls would leave a 2-core trainer waiting on the data; yields normalised float32.
 """
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset, default_collate, get_worker_info
-from torchvision.transforms.functional import InterpolationMode, pil_to_tensor, resize, to_pil_image
+from torchvision.transforms.functional import InterpolationMode, pil_to_tensor, resize
 
 from core.config import AugCfg, DataCfg
-from data.datasets import DataError, TensorImages
+from data.batch_aug import BatchAugment, BatchNormalize
+from data.datasets import CheckedImageFolder, DataError, TensorImages
+from data.jpeg import JpegEvalDecode, JpegTrainDecode
 
 MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
@@ -33,35 +37,24 @@ def mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return MEAN_STD.get(name, (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)))
 
 
-def imagenet_transform(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool, mean: Sequence[float],
-                       std: Sequence[float]) -> Callable[[Image.Image], torch.Tensor]:
+def imagenet_decode(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool,
+                    mean: Sequence[float]) -> JpegTrainDecode | JpegEvalDecode:
+    """The imagenet recipe's per-image part, for loader workers: image -> uint8 (C, img_size, img_size)."""
     if not train:
-        return create_transform(data_cfg.img_size, is_training=False, interpolation=aug_cfg.interpolation,
-                                mean=mean, std=std, crop_pct=data_cfg.crop_pct)
-    transform = create_transform(
-        data_cfg.img_size, is_training=True, hflip=aug_cfg.hflip,
-        auto_augment=aug_cfg.rand_augment or None,
-        color_jitter=None,  # timm adds jitter only when RandAugment is off; "off" should mean off
-        interpolation=aug_cfg.interpolation, mean=mean, std=std,
-        re_prob=aug_cfg.reprob, re_mode="pixel", re_count=1)
-    return _allow_zero_bit_posterize(transform)
+        return JpegEvalDecode(data_cfg.img_size, data_cfg.crop_pct, aug_cfg.interpolation)
+    return JpegTrainDecode(data_cfg.img_size, rand_augment=aug_cfg.rand_augment, mean=mean,
+                           interpolation=aug_cfg.interpolation, hflip=aug_cfg.hflip)
 
 
-def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)  # keeping no bits leaves black, as Pillow < 13 did
-    return auto_augment.posterize(img, bits_to_keep, **kwargs)
-
-
-def _allow_zero_bit_posterize(transform):
-    """timm's RandAugment levels can ask posterize for 0 bits, which Pillow >= 13 rejects with a
-    ValueError (about 1 image in 500 with rand-m9-mstd0.5-inc1); route those ops through `_posterize`."""
-    for step in getattr(transform, "transforms", []):
-        ops = list(getattr(step, "ops", [])) + [op for sub in getattr(step, "policy", []) for op in sub]
-        for op in ops:
-            if getattr(op, "aug_fn", None) is auto_augment.posterize:
-                op.aug_fn = _posterize
-    return transform
+def batch_transforms(data_cfg: DataCfg, aug_cfg: AugCfg, mean: Sequence[float],
+                     std: Sequence[float]) -> tuple[Callable | None, Callable | None]:
+    """(train, eval): what the loops do to a batch on the device, after the copy, for the imagenet recipe (uint8
+    in, normalised float32 out; in training also random erasing); (None, None) for the small recipe, whose loader
+    yields normalised float32 already."""
+    if data_cfg.recipe != "imagenet":
+        return None, None
+    train = BatchAugment(mean, std, hflip=0.0, reprob=aug_cfg.reprob, mode="pixel")  # flipped in the workers
+    return train, BatchNormalize(mean, std)
 
 
 class SmallBatchTransform:
@@ -153,9 +146,13 @@ class EpochSeeding:
 
 
 class PerSampleTransformed(Dataset):
-    """Applies a PIL transform (the imagenet recipe) image by image; in-memory tensors become PIL first."""
+    """Applies a per-image transform (the imagenet recipe) in the loader, each sample seeded by EpochSeeding.
 
-    def __init__(self, source: Dataset, transform: Callable[[Image.Image], torch.Tensor],
+    transform=None where the source transforms as it reads (an image folder decodes with the recipe's decoder,
+    so that an unreadable file is caught, and skipped, where it is read).
+    """
+
+    def __init__(self, source: Dataset, transform: Callable[[torch.Tensor], torch.Tensor] | None,
                  seeding: EpochSeeding | None = None):
         self.source, self.transform, self.seeding = source, transform, seeding
 
@@ -169,9 +166,7 @@ class PerSampleTransformed(Dataset):
         if sample is None:  # an unreadable image skipped by the source; the collate drops it
             return None
         image, label = sample
-        if isinstance(image, torch.Tensor):
-            image = to_pil_image(image)
-        return self.transform(image), label
+        return (self.transform(image) if self.transform is not None else image), label
 
 
 class BatchTransformed(Dataset):
@@ -232,12 +227,16 @@ def collate_readable(batch: list):
 
 def apply_recipe(source: Dataset, data_cfg: DataCfg, aug_cfg: AugCfg, train: bool,
                  mean: Sequence[float], std: Sequence[float], seed: int = 0) -> Dataset:
-    """Wrap a raw split so it yields (float32 normalised image, int64 label); a train split's augmentation in
-    loader workers is seeded by (seed, epoch, sample)."""
+    """Wrap a raw split so it yields (image, int64 label): uint8 for the imagenet recipe, normalised float32 for
+    the small one; a train split's augmentation in loader workers is seeded by (seed, epoch, sample)."""
     seeding = EpochSeeding(seed) if train else None
     if data_cfg.recipe == "small":
         transform = SmallBatchTransform(data_cfg.img_size, mean, std, train, padding=aug_cfg.crop_padding,
                                         hflip=aug_cfg.hflip, reprob=aug_cfg.reprob,
                                         interpolation=aug_cfg.interpolation)
         return BatchTransformed(source, transform, seeding)
-    return PerSampleTransformed(source, imagenet_transform(data_cfg, aug_cfg, train, mean, std), seeding)
+    decode = imagenet_decode(data_cfg, aug_cfg, train, mean)
+    if isinstance(source, CheckedImageFolder):
+        source.loader = decode
+        return PerSampleTransformed(source, None, seeding)
+    return PerSampleTransformed(source, decode, seeding)

@@ -122,8 +122,9 @@ def build_loss(cfg: Config, num_classes: int) -> tuple[Mixup | None, nn.Module]:
 
 
 def build_parts(cfg: Config, model: nn.Module, num_classes: int, device: torch.device, world_size: int,
-                steps_per_epoch: int) -> tuple[TrainParts, int, float]:
-    """Optimizer, schedule, loss, EMA and precision around the model; returns (parts, global batch, peak lr)."""
+                steps_per_epoch: int, on_device: Callable | None = None) -> tuple[TrainParts, int, float]:
+    """Optimizer, schedule, loss, EMA and precision around the model, and the batch work on the device
+    (data.batch_transforms); returns (parts, global batch, peak lr)."""
     # The lr is quoted at optim.lr_base_batch and scaled to the global batch actually used.
     batch = global_batch(cfg.data.batch_size, world_size, cfg.train.accum_steps)
     lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_base_batch, cfg.optim.lr_scaling)
@@ -135,7 +136,7 @@ def build_parts(cfg: Config, model: nn.Module, num_classes: int, device: torch.d
         lr_fn=lambda s: lr_at(s, base_lr=lr, min_lr=cfg.schedule.min_lr, warmup_steps=warmup_steps,
                               total_steps=total_steps),
         device=device, amp=cfg.train.amp, accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad,
-        channels_last=cfg.train.channels_last, mixup=mixup, max_bad_steps=cfg.train.max_bad_steps,
+        channels_last=cfg.train.channels_last, mixup=mixup, on_device=on_device, max_bad_steps=cfg.train.max_bad_steps,
         ema=Ema(model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.every) if cfg.ema.enabled else None)
     return parts, batch, lr
 

@@ -1,6 +1,7 @@
 """train_one_epoch and evaluate: the two loops, shared by train.py, eval.py and the benchmark.
 
-How one batch travels: loader -> device (channels_last) -> mixup/cutmix -> model under autocast -> loss ->
+How one batch travels: loader -> device (channels_last) -> on_device (uint8 -> normalised float, random erasing;
+imagenet recipe) -> mixup/cutmix -> model under autocast -> loss ->
 backward (no_sync on accumulation micro-steps) -> unscale + clip -> optimizer step -> EMA update ->
 loss kept on the device and reduced across ranks only at the log interval.
 """
@@ -41,6 +42,7 @@ class TrainParts:
     channels_last: bool = False
     ema: Optional[Ema] = None
     mixup: Optional[Callable] = None  # timm Mixup
+    on_device: Optional[Callable] = None  # batch work after the copy to the device (data.batch_transforms)
     max_bad_steps: int = 0  # non-finite steps that may be skipped in all before the run stops
     bad_steps: int = 0  # skipped so far (checkpointed)
 
@@ -94,18 +96,18 @@ def _micro_batches(loader: Iterable, accum_steps: int):
             group = []
 
 
-def _optimizer_step(p: TrainParts, want_norm: bool) -> Optional[torch.Tensor]:
-    p.scaler.unscale_(p.optimizer)  # clip real gradients, not fp16-scaled ones (a no-op without fp16)
+def _optimizer_step(parts: TrainParts, want_norm: bool) -> Optional[torch.Tensor]:
+    parts.scaler.unscale_(parts.optimizer)  # clip real gradients, not fp16-scaled ones (a no-op without fp16)
     norm = None
     # The optimizer's flat list, not model.parameters(): walking the modules costs ~0.3 ms for atto.
-    params = [q for group in p.optimizer.param_groups for q in group["params"]]
-    if p.clip_grad > 0:
-        norm = nn.utils.clip_grad_norm_(params, p.clip_grad)
+    params = [param for group in parts.optimizer.param_groups for param in group["params"]]
+    if parts.clip_grad > 0:
+        norm = nn.utils.clip_grad_norm_(params, parts.clip_grad)
     elif want_norm:  # the norm alone: clip_grad_norm_ with max inf would still multiply every gradient by 1
-        norm = nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
-    p.scaler.step(p.optimizer)
-    p.scaler.update()
-    p.optimizer.zero_grad(set_to_none=True)
+        norm = nn.utils.get_total_norm([param.grad for param in params if param.grad is not None])
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
     return norm
 
 
@@ -114,15 +116,15 @@ def _ranks_non_finite(loss: torch.Tensor) -> int:
     return int(du.all_reduce_sum((~torch.isfinite(loss)).float()).item())
 
 
-def _skip_step(p: TrainParts, bad_ranks: int, epoch: int, step: int) -> None:
+def _skip_step(parts: TrainParts, bad_ranks: int, epoch: int, step: int) -> None:
     """Drop this step's gradients instead of stepping; stop once more than max_bad_steps were dropped."""
-    p.optimizer.zero_grad(set_to_none=True)
-    p.bad_steps += 1
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.bad_steps += 1
     what = f"on {bad_ranks} of {du.get_world_size()} processes"
-    if p.bad_steps > p.max_bad_steps:
-        raise non_finite_loss(what + f", more than train.max_bad_steps={p.max_bad_steps} such steps", epoch, step)
+    if parts.bad_steps > parts.max_bad_steps:
+        raise non_finite_loss(what + f", more than train.max_bad_steps={parts.max_bad_steps} such steps", epoch, step)
     du.print0(f"warning: non-finite loss {what} at epoch {epoch}, step {step}: step skipped "
-              f"({p.bad_steps} of train.max_bad_steps={p.max_bad_steps})")
+              f"({parts.bad_steps} of train.max_bad_steps={parts.max_bad_steps})")
 
 
 class _LossWindow:
@@ -136,8 +138,8 @@ class _LossWindow:
         self.loss_sum += loss
         self.steps += 1
 
-    def close(self) -> tuple[float, int, float]:
-        """(mean loss over all ranks, steps, seconds) of the window; one all-reduce, then a fresh window."""
+    def flush(self) -> tuple[float, int, float]:
+        """(mean loss over all ranks, steps, seconds) of the window, which then starts afresh; one all-reduce."""
         mean = du.all_reduce_sum(self.loss_sum.clone()).item() / (self.steps * du.get_world_size())
         closed = (mean, self.steps, time.perf_counter() - self.start)
         self.loss_sum.zero_()
@@ -145,7 +147,7 @@ class _LossWindow:
         return closed
 
 
-def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: RunLogger, log_every: int,
+def train_one_epoch(parts: TrainParts, loader, *, epoch: int, step: int, logger: RunLogger, log_every: int,
                     global_batch: int, on_step: Optional[Callable[[int, int], None]] = None) -> int:
     """One pass over the loader; returns the optimizer step count after it.
 
@@ -153,43 +155,45 @@ def train_one_epoch(p: TrainParts, loader, *, epoch: int, step: int, logger: Run
     A non-finite loss is found at the log interval (the loss reduction is already there), or at every step
     when train.max_bad_steps allows skipping such steps.
     """
-    p.model.train()
-    steps = len(loader) // p.accum_steps
-    ddp = hasattr(p.model, "no_sync")  # DDP, also when wrapped by torch.compile (which forwards attributes)
-    window = _LossWindow(p.device)
+    parts.model.train()
+    steps = len(loader) // parts.accum_steps
+    ddp = hasattr(parts.model, "no_sync")  # DDP, also when wrapped by torch.compile (which forwards attributes)
+    window = _LossWindow(parts.device)
     # A context, so an error closes (and clears) the bar and its message starts on a line of its own.
     with logger.progress(steps, f"epoch {epoch}") as bar:
-        for i_step, group in enumerate(_micro_batches(loader, p.accum_steps), start=1):
-            lr = p.lr_fn(step)
-            set_lr(p.optimizer, lr)
-            step_loss = torch.zeros((), device=p.device)
+        for i_step, group in enumerate(_micro_batches(loader, parts.accum_steps), start=1):
+            lr = parts.lr_fn(step)
+            set_lr(parts.optimizer, lr)
+            step_loss = torch.zeros((), device=parts.device)
             for i, (images, labels) in enumerate(group):
-                images, labels = to_device(images, labels, p.device, p.channels_last)
-                if p.mixup is not None:
+                images, labels = to_device(images, labels, parts.device, parts.channels_last)
+                if parts.on_device is not None:
+                    images = parts.on_device(images)
+                if parts.mixup is not None:
                     if len(images) % 2:  # a batch that lost an unreadable image (data.skip_corrupt); Mixup pairs images
                         images, labels = images[:-1], labels[:-1]
-                    images, labels = p.mixup(images, labels)
+                    images, labels = parts.mixup(images, labels)
                 # Only the last micro-step all-reduces gradients; the others accumulate locally.
                 sync = i == len(group) - 1
-                with contextlib.nullcontext() if sync or not ddp else p.model.no_sync():
-                    with autocast(p.device, p.amp):
-                        loss = p.criterion(p.model(images), labels) / p.accum_steps
-                    p.scaler.scale(loss).backward()
+                with contextlib.nullcontext() if sync or not ddp else parts.model.no_sync():
+                    with autocast(parts.device, parts.amp):
+                        loss = parts.criterion(parts.model(images), labels) / parts.accum_steps
+                    parts.scaler.scale(loss).backward()
                 step_loss += loss.detach().float()
             step += 1
             log_now = step % log_every == 0 or i_step == steps  # and at the end of the epoch
             norm = None
-            bad_ranks = _ranks_non_finite(step_loss) if p.max_bad_steps else 0
+            bad_ranks = _ranks_non_finite(step_loss) if parts.max_bad_steps else 0
             if bad_ranks:
-                _skip_step(p, bad_ranks, epoch, step)  # its loss stays out of the logged mean
+                _skip_step(parts, bad_ranks, epoch, step)  # its loss stays out of the logged mean
             else:
                 window.add(step_loss)
-                norm = _optimizer_step(p, want_norm=log_now)
-                if p.ema is not None:
-                    p.ema.step(p.raw_model, step)
+                norm = _optimizer_step(parts, want_norm=log_now)
+                if parts.ema is not None:
+                    parts.ema.step(parts.raw_model, step)
             bar.update()
             if log_now and window.steps:
-                mean_loss, window_steps, elapsed = window.close()
+                mean_loss, window_steps, elapsed = window.flush()
                 if not math.isfinite(mean_loss):
                     raise non_finite_loss(f"mean {mean_loss} since the last record", epoch, step)
                 record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
@@ -221,19 +225,22 @@ def tta_views(images: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none",
-             channels_last: bool = False, num_classes: int = 0, tta: str = "none") -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", channels_last: bool = False,
+             num_classes: int = 0, tta: str = "none", on_device: Optional[Callable] = None) -> dict:
     """Exact top-1/top-5/loss over the whole split: each rank sums over its own shard, then one all-reduce.
 
     The eval sampler gives every sample to exactly one rank, so nothing is padded or counted twice. With
     num_classes, the record also holds "confusion": counts[true class][predicted class], over all ranks.
-    tta (aug.tta) averages the logits of the tta_views of each batch: test-time augmentation.
+    tta (aug.tta) averages the logits of the tta_views of each batch: test-time augmentation. on_device runs on
+    each batch once it is on the device (the imagenet recipe's normalisation).
     """
     model.eval()
     sums = torch.zeros(4 + num_classes * num_classes, dtype=torch.float64, device=device)  # loss, top1, top5, n
     memory_format = torch.channels_last if channels_last else torch.contiguous_format  # shifted views are strided
     for images, labels in loader:
         images, labels = to_device(images, labels, device, channels_last)
+        if on_device is not None:
+            images = on_device(images)
         with autocast(device, amp):
             logits = torch.stack([model(view.contiguous(memory_format=memory_format)).float()
                                   for view in tta_views(images, tta)]).mean(0)

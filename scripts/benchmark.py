@@ -3,6 +3,9 @@
     python scripts/benchmark.py --config configs/fashion_mnist.yaml [--json OUT] [key=value ...]
     torchrun --nproc_per_node=2 scripts/benchmark.py --config configs/debug.yaml
     python scripts/benchmark.py --config configs/convnext_t.yaml data.name=synthetic train.amp=bf16 --vs-timm
+    python -m data.testbed /tmp/bed    # 1,000 + 100 ImageNet-like JPEGs
+    python scripts/benchmark.py --config configs/convnext_t.yaml --modes bare,loader,timm_loader --stages 200 \
+        --steps 2 --loader-steps 20 data.root=/tmp/bed data.num_workers=2 data.batch_size=32
 
 Three loops with the same model, batch, precision, memory format and optimizer, run in turn repeat after repeat so
 that a machine getting faster or slower shifts all three alike:
@@ -10,6 +13,11 @@ that a machine getting faster or slower shifts all three alike:
   trainer   engine.loop.train_one_epoch on that same batch, with all it does per step: mixup, schedule, EMA, loss
             reduction and logging, the stop-signal check, the DDP wrapper when there are several processes;
   pipeline  the same with the config's real data loader (and its copy to the device).
+Two loader modes fetch batches and drop them, with the config's workers: `loader` ours, `timm_loader` timm's own
+create_loader with the same recipe on the same image folder (imagenet recipe; its GPU prefetcher where there is
+CUDA). With both: images/s per worker and per core, ours/timm, and the cores per GPU at --gpu-img-per-s;
+--stages N also times each stage of both pipelines on N files in this process (scripts/loader_stages.py), and the
+batch work ours leaves to the device per image next to the bare step's time per image.
 Each repeat times --steps optimizer steps after --warmup untimed ones; figures are medians over the repeats, ratios
 the median of each repeat's own ratio. --vs-timm also times forward+backward of timm's convnext_<variant>, built
 with the same options, against ours. Model FLOP utilisation (MFU) is against a known GPU's data-sheet peak (bf16/fp16)
@@ -33,10 +41,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import distributed_utils as du
+import loader_stages  # scripts/, beside this file
 from core.config import Config
 from core.errors import UserError
 from core.files import atomic_write
-from data import build_datasets, build_train_loader, start_epoch
+from data import batch_transforms, build_datasets, build_train_loader, loader_workers, start_epoch
+from data.jpeg import allow_zero_bit_posterize
+from data.transforms import mean_std
 from engine.build import build_model, build_parts, init_process, load_run_config, seed_everything, wrap_model
 from engine.logging import RunLogger
 from engine.loop import AMP_DTYPES, TrainParts, autocast, resolve_amp, to_device, train_one_epoch
@@ -44,7 +55,7 @@ from engine.optim import accum_steps_for, create_optimizer
 from engine.preemption import StopRequest
 from models import stage_shapes
 
-MODES = ("bare", "trainer", "pipeline", "loader")
+MODES = ("bare", "trainer", "pipeline", "loader", "timm_loader")
 MATMUL_SIZE = 2048  # the square matmul whose best rate is a CPU's yardstick for FLOP utilisation
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets), for model FLOP utilisation; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
@@ -61,10 +72,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated, timed in this order: {', '.join(MODES)}")
     parser.add_argument("--vs-timm", action="store_true", help="also time forward+backward of ours against timm's")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak, for FLOP utilisation")
+    parser.add_argument("--loader-steps", type=int, default=0, metavar="N",
+                        help="batches the loader modes time per repeat (default: the rest of an epoch after "
+                             "--warmup, so that no worker is still prefetching when the next mode starts)")
+    parser.add_argument("--stages", type=int, default=0, metavar="N",
+                        help="with the loader modes: time each stage of both pipelines on N training files")
+    parser.add_argument("--gpu-img-per-s", type=float, default=2400.0,
+                        help="a GPU's training rate, for the loader cores it needs (default: ConvNeXt-T, bf16, "
+                             "about 3x timm's published RTX 3090 figure)")
     parser.add_argument("--json", default="", help="also write the JSON record here")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
+    if args.warmup < 1 or args.steps < 1 or args.repeats < 1 or args.loader_steps < 0:
         parser.error("--warmup, --steps and --repeats must be at least 1")
     args.modes = [m for m in args.modes.split(",") if m]
     if not args.modes or not set(args.modes) <= set(MODES):
@@ -103,10 +122,11 @@ class Repeated:
 
 
 class Batches:
-    """The first n batches of a loader, over as many epochs as that takes; `len` is what train_one_epoch sees."""
+    """The first n batches of a loader, over as many epochs as that takes; `len` is what train_one_epoch sees.
+    on_epoch(loader, epoch) starts each epoch (ours: start_epoch; timm's loader needs nothing)."""
 
-    def __init__(self, loader, n: int):
-        self.loader, self.n, self.epoch = loader, n, 0
+    def __init__(self, loader, n: int, on_epoch: Callable = start_epoch):
+        self.loader, self.n, self.epoch, self.on_epoch = loader, n, 0, on_epoch
 
     def __len__(self) -> int:
         return self.n
@@ -116,7 +136,7 @@ class Batches:
 
     def _epochs(self):
         while True:
-            start_epoch(self.loader, self.epoch)
+            self.on_epoch(self.loader, self.epoch)
             self.epoch += 1
             yield from self.loader
 
@@ -215,15 +235,41 @@ def loader_pass(loader, clock: StepClock) -> None:
         clock(i)
 
 
+def timm_loader(cfg: Config, env: du.DistEnv, device: torch.device):
+    """timm's own train loader (create_loader) of the config's imagenet recipe over data.root/train, with the same
+    workers and batch: what timm's train.py runs."""
+    from timm.data import ImageDataset, create_loader
+
+    if cfg.data.name != "imagefolder" or cfg.data.recipe != "imagenet":
+        raise UserError("--modes timm_loader compares loaders on an image folder: set data.name=imagefolder, "
+                        "data.recipe=imagenet and data.root")
+    mean, std = mean_std(cfg.data.name)
+    loader = create_loader(
+        ImageDataset(os.path.join(cfg.data.root, "train")), cfg.data.img_size, cfg.data.batch_size,
+        is_training=True, re_prob=cfg.aug.reprob, re_mode="pixel", hflip=cfg.aug.hflip, color_jitter=None,
+        auto_augment=cfg.aug.rand_augment or None, interpolation=cfg.aug.interpolation, mean=mean, std=std,
+        num_workers=loader_workers(cfg.data), distributed=env.distributed, pin_memory=device.type == "cuda",
+        device=device, use_prefetcher=device.type == "cuda", persistent_workers=loader_workers(cfg.data) > 0)
+    allow_zero_bit_posterize(loader.dataset.transform)  # before the workers start; Pillow >= 13 refuses 0 bits
+    return loader
+
+
 def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: torch.device,
-               logger: RunLogger) -> tuple[dict, float, int]:
+               logger: RunLogger) -> tuple[dict, float, int, tuple]:
     """{mode: (run(clock), images per clocked unit over all ranks)} for the asked modes, the model's forward FLOPs
-    per image, and the global batch."""
+    per image, the global batch, and (the device's batch work, a raw batch on the device) for --stages."""
     accum, n = cfg.train.accum_steps, args.warmup + args.steps
     train_set, _, info = build_datasets(cfg.data, cfg.aug, train=True, seed=cfg.seed)
+    on_device, _ = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
     loader = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
+    if not args.loader_steps:  # set here, where the epoch's length is known
+        if len(loader) <= args.warmup:
+            raise UserError(f"an epoch of {len(loader)} batches leaves none to time after --warmup {args.warmup}")
+        args.loader_steps = len(loader) - args.warmup
+    n_loader = args.warmup + args.loader_steps
     start_epoch(loader, 0)
-    batch = to_device(*next(iter(loader)), device, cfg.train.channels_last)  # the in-memory batch
+    raw = to_device(*next(iter(loader)), device, cfg.train.channels_last)  # the in-memory batch, as loaded
+    batch = (on_device(raw[0]), raw[1]) if on_device is not None else raw  # as the model sees it
 
     # Two models built alike: the bare one with the trainer's optimizer and nothing else, the trainer's with it all.
     seed_everything(cfg.seed)
@@ -233,7 +279,8 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
     flops = forward_flops(bare_model, batch[0])
     seed_everything(cfg.seed)
     model = build_model(cfg, info.num_classes, info.in_chans, device)
-    parts, per_step, _ = build_parts(cfg, model, info.num_classes, device, env.world_size, len(loader) // accum)
+    parts, per_step, _ = build_parts(cfg, model, info.num_classes, device, env.world_size, len(loader) // accum,
+                                     on_device=on_device)
     parts.model = wrap_model(model, cfg, env.distributed, device)
     stop = StopRequest(signals=())  # the check's collective, without taking SIGTERM over
 
@@ -241,16 +288,19 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
         return lambda c: trainer_pass(parts, batches, cfg, per_step, logger, stop, c)
 
     runs = {"bare": (lambda c: bare_pass(bare, bare_opt, batch, cfg.train.amp, accum, n, c), per_step),
-            "trainer": (trainer(Repeated(batch, n * accum)), per_step),
+            "trainer": (trainer(Repeated(raw, n * accum)), per_step),  # the device's batch work included
             "pipeline": (trainer(Batches(loader, n * accum)), per_step),
-            "loader": (lambda c: loader_pass(Batches(loader, n), c), cfg.data.batch_size * env.world_size)}
+            "loader": (lambda c: loader_pass(Batches(loader, n_loader), c), cfg.data.batch_size * env.world_size)}
+    if "timm_loader" in args.modes:
+        theirs = Batches(timm_loader(cfg, env, device), n_loader, on_epoch=lambda loader, epoch: None)
+        runs["timm_loader"] = (lambda c: loader_pass(theirs, c), cfg.data.batch_size * env.world_size)
     runs = {k: runs[k] for k in args.modes}
     if args.vs_timm:
         our_params = sum(p.numel() for p in bare_model.parameters())
         timm_model = timm_twin(cfg, info.num_classes, info.in_chans, device, our_params)
         for name, m in (("ours", bare), ("timm", torch.compile(timm_model) if cfg.train.compile else timm_model)):
             runs[f"{name}_fwd_bwd"] = (lambda c, m=m: bare_pass(m, None, batch, cfg.train.amp, accum, n, c), per_step)
-    return runs, flops, per_step
+    return runs, flops, per_step, (on_device, raw[0])
 
 
 def measure(runs: dict, args: argparse.Namespace, device: torch.device,
@@ -262,11 +312,12 @@ def measure(runs: dict, args: argparse.Namespace, device: torch.device,
     peaks: list[float] = []
     for repeat in range(args.repeats):
         for name, (run, images) in runs.items():
+            steps = args.loader_steps if "loader" in name else args.steps
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            clock = StepClock(device, args.warmup, args.steps)
+            clock = StepClock(device, args.warmup, steps)
             run(clock)
-            rates.setdefault(name, []).append(args.steps * images / clock.seconds())
+            rates.setdefault(name, []).append(steps * images / clock.seconds())
             memory[name] = max(memory.get(name, 0.0), peak_memory_mb(device))
         if yardstick:
             peaks.append(yardstick())
@@ -284,7 +335,7 @@ def main() -> int:
     cfg.train.amp = resolve_amp(cfg.train.amp, device)
     with tempfile.TemporaryDirectory() as log_dir, open(os.devnull, "w") as devnull:
         logger = RunLogger(log_dir, enabled=env.is_main, bar_file=devnull)  # the bar's work is done, not shown
-        runs, flops, global_batch = build_runs(cfg, args, env, device, logger)
+        runs, flops, global_batch, (on_device, raw_images) = build_runs(cfg, args, env, device, logger)
         peak, peak_source = known_peak_tflops(device, cfg.train.amp, args.peak_tflops)
         # On a CPU the yardstick is measured at every repeat, as the machine's speed drifts; its best is the peak.
         yardstick = (lambda: matmul_tflops(AMP_DTYPES[cfg.train.amp] or torch.float32)) \
@@ -300,16 +351,56 @@ def main() -> int:
                   global_batch=global_batch, config=args.config,
                   overrides=args.overrides, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
                   compile=cfg.train.compile, grad_checkpointing=cfg.train.grad_checkpointing,
-                  num_workers=cfg.data.num_workers, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                  num_workers=loader_workers(cfg.data), steps=args.steps, loader_steps=args.loader_steps,
+                  warmup=args.warmup, repeats=args.repeats,
                   torch=torch.__version__)
-    if "loader" in rates:
-        record["loader_img_per_s_per_worker"] = record["loader_img_per_s"] / max(1, cfg.data.num_workers)
+    record.update(loader_summary(record, cfg, args, env))
+    if args.stages:
+        record.update(stages_summary(record, cfg, args, on_device, raw_images))
     if env.is_main:
         print_table(record)
         if args.json:
             atomic_write(args.json, lambda f: f.write(json.dumps(record, indent=1) + "\n"), binary=False)
         print(json.dumps(record))
     return 0
+
+
+def loader_summary(record: dict, cfg: Config, args: argparse.Namespace, env: du.DistEnv) -> dict:
+    """Per worker and per core rates of the loader modes, ours/timm (the median of the repeats' own ratios), and
+    the cores per GPU at --gpu-img-per-s. A core is a worker while there are no more workers than cores."""
+    workers = max(1, loader_workers(cfg.data)) * env.world_size
+    cores = min(workers, len(os.sched_getaffinity(0)))
+    out: dict = {"loader_workers": workers, "loader_cores": cores, "gpu_img_per_s": args.gpu_img_per_s}
+    for mode in ("loader", "timm_loader"):
+        if mode in record["img_per_s_repeats"]:
+            rate = record[f"{mode}_img_per_s"]
+            out[f"{mode}_img_per_s_per_worker"] = rate / workers
+            out[f"{mode}_img_per_s_per_core"] = rate / cores
+            out[f"{mode}_cores_per_gpu"] = args.gpu_img_per_s / (rate / cores)
+    if "timm_loader" in record["img_per_s_repeats"] and "loader" in record["img_per_s_repeats"]:
+        pairs = zip(record["img_per_s_repeats"]["loader"], record["img_per_s_repeats"]["timm_loader"])
+        out["loader_over_timm"] = statistics.median(a / b for a, b in pairs)
+    return out
+
+
+def stages_summary(record: dict, cfg: Config, args: argparse.Namespace, on_device, raw_images) -> dict:
+    """Each stage of both pipelines in ms per image on one thread (--stages files), and the device's batch work
+    per image next to the bare step's."""
+    if cfg.data.name != "imagefolder" or cfg.data.recipe != "imagenet":
+        raise UserError("--stages times the imagenet recipe on an image folder: set data.name=imagefolder, "
+                        "data.recipe=imagenet and data.root")
+    from torchvision.datasets import ImageFolder
+
+    samples = ImageFolder(os.path.join(cfg.data.root, "train")).samples
+    files = [path for path, _ in samples[::max(1, len(samples) // args.stages)][:args.stages]]
+    stages = loader_stages.stage_times(cfg, files, args.repeats)
+    out: dict = {"stages_ms_per_img": stages, "stages_files": len(files),
+                 "stages_ours_over_timm": stages["timm"]["total"] / stages["ours"]["total"]}
+    if on_device is not None:
+        out["device_batch_ms_per_img"] = loader_stages.device_ms_per_image(on_device, raw_images, args.repeats)
+    if "bare" in record["img_per_s_repeats"]:
+        out["step_ms_per_img"] = 1e3 / record["bare_img_per_s"]
+    return out
 
 
 def summarize(rates: dict[str, list[float]], memory: dict[str, float], flops: float, peak: float) -> dict:
@@ -323,7 +414,7 @@ def summarize(rates: dict[str, list[float]], memory: dict[str, float], flops: fl
     record["forward_gflops_per_img"] = flops / 1e9
     # Training costs about 3 forwards (the backward computes gradients for inputs and for weights).
     record["train_tflops_per_s"] = {k: 3 * flops * statistics.median(v) / 1e12 for k, v in rates.items()
-                                    if k != "loader"}
+                                    if "loader" not in k}
     if peak:
         record["mfu"] = {k: v / peak for k, v in record["train_tflops_per_s"].items()}
     return record
@@ -347,8 +438,26 @@ def print_table(record: dict) -> None:
         print(line + "   repeats: " + " ".join(f"{v:.0f}" for v in values))
     if record["peak_tflops"]:
         print(f"  MFU: of {record['peak_tflops']:.3f} TFLOP/s ({record['peak_source']})")
-    ratios = [k for k in ("trainer_over_bare", "pipeline_over_trainer", "ours_over_timm") if k in record]
+    ratios = [k for k in ("trainer_over_bare", "pipeline_over_trainer", "ours_over_timm", "loader_over_timm")
+              if k in record]
     print("  " + "   ".join(f"{k.replace('_over_', '/')} {record[k]:.3f}" for k in ratios))
+    for mode in ("loader", "timm_loader"):
+        if f"{mode}_img_per_s_per_core" in record:
+            print(f"  {mode:14s} {record[f'{mode}_img_per_s_per_core']:7.1f} img/s per core ({record['loader_workers']}"
+                  f" workers on {record['loader_cores']} cores): {record[f'{mode}_cores_per_gpu']:.1f} cores per GPU "
+                  f"at {record['gpu_img_per_s']:.0f} img/s")
+    if "stages_ms_per_img" in record:
+        print_stages(record)
+
+
+def print_stages(record: dict) -> None:
+    stages = record["stages_ms_per_img"]
+    print(f"  ms per image on one thread ({record['stages_files']} files): " + " | ".join(
+        f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in stages[name].items()) for name in stages))
+    print(f"  timm/ours per image {record['stages_ours_over_timm']:.3f}"
+          + (f"; the device's batch work {record['device_batch_ms_per_img']:.3f} ms per image"
+             if "device_batch_ms_per_img" in record else "")
+          + (f" next to the step's {record['step_ms_per_img']:.3f}" if "step_ms_per_img" in record else ""))
 
 
 if __name__ == "__main__":

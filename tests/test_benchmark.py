@@ -5,6 +5,7 @@ import statistics
 
 import pytest
 
+from data.testbed import make_jpeg_testbed
 from test_train_e2e import DEBUG, run
 
 pytestmark = pytest.mark.slow
@@ -52,3 +53,29 @@ def test_benchmark_refuses_to_compare_with_a_different_timm_network():
     """timm's convnext with patch_size 2 downsamples in stage 0 as well: more parameters, not our network."""
     proc = run(["scripts/benchmark.py", "--config", DEBUG, "--vs-timm", *QUICK[:6], "model.patch_size=2"], check=False)
     assert proc.returncode == 2 and "not the same network" in proc.stderr
+
+
+def test_benchmark_compares_our_jpeg_loader_with_timms_stage_by_stage(tmp_path):
+    root = str(tmp_path / "jpegs")
+    make_jpeg_testbed(root, num_images=24, num_classes=2)
+    make_jpeg_testbed(root, num_images=2, num_classes=2, split="val")
+    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--modes", "bare,loader,timm_loader", "--stages", "6",
+                *QUICK, "data.name=imagefolder", f"data.root={root}", "data.recipe=imagenet", "data.num_workers=1",
+                "--gpu-img-per-s", "1000"])
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    repeats = record["img_per_s_repeats"]
+    assert record["loader_over_timm"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(repeats["loader"], repeats["timm_loader"])))
+    for mode in ("loader", "timm_loader"):
+        per_core = record[f"{mode}_img_per_s_per_core"]
+        assert per_core == pytest.approx(record[f"{mode}_img_per_s"] / record["loader_cores"])
+        assert record[f"{mode}_cores_per_gpu"] == pytest.approx(1000 / per_core)
+    stages = record["stages_ms_per_img"]
+    assert {"decode", "crop+resize", "flip", "RandAugment", "conversion", "normalisation", "erasing",
+            "collation", "total"} == set(stages["timm"])
+    assert {"decode", "crop+resize", "flip+RandAugment", "collation", "total"} == set(stages["ours"])
+    for name in stages:
+        assert all(v > 0 for v in stages[name].values())
+        assert stages[name]["total"] == pytest.approx(sum(v for k, v in stages[name].items() if k != "total"))
+    assert record["stages_files"] == 6 and record["device_batch_ms_per_img"] > 0 and record["step_ms_per_img"] > 0
+    assert "cores per GPU at 1000 img/s" in proc.stdout

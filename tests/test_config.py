@@ -87,6 +87,10 @@ def test_file_then_overrides(tmp_path):
     ("model.depths=[2,2,6]", "'model.depths' must be 4 positive integers"),
     ("model.dims=[8,16,0,32]", "'model.dims' must be 4 positive integers"),
     ("model.stem_init=pca", "'model.stem_init' is 'pca'; allowed: default, whiten"),
+    ("dist.backend=mpi", "'dist.backend' is 'mpi'; allowed: auto, nccl, gloo"),
+    ("data.num_workers=-2", "data.num_workers is a number of loader processes, 0 to load in the training process"),
+    ("aug.rand_augment=original", "aug.rand_augment='original' is not a timm RandAugment string"),
+    ("data.name=imagenet", "'data.name' is 'imagenet'; allowed: imagefolder, cifar10"),
     ("model.pretrained=w.pth model.stem_init=whiten", "would overwrite the stem that model.pretrained loads"),
 ])
 def test_errors_name_the_key_and_the_way_out(override, expected):
@@ -192,7 +196,7 @@ def test_variant_configs_resolve_to_the_full_recipe(name, model, drop_path, batc
     assert (cfg.model.name, cfg.model.drop_path, cfg.data.batch_size, cfg.output_dir) == \
         (model, drop_path, batch, f"runs/{name}")
     assert (cfg.model.dims, cfg.model.layer_scale_init, cfg.data.root, cfg.data.num_workers) == \
-        ([], 1e-6, "/datasets/imagenet", 10)
+        ([], 1e-6, "/datasets/imagenet", -1)
     assert (cfg.optim.lr, cfg.schedule.epochs, cfg.aug.mixup, cfg.ema.enabled, cfg.train.amp) == \
         (4e-3, 300, 0.8, True, "bf16")
 

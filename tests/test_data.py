@@ -1,6 +1,7 @@
 """Data sets, recipes, samplers and loaders (no network, no GPU; real Fashion-MNIST only when installed)."""
 import gzip
 import os
+import re
 import urllib.error
 
 import numpy as np
@@ -12,7 +13,8 @@ import data.datasets as datasets
 from data import (DataError, ExactShardSampler, build_datasets, build_eval_loader, build_train_loader,
                   skipped_images, start_epoch)
 from data.datasets import FASHION_MNIST_APT_DIR, TensorImages, load_splits, read_idx
-from data.transforms import SmallBatchTransform, _posterize, apply_recipe, imagenet_transform
+from data.jpeg import _posterize
+from data.transforms import SmallBatchTransform, apply_recipe, batch_transforms, imagenet_decode
 from core.config import Config
 from core.errors import UserError
 
@@ -140,11 +142,20 @@ def test_imagefolder_with_either_recipe(tmp_path, recipe):
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug)
     assert (info.num_classes, info.in_chans, info.train_size, info.val_size) == (2, 3, 6, 6)
     image, label = train_set[0]
-    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and int(label) == 0
+    # the imagenet recipe leaves normalisation (and erasing) to the device: uint8 out of the loader
+    dtype = torch.uint8 if recipe == "imagenet" else torch.float32
+    assert image.shape == (3, 32, 32) and image.dtype == dtype and int(label) == 0
     images, labels = next(iter(build_train_loader(train_set, cfg.data, 0, 1, seed=0)))
     assert images.shape == (2, 3, 32, 32) and labels.dtype == torch.int64
     images, labels = next(iter(build_eval_loader(val_set, cfg.data, 0, 1)))
-    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
+    assert images.shape == (4, 3, 32, 32) and images.dtype == dtype and labels.dtype == torch.int64
+    on_train, on_eval = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
+    if recipe == "small":
+        assert on_train is None and on_eval is None
+    else:
+        mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
+        torch.testing.assert_close(on_eval(images), (images.float() / 255 - mean) / std)
+        assert on_train(images).dtype == torch.float32
 
 
 def test_imagefolder_missing_or_empty_folders(tmp_path):
@@ -183,7 +194,7 @@ def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, recipe, work
     with pytest.raises(DataError) as failure:
         list(loader)
     message = str(failure.value)
-    assert message.startswith("cannot read image '") and "data.skip_corrupt=true" in message
+    assert re.match("cannot (read|decode) image '", message) and "data.skip_corrupt=true" in message
     assert truncated in message or garbage in message
     assert "Traceback" not in message and "\n" not in message  # one line, also from a loader worker
 
@@ -259,9 +270,8 @@ def test_small_recipe_eval_only_normalises():
 def test_imagenet_recipe_survives_zero_bit_posterize():
     image = Image.new("RGB", (8, 8), (200, 100, 50))
     assert _posterize(image, 0).getextrema() == ((0, 0),) * 3
-    transform = imagenet_transform(make_cfg(img_size=32).data, Config().aug, True, (0.5,) * 3, (0.5,) * 3)
-    ops = [op for step in transform.transforms for op in getattr(step, "ops", [])]
-    assert any(op.aug_fn is _posterize for op in ops)
+    transform = imagenet_decode(make_cfg(img_size=32).data, Config().aug, True, (0.5,) * 3)
+    assert any(op.aug_fn is _posterize for op in transform.augment.ops)
 
 
 # --- loaders ---------------------------------------------------------------------------------------

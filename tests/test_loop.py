@@ -206,8 +206,7 @@ NAN_ON_RANK_1 = """
     from test_loop import parts_for, poisoned, run_epoch, tiny_model
 
     def main():
-        du.setup("gloo", timeout_s=60)
-        rank, model = du.get_rank(), tiny_model()
+        rank, model = du.setup("gloo", timeout_s=60).env.rank, tiny_model()
         parts = parts_for(nn.parallel.DistributedDataParallel(model), raw_model=model,
                           max_bad_steps=int(sys.argv[1]))
         try:

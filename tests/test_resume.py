@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from data.testbed import make_jpeg_testbed
 from test_train_e2e import DEBUG, ROOT, run
 
 pytestmark = pytest.mark.slow
@@ -74,20 +75,42 @@ def wait_for(path, proc):
 
 
 @pytest.fixture(scope="module")
-def reference_with_workers(tmp_path_factory):
+def workers():
+    return ["data.num_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def jpeg_workers(tmp_path_factory):
+    """The imagenet recipe on 64 ImageNet-like JPEGs (4 steps an epoch again), decoded and augmented in 2 loader
+    workers, normalised and erased on the device."""
+    root = str(tmp_path_factory.mktemp("jpegs"))
+    make_jpeg_testbed(root, num_images=64, num_classes=4, seed=0)
+    make_jpeg_testbed(root, num_images=8, num_classes=4, seed=1, split="val")
+    return ["data.name=imagefolder", f"data.root={root}", "data.recipe=imagenet", "data.batch_size=8",
+            "data.num_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def reference_with_workers(tmp_path_factory, workers):
     ref = str(tmp_path_factory.mktemp("ref_workers"))
-    run(["train.py", "--config", DEBUG, f"output_dir={ref}"] + EXACT + WORKERS, nproc=2)
+    run(["train.py", "--config", DEBUG, f"output_dir={ref}"] + EXACT + workers, nproc=2)
     return final_weights(ref)
 
 
-WORKERS = ["data.num_workers=2"]
+@pytest.fixture(scope="module")
+def reference_with_jpeg_workers(tmp_path_factory, jpeg_workers):
+    ref = str(tmp_path_factory.mktemp("ref_jpeg_workers"))
+    run(["train.py", "--config", DEBUG, f"output_dir={ref}"] + EXACT + jpeg_workers, nproc=2)
+    return final_weights(ref)
 
 
-@pytest.mark.parametrize("workers", [False, True], ids=["in-process", "2-loader-workers"])
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, request, workers):
-    """With loader workers too: their augmentation is seeded by (seed, epoch, sample), not by the worker's history."""
-    reference = request.getfixturevalue("reference_with_workers" if workers else "reference")
-    extra = WORKERS if workers else []
+@pytest.mark.parametrize("variant", ["", "workers", "jpeg_workers"],
+                         ids=["in-process", "2-loader-workers", "imagenet-recipe-2-loader-workers"])
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, request, variant):
+    """With loader workers too: their augmentation is seeded by (seed, epoch, sample), not by the worker's history;
+    and with the imagenet recipe, whose erasing draws on the device come from the checkpointed generator."""
+    reference = request.getfixturevalue(f"reference_with_{variant}" if variant else "reference")
+    extra = request.getfixturevalue(variant) if variant else []
     out = str(tmp_path / "killed")
 
     proc = start_run(out, extra=extra)

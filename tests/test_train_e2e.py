@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from data.testbed import make_jpeg_testbed
 from test_data import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +80,24 @@ def test_torchrun_train_resume_eval(tmp_path):
     resumed = torch.load(last, weights_only=True)
     assert resumed["epoch"] == 3 and resumed["step"] > state["step"]
     assert resumed["best_top1"] >= state["best_top1"]
+
+
+def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(tmp_path):
+    """JPEGs decoded and augmented in loader workers, normalised and erased on the device: a 13-image validation
+    set (prime) is counted exactly once, and eval.py on 1 and 3 processes reproduces the run's last evaluation."""
+    root = str(tmp_path / "jpegs")
+    make_jpeg_testbed(root, num_images=32, num_classes=4, seed=0)
+    make_jpeg_testbed(root, num_images=13, num_classes=4, seed=1, split="val")
+    jpeg = ["data.name=imagefolder", f"data.root={root}", "data.recipe=imagenet", "data.batch_size=8",
+            "data.num_workers=2", "schedule.epochs=1"]
+    out = str(tmp_path / "run")
+    run(["train.py", "--config", DEBUG, f"output_dir={out}", *jpeg], nproc=2)
+    last_eval = records(out, "eval")[-1]
+    assert last_eval["samples"] == 13
+    for nproc in (1, 3):
+        result = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint",
+                                os.path.join(out, "checkpoints", "last.pth"), *jpeg], nproc=nproc))
+        assert result["samples"] == 13 and (result["top1"], result["top5"]) == (last_eval["top1"], last_eval["top5"])
 
 
 def test_single_process_debug_run_then_resume_on_two(tmp_path):
