@@ -62,7 +62,8 @@ class DataCfg:
     crop_pct: float = 0.875  # eval centre crop for the imagenet recipe
     classes: list = field(default_factory=list)  # keep only these class indices, relabelled 0..k-1 ([]: all)
     train_limit: int = 0  # train on a fixed random subset of this many images (0: all), for quick experiments
-    skip_corrupt: bool = False  # imagefolder: skip unreadable images with a warning instead of stopping
+    skip_corrupt: bool = False  # imagefolder, shards: skip unreadable images with a warning instead of stopping
+    cache_file_list: bool = True  # imagefolder: rank 0 lists the files once, cached beside them (data.file_list)
     download: bool = False  # fetch fashion_mnist / cifar with torchvision when missing (needs network)
     synthetic_train_size: int = 512
     synthetic_val_size: int = 101  # deliberately not a multiple of common world sizes
@@ -158,7 +159,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic"),
+    "data.name": ("imagefolder", "shards", "cifar10", "cifar100", "fashion_mnist", "synthetic"),
     "data.recipe": ("imagenet", "small"),
     "model.stem_init": ("default", "whiten"),
     "aug.interpolation": ("bicubic", "bilinear", "nearest"),

@@ -25,6 +25,12 @@ def _os_error(e: BaseException | None) -> OSError | None:
     return e
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True) -> None:
     """Call `write(f)` on a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder.
 
@@ -40,6 +46,7 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True) ->
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from its group, unlike open()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import distributed_utils as du
 from core.config import AugCfg, DataCfg
-from data.datasets import CheckedImageFolder, DataError, load_splits
+from data.checked import CheckedReads, DataError
+from data.datasets import load_splits
 from data.samplers import ExactShardSampler, build_train_sampler
 from data.batch_aug import BatchNormalize
 from data.transforms import (BatchTransformed, PerSampleTransformed, apply_recipe, batch_transforms, collate_readable,
@@ -54,7 +55,7 @@ def skipped_images(dataset: Dataset) -> int:
     """Unreadable images skipped so far (data.skip_corrupt) by this process's loaders of `dataset`."""
     while isinstance(dataset, (BatchTransformed, PerSampleTransformed)):
         dataset = dataset.source
-    return dataset.skipped() if isinstance(dataset, CheckedImageFolder) else 0
+    return dataset.skipped() if isinstance(dataset, CheckedReads) else 0
 
 
 def loader_workers(data_cfg: DataCfg) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
@@ -16,23 +15,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from core.config import DataCfg
-from core.errors import UserError
+from data.checked import CheckedReads, DataError, first_line
+from data.file_list import FileList, list_images, scan
+from data.shards import CLASSES, ShardImages, check_labels, read_classes
 
 FASHION_MNIST_APT_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-class DataError(UserError):
-    """A data set that cannot be found or read; the message names the path and the way out."""
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 class TensorImages(Dataset):
@@ -120,7 +112,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:  # also a corrupt or truncated gzip stream
-        raise DataError(f"cannot read '{path}' ({_first_line(e)}); replace it with the original file") from None
+        raise DataError(f"cannot read '{path}' ({first_line(e)}); replace it with the original file") from None
     expected = (_IDX_UBYTE << 8) | ndim
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
     header = 4 + 4 * ndim
@@ -159,7 +151,7 @@ def _download_fashion_mnist(cfg: DataCfg) -> str:
     try:
         FashionMNIST(cfg.root, train=True, download=True)  # fetches all four files
     except (OSError, RuntimeError, ValueError) as e:  # no network, HTTP errors, bad checksum
-        raise DataError(f"Fashion-MNIST not found in '{cfg.root}' and the download failed ({_first_line(e)}): "
+        raise DataError(f"Fashion-MNIST not found in '{cfg.root}' and the download failed ({first_line(e)}): "
                         f"install it with 'apt-get install dataset-fashion-mnist' (files land in "
                         f"{FASHION_MNIST_APT_DIR}) or check the network") from None
     folder = _find_fashion_mnist(cfg.root)
@@ -191,7 +183,7 @@ def _cifar_split(cfg: DataCfg, train: bool, tv_class: type, title: str,
         ds = tv_class(cfg.root, train=train, download=cfg.download)
     except (OSError, RuntimeError) as e:
         if cfg.download:
-            raise DataError(f"{title} is not in '{cfg.root}' and the download failed ({_first_line(e)}); "
+            raise DataError(f"{title} is not in '{cfg.root}' and the download failed ({first_line(e)}); "
                             f"check the network or put {folder}/ in data.root") from None
         raise DataError(f"{title} not found in '{cfg.root}' (torchvision looks for "
                         f"'{os.path.join(cfg.root, folder)}'): set data.download=true or point data.root at "
@@ -208,49 +200,35 @@ def _cifar(cfg: DataCfg, train: bool, **which) -> RawSplits:
 
 # --- ImageFolder: root/train/<class>/*, root/val/<class>/* -----------------------------------------
 
-class CheckedImageFolder(ImageFolder):
-    """ImageFolder that names an unreadable image in its error, or (skip_corrupt) yields None for it.
+class CheckedImageFolder(ImageFolder, CheckedReads):
+    """ImageFolder over a file list (data.file_list: cached, scanned once) that names an unreadable image in its
+    error, or (skip_corrupt) yields None for it, counted (CheckedReads).
 
     `loader` (path -> image) is torchvision's PIL RGB loader unless a recipe sets its own decoder. None samples
-    are dropped from their batch by the loader. Skips are counted in shared memory, one slot per loader worker
-    so no two processes write one slot, and read back with `skipped()`.
+    are dropped from their batch by the loader.
     """
 
-    SLOTS = 64  # loader workers beyond this share slots (and may undercount)
+    def __init__(self, root: str, skip_corrupt: bool = False, listing: FileList | None = None):
+        self._listing = listing or scan(root)
+        ImageFolder.__init__(self, root)
+        CheckedReads.__init__(self, skip_corrupt)
+        self._listing = None  # ImageFolder keeps its own samples and classes
 
-    def __init__(self, root: str, skip_corrupt: bool = False):
-        super().__init__(root)
-        self.skip_corrupt = skip_corrupt
-        self._skips = torch.zeros(self.SLOTS + 1, dtype=torch.int64).share_memory_()
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._listing.classes, {name: i for i, name in enumerate(self._listing.classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], **unused) -> list[tuple[str, int]]:
+        return list(self._listing.samples)
 
     def __getitem__(self, i: int) -> tuple[Image.Image | torch.Tensor, int] | None:
         path, label = self.samples[i]
-        try:
-            return self.loader(path), label  # the loaders decode every pixel: truncation shows here
-        except (DataError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            if not self.skip_corrupt:
-                what = str(e) if isinstance(e, DataError) else f"cannot read image '{path}' ({_first_line(e)})"
-                raise DataError(f"{what}; replace or delete it, or set data.skip_corrupt=true to skip unreadable "
-                                f"images") from None
-        worker = get_worker_info()
-        self._skips[0 if worker is None else 1 + worker.id % self.SLOTS] += 1
-        print(f"warning: skipped unreadable image '{path}' (data.skip_corrupt)", file=sys.stderr)
-        return None
-
-    def skipped(self) -> int:
-        """Images skipped so far, by this process and its loader workers."""
-        return int(self._skips.sum())
+        # The loaders decode every pixel, so a truncated file shows here.
+        image = self.checked(lambda: self.loader(path), path)
+        return None if image is None else (image, label)
 
 
-def _image_folder(path: str, skip_corrupt: bool) -> Dataset:
-    if not os.path.isdir(path):
-        raise DataError(f"'{path}' does not exist; data.name=imagefolder needs data.root to hold train/ and val/, "
-                        f"each with one sub-folder of images per class")
-    try:
-        return CheckedImageFolder(path, skip_corrupt)
-    except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise DataError(f"no usable images in '{path}' ({_first_line(e)}); give it one sub-folder of images "
-                        f"(.jpg, .png, ...) per class") from None
+def _image_folder(path: str, cfg: DataCfg) -> Dataset:
+    return CheckedImageFolder(path, cfg.skip_corrupt, list_images(path, cache=cfg.cache_file_list))
 
 
 def _class_names(path: str) -> list[str] | None:
@@ -262,8 +240,8 @@ def _class_names(path: str) -> list[str] | None:
 
 def _imagefolder(cfg: DataCfg, train: bool) -> RawSplits:
     train_dir, val_dir = os.path.join(cfg.root, "train"), os.path.join(cfg.root, "val")
-    val = _image_folder(val_dir, cfg.skip_corrupt)
-    train_set = _image_folder(train_dir, cfg.skip_corrupt) if train else None
+    val = _image_folder(val_dir, cfg)
+    train_set = _image_folder(train_dir, cfg) if train else None
     # Labels are positions in the sorted class list, so val must list exactly the train classes. When only
     # evaluating, the train folder names are still checked if they are there.
     train_classes = train_set.classes if train_set is not None else _class_names(train_dir)
@@ -274,6 +252,21 @@ def _imagefolder(cfg: DataCfg, train: bool) -> RawSplits:
                         f"({len(val.classes)}): only in train {only_train}, only in val {only_val}; give both "
                         f"the same class sub-folders")
     return RawSplits(train_set, val, num_classes=len(val.classes), in_chans=3, class_names=list(val.classes))
+
+
+# --- tar shards: root/train/*.tar, root/val/*.tar, each split with its index (data.shards) ---------------------
+
+def _shards(cfg: DataCfg, train: bool) -> RawSplits:
+    val = ShardImages(os.path.join(cfg.root, "val"), cfg.skip_corrupt)
+    train_set = ShardImages(os.path.join(cfg.root, "train"), cfg.skip_corrupt) if train else None
+    names = read_classes(cfg.root)
+    splits = [s for s in (train_set, val) if s is not None]
+    num_classes = len(names) if names else cfg.num_classes or 1 + max(int(s.index.label.max()) for s in splits)
+    way_out = (f"fix the labels, or list the classes in '{os.path.join(cfg.root, CLASSES)}'" if names else
+               "fix the labels or raise data.num_classes")
+    for split in splits:
+        check_labels(split, num_classes, way_out)
+    return RawSplits(train_set, val, num_classes=num_classes, in_chans=3, class_names=names)
 
 
 # --- synthetic -------------------------------------------------------------------------------------
@@ -291,6 +284,7 @@ BUILDERS: dict[str, Callable[[DataCfg, bool], RawSplits]] = {
     "cifar10": partial(_cifar, tv_class=CIFAR10, title="CIFAR-10", folder="cifar-10-batches-py"),
     "cifar100": partial(_cifar, tv_class=CIFAR100, title="CIFAR-100", folder="cifar-100-python"),
     "imagefolder": _imagefolder,
+    "shards": _shards,
     "synthetic": _synthetic,
 }
 
@@ -307,7 +301,10 @@ def _narrow(ds: Dataset, keep: torch.Tensor, relabel: torch.Tensor | None, what:
         ds.samples = [(path, int(relabel[label])) for path, label in kept] if relabel is not None else kept
         ds.targets = [label for _, label in ds.samples]
         return ds
-    raise DataError(f"{what} works with fashion_mnist, cifar10/100 and imagefolder, not {type(ds).__name__}")
+    if isinstance(ds, ShardImages):
+        return ds.narrow(keep.numpy(), relabel.numpy() if relabel is not None else None)
+    raise DataError(f"{what} works with fashion_mnist, cifar10/100, imagefolder and shards, not "
+                    f"{type(ds).__name__}")
 
 
 def _labels(ds: Dataset) -> torch.Tensor:

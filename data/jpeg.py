@@ -43,7 +43,7 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.io import ImageReadMode, decode_image
 
-from data.datasets import DataError
+from data.checked import DataError
 
 Source = str | os.PathLike | bytes | torch.Tensor  # a file, its bytes, or an already decoded uint8 (C, H, W) image
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")

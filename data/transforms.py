@@ -22,7 +22,8 @@ from torchvision.transforms.functional import InterpolationMode, pil_to_tensor, 
 
 from core.config import AugCfg, DataCfg
 from data.batch_aug import BatchAugment, BatchNormalize
-from data.datasets import CheckedImageFolder, DataError, TensorImages
+from data.checked import CheckedReads, DataError
+from data.datasets import TensorImages
 from data.jpeg import JpegEvalDecode, JpegTrainDecode
 
 MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -200,11 +201,12 @@ class BatchTransformed(Dataset):
         return images, torch.tensor([label for _, label in samples], dtype=torch.long)
 
     def _as_uint8(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
-        if isinstance(image, torch.Tensor):
-            return image
         # Files on disk come in any size; bring them to img_size so the batch can be stacked.
         size = [self.transform.img_size] * 2
-        return pil_to_tensor(resize(image, size, InterpolationMode(self.transform.interpolation)))
+        interpolation = InterpolationMode(self.transform.interpolation)
+        if isinstance(image, Image.Image):
+            return pil_to_tensor(resize(image, size, interpolation))
+        return image if list(image.shape[-2:]) == size else resize(image, size, interpolation, antialias=True)
 
 
 def readable(samples: list) -> list:
@@ -236,7 +238,7 @@ def apply_recipe(source: Dataset, data_cfg: DataCfg, aug_cfg: AugCfg, train: boo
                                         interpolation=aug_cfg.interpolation)
         return BatchTransformed(source, transform, seeding)
     decode = imagenet_decode(data_cfg, aug_cfg, train, mean)
-    if isinstance(source, CheckedImageFolder):
+    if isinstance(source, CheckedReads):  # an image folder or shards: decode where the file is read, and checked
         source.loader = decode
         return PerSampleTransformed(source, None, seeding)
     return PerSampleTransformed(source, decode, seeding)

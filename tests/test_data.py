@@ -2,17 +2,21 @@
 import gzip
 import os
 import re
+import time
 import urllib.error
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets import ImageFolder
 
 import data.datasets as datasets
+import data.file_list as file_list
 from data import (DataError, ExactShardSampler, build_datasets, build_eval_loader, build_train_loader,
                   skipped_images, start_epoch)
 from data.datasets import FASHION_MNIST_APT_DIR, TensorImages, load_splits, read_idx
+from data.file_list import list_images
 from data.jpeg import _posterize
 from data.transforms import SmallBatchTransform, apply_recipe, batch_transforms, imagenet_decode
 from core.config import Config
@@ -162,9 +166,59 @@ def test_imagefolder_missing_or_empty_folders(tmp_path):
     cfg = make_cfg(name="imagefolder", root=str(tmp_path))
     with pytest.raises(DataError, match=str(tmp_path / "val")):
         load_splits(cfg.data)
-    (tmp_path / "val" / "cat").mkdir(parents=True)  # a class folder without images
-    with pytest.raises(DataError, match=f"no usable images in '{tmp_path / 'val'}'"):
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError, match=f"^no class folders in '{tmp_path / 'val'}'; give it one sub-folder"):
         load_splits(cfg.data)
+    (tmp_path / "val" / "cat").mkdir()  # a class folder without images
+    with pytest.raises(DataError, match=f"^no usable images in '{tmp_path / 'val' / 'cat'}' .*add images or remove"):
+        load_splits(cfg.data)
+    assert sorted(os.listdir(tmp_path)) == ["val"]  # no cache of a list that failed
+
+
+def test_the_file_list_is_torchvisions_cached_beside_the_folder_and_rescanned_when_it_changes(tmp_path, monkeypatch):
+    write_image_folder(tmp_path, per_class=3)
+    os.makedirs(tmp_path / "train" / "dog" / "more")
+    (tmp_path / "train" / "dog" / "more" / "a.JPG").write_bytes(b"x")
+    (tmp_path / "train" / "dog" / "notes.txt").write_bytes(b"x")
+    (tmp_path / "train" / "dog" / os.fsdecode(b"caf\xe9.png")).write_bytes(b"x")  # a name that is not UTF-8
+    folder = str(tmp_path / "train")
+    listing = list_images(folder)
+    reference = ImageFolder(folder)
+    assert listing.samples == reference.samples and listing.classes == reference.classes
+    assert os.path.isfile(folder + ".files.json")
+    list_images(str(tmp_path / "val"))
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned although the cache holds")
+
+    monkeypatch.setattr(file_list, "scan", no_scan)
+    assert list_images(folder).samples == reference.samples  # from the cache
+    cfg = make_cfg(name="imagefolder", root=str(tmp_path), img_size=32)
+    assert build_datasets(cfg.data, cfg.aug)[2].train_size == 8
+    monkeypatch.undo()
+    def add(path):
+        os.makedirs(path.parent, exist_ok=True)
+        path.write_bytes(b"x")
+
+    train = tmp_path / "train"
+    for change in (lambda: add(train / "dog" / "more" / "b.png"),  # in a sub-folder
+                   lambda: os.remove(train / "cat" / "0.png"),
+                   lambda: add(train / "cow" / "c.png")):  # a new class
+        time.sleep(0.01)  # folder times have a coarse tick on some file systems
+        change()
+        assert list_images(folder).samples == ImageFolder(folder).samples
+
+
+def test_a_read_only_data_folder_caches_the_list_in_the_users_cache(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    beside, user = file_list.cache_paths(str(tmp_path / "data" / "val"))
+    monkeypatch.setattr(file_list, "cache_paths", lambda folder: ["/proc/version/not-writable.json", user])
+    list_images(str(tmp_path / "data" / "val"))
+    assert os.path.isfile(user) and user.startswith(str(tmp_path / "cache" / "convnext-trainer" / "val-"))
+    assert not os.path.exists(beside)
+    cfg = make_cfg(name="imagefolder", root=str(tmp_path / "data"), cache_file_list=False)
+    assert build_datasets(cfg.data, cfg.aug, train=False)[2].val_size == 6
 
 
 def test_imagefolder_val_classes_must_match_train(tmp_path):

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from data.shards import write_shards
 from data.testbed import make_jpeg_testbed
 from test_train_e2e import DEBUG, ROOT, run
 
@@ -91,6 +92,16 @@ def jpeg_workers(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def shard_workers(tmp_path_factory, jpeg_workers):
+    """The same JPEGs in tar shards, in the folder's order: sample i of the shards is sample i of the folder, so the
+    run must end equal to the folder's."""
+    folder = jpeg_workers[1].split("=", 1)[1]
+    shards = str(tmp_path_factory.mktemp("shards"))
+    write_shards(folder, shards, shard_size=10, shuffle=False)
+    return ["data.name=shards", f"data.root={shards}", *jpeg_workers[2:]]
+
+
+@pytest.fixture(scope="module")
 def reference_with_workers(tmp_path_factory, workers):
     ref = str(tmp_path_factory.mktemp("ref_workers"))
     run(["train.py", "--config", DEBUG, f"output_dir={ref}"] + EXACT + workers, nproc=2)
@@ -104,12 +115,15 @@ def reference_with_jpeg_workers(tmp_path_factory, jpeg_workers):
     return final_weights(ref)
 
 
-@pytest.mark.parametrize("variant", ["", "workers", "jpeg_workers"],
-                         ids=["in-process", "2-loader-workers", "imagenet-recipe-2-loader-workers"])
+@pytest.mark.parametrize("variant", ["", "workers", "jpeg_workers", "shard_workers"],
+                         ids=["in-process", "2-loader-workers", "imagenet-recipe-2-loader-workers",
+                              "shards-2-loader-workers"])
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, request, variant):
     """With loader workers too: their augmentation is seeded by (seed, epoch, sample), not by the worker's history;
-    and with the imagenet recipe, whose erasing draws on the device come from the checkpointed generator."""
-    reference = request.getfixturevalue(f"reference_with_{variant}" if variant else "reference")
+    with the imagenet recipe, whose erasing draws on the device come from the checkpointed generator; and on tar
+    shards of the same JPEGs, where the resumed run must end equal to the image folder's uninterrupted one."""
+    compared_with = {"shard_workers": "jpeg_workers"}.get(variant, variant)
+    reference = request.getfixturevalue(f"reference_with_{compared_with}" if variant else "reference")
     extra = request.getfixturevalue(variant) if variant else []
     out = str(tmp_path / "killed")
 

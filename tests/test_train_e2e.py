@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from data.shards import write_shards
 from data.testbed import make_jpeg_testbed
 from test_data import write_image_folder
 
@@ -84,7 +85,8 @@ def test_torchrun_train_resume_eval(tmp_path):
 
 def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(tmp_path):
     """JPEGs decoded and augmented in loader workers, normalised and erased on the device: a 13-image validation
-    set (prime) is counted exactly once, and eval.py on 1 and 3 processes reproduces the run's last evaluation."""
+    set (prime) is counted exactly once, and eval.py on 1 and 3 processes reproduces the run's last evaluation;
+    so does eval.py on 1, 2 and 3 processes over tar shards of the same files."""
     root = str(tmp_path / "jpegs")
     make_jpeg_testbed(root, num_images=32, num_classes=4, seed=0)
     make_jpeg_testbed(root, num_images=13, num_classes=4, seed=1, split="val")
@@ -97,6 +99,12 @@ def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(tmp_path
     for nproc in (1, 3):
         result = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint",
                                 os.path.join(out, "checkpoints", "last.pth"), *jpeg], nproc=nproc))
+        assert result["samples"] == 13 and (result["top1"], result["top5"]) == (last_eval["top1"], last_eval["top5"])
+    shards = str(tmp_path / "shards")
+    write_shards(root, shards, shard_size=5)
+    for nproc in (1, 2, 3):
+        result = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", os.path.join(out, "checkpoints",
+                                "last.pth"), *jpeg, "data.name=shards", f"data.root={shards}"], nproc=nproc))
         assert result["samples"] == 13 and (result["top1"], result["top5"]) == (last_eval["top1"], last_eval["top5"])
 
 

@@ -1,0 +1,171 @@
+"""Tar shards: the writer (identical output), the reader (the image folder's samples, by index) and its bad input."""
+import filecmp
+import io
+import os
+import tarfile
+
+import pytest
+import torch
+
+from core.config import Config
+from data import build_datasets, build_eval_loader, skipped_images
+from data.checked import DataError
+from data.shards import INDEX, ShardImages, build_index, main, write_shards
+from data.testbed import make_jpeg_testbed
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("jpegs"))
+    make_jpeg_testbed(root, num_images=12, num_classes=3, seed=0)
+    make_jpeg_testbed(root, num_images=7, num_classes=3, seed=1, split="val")
+    return root
+
+
+@pytest.fixture
+def shards(folder, tmp_path):
+    out = str(tmp_path / "shards")
+    assert write_shards(folder, out, shard_size=5) == {"train": 12, "val": 7}
+    return out
+
+
+def shards_cfg(root, **data):
+    cfg = Config()
+    cfg.data.name, cfg.data.root, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers = "shards", root, 32, 4, 0
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+def write_tar(path, members):
+    """A shard from [(member name, bytes)]."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_the_writer_writes_identical_shards_twice_and_the_reader_serves_the_folders_files(folder, shards, tmp_path):
+    again = str(tmp_path / "again")
+    main(["write", folder, again, "--shard-size", "5", "--workers", "2"])
+    for split, count in (("train", 3), ("val", 2)):
+        names = sorted(n for n in os.listdir(os.path.join(shards, split)) if n.endswith(".tar"))
+        assert names == [f"{split}-{n:06d}.tar" for n in range(count)]
+        match, mismatch, errors = filecmp.cmpfiles(os.path.join(shards, split), os.path.join(again, split), names,
+                                                   shallow=False)
+        assert (len(match), mismatch, errors) == (count, [], [])
+    with open(os.path.join(shards, "classes.txt")) as f:
+        assert f.read().split() == ["c0000", "c0001", "c0002"]
+    # Every image's bytes, under its label: val in the folder's order, train shuffled across shards.
+    source = {split: sorted((os.path.join(d, f), d.rsplit("/", 1)[1]) for d, _, fs in os.walk(os.path.join(folder, split))
+                            for f in fs) for split in ("train", "val")}
+    for split in ("train", "val"):
+        ds = ShardImages(os.path.join(shards, split))
+        ds.loader = lambda data: data
+        got = [(ds[i][0], ds[i][1]) for i in range(len(ds))]
+        want = [(open(path, "rb").read(), int(name[1:])) for path, name in source[split]]
+        assert (got == want) if split == "val" else (sorted(got) == sorted(want) and got != want)
+
+
+def test_shards_build_like_the_image_folder_and_evaluate_every_image_once(folder, shards):
+    cfg = shards_cfg(shards, recipe="imagenet")
+    train_set, val_set, info = build_datasets(cfg.data, cfg.aug)
+    assert (info.num_classes, info.train_size, info.val_size, info.class_names) == (3, 12, 7, ["c0000", "c0001", "c0002"])
+    cfg_folder = shards_cfg(folder, name="imagefolder", recipe="imagenet")
+    _, folder_val, _ = build_datasets(cfg_folder.data, cfg_folder.aug)
+    for i in range(len(val_set)):  # the same decoded and centre-cropped images
+        assert torch.equal(val_set[i][0], folder_val[i][0]) and val_set[i][1] == folder_val[i][1]
+    counts = [sum(len(y) for _, y in build_eval_loader(val_set, cfg.data, rank, 3)) for rank in range(3)]
+    assert counts == [3, 2, 2]
+    narrowed = shards_cfg(shards, classes=[2, 0], train_limit=5)
+    train_set, val_set, info = build_datasets(narrowed.data, narrowed.aug)
+    assert info.num_classes == 2 and info.train_size == 5 and len(val_set) == 5
+    assert sorted({int(val_set[i][1]) for i in range(len(val_set))}) == [0, 1]
+
+
+def test_a_reader_keeps_few_shards_open(shards):
+    ds = ShardImages(os.path.join(shards, "train"), max_open=2)
+    ds.loader = len
+    before = len(os.listdir("/proc/self/fd"))
+    assert [ds[i][0] for i in list(range(len(ds))) * 2] and len(ds._files) == 2
+    assert len(os.listdir("/proc/self/fd")) == before + 2
+
+
+def test_a_corrupt_member_is_named_or_skipped_and_counted(shards):
+    folder = os.path.join(shards, "val")
+    write_tar(os.path.join(folder, "val-000001.tar"), [("a/broken.jpg", b"\xff\xd8 not a jpeg"), ("a/broken.cls", b"1\n")])
+    build_index(folder, progress=False)
+    ds = ShardImages(folder)
+    assert len(ds) == 6 and ds[0][0].dtype == torch.uint8  # the shard before it still reads
+    with pytest.raises(DataError, match=r"'.*val-000001.tar:a/broken.jpg' .*data.skip_corrupt=true"):
+        ds[5]
+    skipping = ShardImages(folder, skip_corrupt=True)
+    assert skipping[5] is None and skipped_images(skipping) == 1
+
+
+def bad(shards, name, members):
+    folder = os.path.join(shards, "train")
+    write_tar(os.path.join(folder, name), members)
+    return folder
+
+
+def test_bad_shards_get_one_line_naming_the_file(shards):
+    train = os.path.join(shards, "train")
+    index = open(os.path.join(train, INDEX), "rb").read()
+    cases = {
+        "no label": ("train-000009.tar", [("x/k.jpg", b"jpeg")], r"train-000009.tar': image 'x/k' .*no '.cls'"),
+        "bad label": ("train-000009.tar", [("k.jpg", b"j"), ("k.cls", b"cat")], r"'k.cls' holds 'cat', not an "),
+    }
+    for name, members, message in cases.values():
+        folder = bad(shards, name, members)
+        with pytest.raises(DataError, match=message):
+            build_index(folder, progress=False)
+        os.remove(os.path.join(folder, name))
+    # A shard cut short: named when indexing, and after indexing at start-up (its size changed).
+    shard = os.path.join(train, "train-000002.tar")
+    data = open(shard, "rb").read()
+    open(shard, "wb").write(data[:len(data) // 2])
+    with pytest.raises(DataError, match=r"the index '.*index.npz' is stale: 'train-000002.tar' changed since it was built \(now \d+ bytes"):
+        ShardImages(train)
+    with pytest.raises(DataError, match=r"'.*train-000002.tar' is not a readable tar shard .*truncated"):
+        build_index(train, progress=False)
+    assert open(os.path.join(train, INDEX), "rb").read() == index  # a failed build leaves the index as it was
+    open(shard, "wb").write(data)
+    os.utime(shard, ns=(0, 0))
+    with pytest.raises(DataError, match=r"stale: 'train-000002.tar' changed since it was built \(modified\); rebuild it with 'python -m data.shards index"):
+        ShardImages(train)
+    build_index(train, progress=False)
+    write_tar(os.path.join(train, "train-000003.tar"), [])
+    with pytest.raises(DataError, match=r"stale: shards added \['train-000003.tar'\], gone \[\]"):
+        ShardImages(train)
+    os.remove(os.path.join(train, INDEX))
+    with pytest.raises(DataError, match=r"^no index '.*index.npz' in '.*train'; .*python -m data.shards index"):
+        ShardImages(train)
+    with pytest.raises(DataError, match=r"^no .tar shards in '.*nothing'"):
+        ShardImages(os.path.join(shards, "nothing"))
+
+
+def test_labels_outside_the_classes_are_named(shards):
+    open(os.path.join(shards, "classes.txt"), "w").write("c0000\nc0001\n")
+    cfg = shards_cfg(shards)
+    with pytest.raises(DataError, match=r"'.*-00000\d.tar:c0002/\d+_JPEG.jpg' has label 2, outside 0..1 .*classes.txt"):
+        build_datasets(cfg.data, cfg.aug)
+    os.remove(os.path.join(shards, "classes.txt"))
+    cfg.data.num_classes = 2
+    with pytest.raises(DataError, match=r"outside 0..1 .*raise data.num_classes"):
+        build_datasets(cfg.data, cfg.aug)
+    cfg.data.num_classes = 0  # the labels' range then says how many classes there are
+    assert build_datasets(cfg.data, cfg.aug)[2].num_classes == 3
+
+
+def test_the_writer_refuses_a_folder_holding_other_shards(folder, shards):
+    extra = os.path.join(shards, "train", "train-000099.tar")
+    write_tar(extra, [])
+    before = {n: os.stat(os.path.join(shards, "train", n)).st_mtime_ns for n in os.listdir(os.path.join(shards, "train"))}
+    with pytest.raises(DataError, match=r"already holds other shards \(train-000099.tar, ...\).*empty folder"):
+        write_shards(folder, shards, shard_size=5)
+    after = {n: os.stat(os.path.join(shards, "train", n)).st_mtime_ns for n in os.listdir(os.path.join(shards, "train"))}
+    assert after == before
+    with pytest.raises(SystemExit, match=r"error: '.*' has neither train/ nor val/"):
+        main(["write", os.path.join(folder, "train"), os.path.join(shards, "elsewhere")])
