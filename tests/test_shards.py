@@ -10,6 +10,7 @@ import torch
 from core.config import Config
 from data import build_datasets, build_eval_loader, skipped_images
 from data.checked import DataError
+from data.jpeg import load
 from data.shards import INDEX, ShardImages, build_index, main, write_shards
 from data.testbed import make_jpeg_testbed
 
@@ -66,6 +67,18 @@ def test_the_writer_writes_identical_shards_twice_and_the_reader_serves_the_fold
         got = [(ds[i][0], ds[i][1]) for i in range(len(ds))]
         want = [(open(path, "rb").read(), int(name[1:])) for path, name in source[split]]
         assert (got == want) if split == "val" else (sorted(got) == sorted(want) and got != want)
+
+
+def test_the_writer_can_re_encode_to_a_shorter_side(folder, tmp_path):
+    write_shards(folder, str(tmp_path / "small"), max_side=120)
+    ds = ShardImages(str(tmp_path / "small" / "val"))
+    sources = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(folder, "val")) for f in fs)
+    for i, path in enumerate(sources):
+        image, source = ds[i][0], load(path)
+        short, source_short = min(image.shape[1:]), min(source.shape[1:])
+        assert short == min(120, source_short) and image.shape[0] == 3
+        ratio = (image.shape[1] / image.shape[2]) / (source.shape[1] / source.shape[2])
+        assert abs(ratio - 1) < 0.02  # the aspect is kept
 
 
 def test_shards_build_like_the_image_folder_and_evaluate_every_image_once(folder, shards):
