@@ -351,6 +351,22 @@ def any_rank(flag: bool) -> bool:
     return t.item() > 0
 
 
+def main_first(work: Callable[[bool], Any]) -> Any:
+    """work(True) on rank 0 (download, scan, write a cache), then work(False) on the other ranks once it is done.
+
+    A UserError on rank 0 is agreed over the CPU group, so the other ranks stop with it instead of waiting.
+    """
+    result, failure = None, None
+    if is_main_process():
+        try:
+            result = work(True)
+        except UserError as e:
+            failure = e
+    if any_rank(failure is not None):
+        raise failure or UserError("rank 0 stopped; its message says why")
+    return result if is_main_process() else work(False)
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

@@ -23,13 +23,13 @@ from core.files import atomic_write
 from engine.build import build_model, init_process, load_run_config
 from engine.loop import evaluate, resolve_amp
 from models.keys import load_weights
-from models.pretrained import read_weights
+from models.pretrained import read_weights, resolve_weights
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the YAML recipe the model was trained with")
-    parser.add_argument("--checkpoint", required=True, help="a .pth file: ours, an official release, or timm's")
+    parser.add_argument("--checkpoint", required=True, help="a weights file (ours, an official release, timm's) or a hub name: hf-hub:timm/convnext_tiny.fb_in1k, convnext_tiny.fb_in1k")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights of one of our checkpoints")
     parser.add_argument("--per-class", metavar="FILE.json", default="",
                         help="also write per-class top-1 and the confusion matrix there, and the matrix as an image "
@@ -46,7 +46,7 @@ def main() -> None:
     loader = build_eval_loader(val_set, cfg.data, ctx.env.rank, ctx.env.world_size)
     # model.pretrained is a starting point for training; what is evaluated is --checkpoint.
     model = build_model(cfg, info.num_classes, info.in_chans, ctx.device, pretrained=False)
-    load_weights(model, read_weights(args.checkpoint), ema=args.ema)  # .pth, .bin or .safetensors, any layout
+    load_weights(model, read_weights(resolve_weights(args.checkpoint)), ema=args.ema)  # a file or a hub name
 
     du.barrier()  # time the evaluation alone, from the same moment on every rank
     start = time.perf_counter()

@@ -129,17 +129,13 @@ def list_images(folder: str, cache: bool = True) -> FileList:
     then the other ranks read it (or scan, where they cannot see it); without, every rank scans."""
     if not cache:
         return scan(folder, progress=du.is_main_process())
-    listing, failure = None, None
-    if du.is_main_process():
-        try:
-            listing = read_cache(folder)
-            if listing is None:
-                listing = scan(folder, progress=True)
-                write_cache(folder, listing)
-        except DataError as e:
-            failure = e
-    # Agreed over the CPU group, so that the other ranks stop with rank 0 rather than wait for it.
-    if du.any_rank(failure is not None):
-        raise failure or DataError(f"rank 0 could not list '{folder}'; its message says why")
-    # Rank 0 has just checked the tree against the cache: the others read it without a stat per folder.
-    return listing or read_cache(folder, check=False) or scan(folder)
+    def listing(main: bool) -> FileList:
+        if not main:  # rank 0 has just checked the tree against the cache: no stat per folder again
+            return read_cache(folder, check=False) or scan(folder)
+        cached = read_cache(folder)
+        if cached is None:
+            cached = scan(folder, progress=True)
+            write_cache(folder, cached)
+        return cached
+
+    return du.main_first(listing)

@@ -1,4 +1,6 @@
-"""Start a model from earlier weights: ours, an official release file or timm's, in .pth/.bin/.safetensors.
+"""Start a model from earlier weights: ours, an official release file or timm's, in .pth/.bin/.safetensors, or
+released weights by name from the Hugging Face hub ('hf-hub:timm/convnext_tiny.fb_in22k_ft_in1k', or timm's
+'convnext_tiny.fb_in1k'), through huggingface_hub's cache.
 
 A head of another size is left freshly initialised (fine-tuning to new classes); a stem made for another number of
 input channels is adapted; anything else that does not fit is an error listing the keys.
@@ -8,9 +10,10 @@ from __future__ import annotations
 import os
 
 import torch
-from timm.models import adapt_input_conv
+from timm.models import adapt_input_conv, get_pretrained_cfg, list_models, list_pretrained
 from torch import nn
 
+import distributed_utils as du
 from core.errors import CheckpointError
 from core.files import load_checkpoint
 
@@ -18,6 +21,55 @@ from .keys import StateDict, load_weights, to_official, unwrap_checkpoint
 
 STEM = "downsample_layers.0.0.weight"
 HEAD = ("head.weight", "head.bias")
+
+
+HUB_PREFIX = "hf-hub:"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what a timm repo on the hub holds, preferred first
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def hub_repo(name: str) -> str | None:
+    """The hub repository a weights name stands for ('hf-hub:<repo>', or timm's '<model>.<tag>'); None for a path."""
+    if name.startswith(HUB_PREFIX):
+        return name[len(HUB_PREFIX):]
+    if os.sep in name or name.endswith(WEIGHT_SUFFIXES) or os.path.exists(name) or "." not in name:
+        return None
+    model, tag = name.split(".", 1)
+    if model not in list_models():
+        return None
+    try:
+        return get_pretrained_cfg(name).hf_hub_id
+    except RuntimeError:  # timm knows the model but not the tag
+        tags = [n.split(".", 1)[1] for n in list_pretrained(f"{model}.*")]
+        raise CheckpointError(f"timm has no weights '{name}'; its tags for {model}: {', '.join(tags)}") from None
+
+
+def resolve_weights(name: str) -> str:
+    """A local file for `name`: a path as it is; a hub name through huggingface_hub's cache, fetched by rank 0
+    while the other ranks wait, then found in the cache by them (so 8 ranks do not download 8 times)."""
+    repo = hub_repo(name)
+    if repo is None:
+        return name
+    return du.main_first(lambda main: _from_hub(name, repo, cached_only=not main))
+
+
+def _from_hub(name: str, repo: str, cached_only: bool) -> str:
+    from huggingface_hub import constants, hf_hub_download  # a dependency of timm
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    reasons = []
+    for filename in WEIGHT_FILES:
+        try:
+            return hf_hub_download(repo, filename, local_files_only=cached_only)
+        except LocalEntryNotFoundError:  # not cached, and the hub is off (HF_HUB_OFFLINE) or out of reach
+            reasons.append(f"{filename}: not cached")
+            cached_only = True  # no second round of network retries for the next file
+        except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:  # no such file or repository
+            reasons.append(f"{filename}: {type(e).__name__}")
+    raise CheckpointError(f"model weights '{name}' are neither in the hub cache '{constants.HF_HUB_CACHE}' nor "
+                          f"reachable ({'; '.join(reasons)}); fill the cache where there is network, e.g. "
+                          f"'hf download {repo} {WEIGHT_FILES[0]}' with HF_HUB_CACHE pointing at a folder this "
+                          f"machine reads, or give model.pretrained a file path")
 
 
 def read_weights(path: str) -> object:
@@ -76,7 +128,7 @@ def load_pretrained(model: nn.Module, path: str, ema: bool = False, head: bool =
 
     head=False keeps the model's fresh head even when the checkpoint's fits: other classes of the same count.
     """
-    sd = dict(to_official(unwrap_checkpoint(read_weights(path), ema=ema)))
+    sd = dict(to_official(unwrap_checkpoint(read_weights(resolve_weights(path)), ema=ema)))
     own = model.state_dict()
     notes = _fit_stem(sd, own) + _fit_head(sd, own, getattr(model, "head_init_scale", 1.0), keep=head)
     load_weights(model, sd, strict=True)

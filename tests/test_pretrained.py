@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import create_model
+from core.errors import CheckpointError
 from models.keys import CheckpointMismatchError, timm_to_official
-from models.pretrained import adapt_stem
+from models.pretrained import adapt_stem, resolve_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,3 +148,70 @@ def test_export_refuses_what_timm_cannot_hold(tmp_path):
     proc = run_export("--checkpoint", ckpt, "--layout", "timm", "--out", str(tmp_path / "x.pth"))
     assert proc.returncode == 2 and "export with --layout official" in proc.stderr, proc.stderr
     assert not (tmp_path / "x.pth").exists()
+
+
+# --- released weights by name, from huggingface_hub's cache (offline: nothing is downloaded) ----------------------
+
+def cache_entry(cache, repo, sd, filename="model.safetensors"):
+    """What `hf download <repo> <filename>` leaves in the hub cache: refs/main naming a snapshot holding the file."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    path = folder / "snapshots" / commit / filename
+    save_file(sd, str(path)) if filename.endswith(".safetensors") else torch.save(sd, path)
+    return path
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline hub cache holding timm's convnext_atto.d2_in1k (as .bin) and a 10-class atto of our own."""
+    import huggingface_hub.constants as constants
+    cache = tmp_path / "hub"
+    for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)  # for the runs started from the tests
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    torch.manual_seed(0)
+    timm_sd = timm.create_model("convnext_atto").state_dict()
+    cache_entry(cache, "timm/convnext_atto.d2_in1k", timm_sd, "pytorch_model.bin")
+    ours = create_model("convnext_atto", num_classes=10, patch_size=2).state_dict()
+    cache_entry(cache, "someone/convnext_atto-debug", ours)
+    return cache, timm_to_official(timm_sd), ours
+
+
+@pytest.mark.parametrize("name", ["convnext_atto.d2_in1k", "hf-hub:timm/convnext_atto.d2_in1k"])
+def test_released_weights_by_name_come_from_the_hub_cache(hub_cache, name):
+    _, official, _ = hub_cache
+    notes = []
+    model = create_model("convnext_atto", num_classes=10, pretrained=name, log=notes.append)
+    assert len(notes) == 1 and f"{name}: head: skipped head.weight, head.bias (1000 classes" in notes[0]
+    own = model.state_dict()
+    assert all(torch.equal(own[key], value) for key, value in official.items() if not key.startswith("head."))
+
+
+def test_weights_names_that_cannot_be_had_are_one_line(hub_cache):
+    cache = hub_cache[0]
+    with pytest.raises(CheckpointError, match=r"^timm has no weights 'convnext_atto.in9k'; its tags for "
+                                              r"convnext_atto: d2_in1k"):
+        create_model("convnext_atto", pretrained="convnext_atto.in9k")
+    with pytest.raises(CheckpointError, match=rf"^model weights 'convnext_tiny.fb_in1k' are neither in the hub cache "
+                                              rf"'{cache}' nor reachable \(model.safetensors: not cached; "
+                                              rf"pytorch_model.bin: not cached\); .*'hf download timm/convnext_tiny"):
+        create_model("convnext_atto", pretrained="convnext_tiny.fb_in1k")
+    assert resolve_weights("runs/x/checkpoints/best.pth") == "runs/x/checkpoints/best.pth"  # paths stay paths
+
+
+@pytest.mark.slow
+def test_fine_tune_and_evaluate_from_hub_names_on_two_ranks(hub_cache, tmp_path):
+    from test_train_e2e import DEBUG, eval_json, run
+    out = str(tmp_path / "run")
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "model.pretrained=convnext_atto.d2_in1k",
+                "model.patch_size=4", "model.stem_init=default", "schedule.epochs=1"], nproc=2)
+    assert "convnext_atto.d2_in1k: head: skipped head.weight, head.bias (1000 classes" in proc.stdout
+    result = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/convnext_atto-debug"], nproc=2))
+    assert result["samples"] == 101
+    proc = run(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/missing"], check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "error: model weights 'hf-hub:someone/missing' are neither in the hub cache" in proc.stderr
