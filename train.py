@@ -172,11 +172,12 @@ def main() -> int:
 
     logger = RunLogger(cfg.output_dir, enabled=env.is_main)
 
-    def save(best: bool = False) -> None:
+    def save(best: bool = False, score: float | None = None) -> None:
         check_finite_weights(parts, progress)
         state = checkpoint_state(parts, cfg, progress)
         if env.is_main:
-            save_training_checkpoint(state, cfg.output_dir, progress.step, cfg.checkpoint.keep_last, best=best)
+            save_training_checkpoint(state, cfg.output_dir, progress.step, cfg.checkpoint.keep_last, best=best,
+                                     score=score, keep_best=cfg.checkpoint.keep_best)
 
     def mid_epoch_checkpoint(step: int, i_step: int, start_samples: int, pass_steps: int) -> None:
         """on_step hook of a pass that started `start_samples` into its epoch and runs `pass_steps` steps:
@@ -209,13 +210,14 @@ def main() -> int:
         if cfg.data.skip_corrupt:
             skipped = report_skipped(train_set, epoch, skipped, device)
         progress.epoch, progress.epoch_samples = epoch + 1, 0
-        improved = False
+        top1 = None
         if epoch + 1 == cfg.schedule.epochs or (epoch + 1) % cfg.train.eval_every == 0:
             record = evaluate_run(parts, val_loader, cfg, epoch, eval_on_device)
             logger.log("eval", record, progress.step)
-            top1 = max(record["top1"], record.get("ema_top1", -1.0))
-            improved, progress.best_top1 = top1 > progress.best_top1, max(top1, progress.best_top1)
-        save(best=improved)
+            top1 = max(record["top1"], record.get("ema_top1", -1.0))  # the better of the raw and EMA weights
+        improved = top1 is not None and top1 > progress.best_top1
+        progress.best_top1 = max(progress.best_top1, top1 if top1 is not None else -1.0)
+        save(best=improved, score=top1)
     logger.close()
     du.print0(f"done: best top-1 {progress.best_top1:.2f}; checkpoints in {checkpoint_dir(cfg.output_dir)}")
     return 0

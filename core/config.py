@@ -133,6 +133,7 @@ class TrainCfg:
 class CheckpointCfg:
     every_steps: int = 0  # also checkpoint every this many optimizer steps (0: at epoch ends only)
     keep_last: int = 2  # step checkpoints kept; older ones are deleted once a newer one is on disk
+    keep_best: int = 0  # also keep the K best evaluated ones, as best_top1_<top-1>_step_<step>.pth (0: best.pth only)
 
 
 @dataclass
@@ -174,8 +175,8 @@ POSITIVE = ("checkpoint.keep_last", "data.img_size", "data.batch_size", "optim.l
 NON_NEGATIVE = ("data.train_limit", "data.eval_batch_size", "data.num_classes", "optim.lr",
                 "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
-                "train.clip_grad", "train.threads", "checkpoint.every_steps", "train.global_batch",
-                "train.max_bad_steps", "dist.bucket_cap_mb")
+                "train.clip_grad", "train.threads", "checkpoint.every_steps", "checkpoint.keep_best",
+                "train.global_batch", "train.max_bad_steps", "dist.bucket_cap_mb")
 UNIT_INTERVAL = ("optim.layer_decay", "aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob",
                  "aug.mixup_switch_prob", "ema.decay", "model.drop_path")
 

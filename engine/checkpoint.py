@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import re
 from typing import Callable
 
 import numpy as np
@@ -35,17 +36,39 @@ def _step_files(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "step_*.pth")), reverse=True)
 
 
-def save_training_checkpoint(state: dict, output_dir: str, step: int, keep_last: int, best: bool = False) -> str:
+def best_files(folder: str) -> list[tuple[float, str]]:
+    """(top-1, path) of the best_top1_<score>_step_<step>.pth files, best first (the earlier step on a tie)."""
+    found = []
+    for path in glob.glob(os.path.join(folder, "best_top1_*_step_*.pth")):
+        match = BEST_NAME.fullmatch(os.path.basename(path))
+        if match:
+            found.append((float(match[1]), int(match[2]), path))
+    return [(score, path) for score, _, path in sorted(found, key=lambda f: (-f[0], f[1]))]
+
+
+BEST_NAME = re.compile(r"best_top1_(\d+\.\d+)_step_(\d+)\.pth")
+
+
+def save_training_checkpoint(state: dict, output_dir: str, step: int, keep_last: int, best: bool = False,
+                             score: float | None = None, keep_best: int = 0) -> str:
     """Write step_<step>.pth, then repoint last.pth (and best.pth) at it, then drop all but the newest
-    `keep_last` step files. The earlier checkpoints are only deleted once the new one is durable."""
+    `keep_last` step files. The earlier checkpoints are only deleted once the new one is durable.
+
+    With `keep_best` K and the evaluation's `score` (top-1), the file is also linked as
+    best_top1_<score>_step_<step>.pth, and of those only the K best are kept.
+    """
     folder = checkpoint_dir(output_dir)
     path = os.path.join(folder, f"step_{step:09d}.pth")
     save_checkpoint(state, path)
     _link_atomically(path, os.path.join(folder, "last.pth"))
     if best:
         _link_atomically(path, os.path.join(folder, "best.pth"))
+    if keep_best and score is not None:
+        _link_atomically(path, os.path.join(folder, f"best_top1_{score:.4f}_step_{step:09d}.pth"))
+        for _, old in best_files(folder)[keep_best:]:
+            os.remove(old)
     for old in _step_files(folder)[keep_last:]:
-        os.remove(old)  # last.pth / best.pth keep their own link to a removed step's data
+        os.remove(old)  # last.pth and the best links keep their own link to a removed step's data
     return path
 
 

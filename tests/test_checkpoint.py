@@ -7,7 +7,7 @@ import torch
 
 from core.errors import CheckpointError
 from core.files import load_checkpoint, save_checkpoint
-from engine.checkpoint import load_latest, resume_candidates, save_training_checkpoint
+from engine.checkpoint import best_files, load_latest, resume_candidates, save_training_checkpoint
 
 
 def test_save_and_load(tmp_path):
@@ -96,6 +96,22 @@ def test_keep_last_and_links(tmp_path):
     assert load_checkpoint(str(folder / "last.pth"))["step"] == 30
     assert load_checkpoint(str(folder / "best.pth"))["step"] == 20
     assert resume_candidates(out) == [str(folder / "step_000000030.pth"), str(folder / "step_000000020.pth")]
+
+
+def test_keep_best_keeps_the_k_best_evaluated_checkpoints(tmp_path, monkeypatch):
+    out, folder = str(tmp_path), tmp_path / "checkpoints"
+    scores = {10: 50.0, 20: 70.5, 30: None, 40: 60.25, 50: 70.5, 60: 80.0}  # step 30 was not evaluated
+    for step, score in scores.items():
+        save_training_checkpoint({"step": step}, out, step, keep_last=1, score=score, keep_best=2)
+    assert sorted(n for n in os.listdir(folder) if n.startswith("best_")) == [
+        "best_top1_70.5000_step_000000020.pth", "best_top1_80.0000_step_000000060.pth"]  # a tie: the earlier stays
+    assert [load_checkpoint(path)["step"] for _, path in best_files(str(folder))] == [60, 20]
+    assert resume_candidates(out) == [str(folder / "step_000000060.pth")]  # resume looks at step files only
+    # The new checkpoint is on disk before any best link is removed: a failed save removes nothing.
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(CheckpointError):
+        save_training_checkpoint({"step": 70}, out, 70, keep_last=1, score=99.0, keep_best=2)
+    assert len(best_files(str(folder))) == 2 and load_checkpoint(str(folder / "last.pth"))["step"] == 60
 
 
 def test_corrupt_last_falls_back_to_the_newest_good_one(tmp_path):

@@ -38,9 +38,12 @@ def eval_json(proc):
 
 def test_torchrun_train_resume_eval(tmp_path):
     out = str(tmp_path / "run")
-    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"], nproc=2)
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "checkpoint.keep_best=1"], nproc=2)
     assert "torchrun: world 2" in proc.stdout
     evals = records(out, "eval")
+    best = max(evals, key=lambda r: (max(r["top1"], r["ema_top1"]), -r["epoch"]))
+    kept = [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("best_top1_")]
+    assert kept == [f"best_top1_{max(best['top1'], best['ema_top1']):.4f}_step_{8 * (best['epoch'] + 1):09d}.pth"]
     assert [r["epoch"] for r in evals] == [0, 1]
     assert all(r["samples"] == 101 for r in evals)  # 101 images on 2 ranks: each counted exactly once
     assert {"top1", "top5", "loss", "ema_top1", "ema_top5"} <= set(evals[-1])
