@@ -25,7 +25,7 @@ from data import (batch_transforms, build_datasets, build_eval_loader, build_tra
                   skipped_images, start_epoch)
 from engine.build import build_model, build_parts, init_process, load_run_config, seed_everything, wrap_model
 from engine.checkpoint import checkpoint_dir, load_latest, rng_state, save_training_checkpoint, set_rng_state
-from engine.logging import RunLogger
+from engine.logging import RunLogger, new_wandb_id, wandb_options
 from engine.loop import NonFiniteLoss, TrainParts, evaluate, resolve_amp, train_one_epoch
 from engine.optim import accum_steps_for, describe_groups
 from engine.preemption import EXIT_PREEMPTED, Preempted, StopRequest
@@ -49,6 +49,7 @@ class Progress:
     epoch_samples: int = 0  # samples of that epoch's global order already trained on
     step: int = 0  # optimizer steps done in all
     best_top1: float = -1.0
+    wandb_id: str = ""  # the W&B run this run logs to (log.wandb), continued on resume
 
 
 def checkpoint_state(parts: TrainParts, cfg: Config, progress: Progress) -> dict:
@@ -87,7 +88,8 @@ def restore(parts: TrainParts, state: dict, rank: int, world_size: int) -> Progr
         du.print0(f"warning: the checkpoint was written by {state.get('world_size')} processes, this run has "
                   f"{world_size}: the lr follows the new global batch, the epoch continues from the same sample, "
                   f"random streams start afresh")
-    return Progress(state["epoch"], state.get("epoch_samples", 0), state["step"], state["best_top1"])
+    return Progress(state["epoch"], state.get("epoch_samples", 0), state["step"], state["best_top1"],
+                    state.get("wandb_id", ""))
 
 
 def skipped_total(train_set, device: torch.device) -> int:
@@ -170,7 +172,8 @@ def main() -> int:
 
     parts.model = wrap_model(model, cfg, env.distributed, device)
 
-    logger = RunLogger(cfg.output_dir, enabled=env.is_main)
+    progress.wandb_id = progress.wandb_id or (new_wandb_id() if cfg.log.wandb else "")
+    logger = RunLogger(cfg.output_dir, enabled=env.is_main, wandb=wandb_options(cfg.log, progress.wandb_id, cfg))
 
     def save(best: bool = False, score: float | None = None) -> None:
         check_finite_weights(parts, progress)

@@ -145,6 +145,15 @@ class DistCfg:
 
 
 @dataclass
+class LogCfg:
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb), from rank 0; WANDB_MODE=offline works
+    wandb_project: str = "convnext"
+    wandb_name: str = ""  # the run's display name ("": W&B picks one)
+    wandb_entity: str = ""  # team or user ("": your default)
+    wandb_tags: list = field(default_factory=list)
+
+
+@dataclass
 class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -155,6 +164,7 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     dist: DistCfg = field(default_factory=DistCfg)
+    log: LogCfg = field(default_factory=LogCfg)
     output_dir: str = "runs/default"
     seed: int = 0
 

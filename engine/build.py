@@ -10,6 +10,7 @@ train.py, eval.py and scripts/benchmark.py all build through here, so the three 
 """
 from __future__ import annotations
 
+import importlib.util
 import random
 from typing import Callable, Sequence
 
@@ -20,7 +21,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 import distributed_utils as du
-from core.config import Config, load_config
+from core.config import Config, ConfigError, load_config
 from engine.cpu_convs import use_cpu_matrix_convs
 from engine.ema import Ema
 from engine.loop import TrainParts
@@ -32,6 +33,9 @@ def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
     """The validated config, its model name checked too: before any data is read, which can take minutes."""
     cfg = load_config(path, overrides)
     check_model_name(cfg.model.name)
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb=true needs the wandb package, which is not installed: pip install wandb "
+                          "(or pip install -e '.[wandb]'), or set log.wandb=false")
     return cfg
 
 

@@ -1,0 +1,93 @@
+"""log.wandb: the train and eval records and the config, in W&B's offline mode, continued by a resumed run."""
+import glob
+import importlib.util
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from core.config import ConfigError
+from engine.build import load_run_config
+from test_train_e2e import DEBUG, ROOT, records, run
+
+
+def wandb_records(path):
+    """The protobuf records of an offline run's .wandb file: LevelDB's log framing (32 KiB blocks of chunks, each
+    a 7-byte header: crc32c, length, type 1 whole / 2 first / 3 middle / 4 last) after W&B's 7-byte file header."""
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B"
+    block, header = 32768, 7
+    pos, pending = header, b""
+    while pos + header <= len(data):
+        if block - pos % block < header:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        if kind == 0:
+            break
+        chunk, pos = data[pos + header:pos + header + length], pos + header + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def summary(path):
+    """(run id, config keys, {step: {name: value}} of the logged history) of one offline run."""
+    run_id, config, history = None, set(), {}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run_id = record.run.run_id
+            config |= {item.key for item in record.run.config.update}
+        elif kind == "history":
+            items = {item.key or "/".join(item.nested_key): float(item.value_json) for item in record.history.item}
+            history.setdefault(int(items["_step"]), {}).update(items)
+    return run_id, config, history
+
+
+def test_a_run_without_log_wandb_never_imports_it(tmp_path):
+    """With wandb made unimportable, a whole training run goes through. (timm itself tries `import wandb` when it is
+    installed, in timm.utils.summary, so the module may be loaded all the same; this code never needs it.)"""
+    argv = ["train.py", "--config", DEBUG, f"output_dir={tmp_path}", "schedule.epochs=1", "data.synthetic_train_size=32"]
+    code = (f"import runpy, sys; sys.modules['wandb'] = None; sys.argv = {argv!r}; "
+            "runpy.run_path('train.py', run_name='__main__')")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert records(str(tmp_path), "eval")
+
+
+def test_asking_for_wandb_without_it_installed_says_how_to_install(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"^log.wandb=true needs the wandb package, which is not installed: "
+                                          r"pip install wandb"):
+        load_run_config(DEBUG, ["log.wandb=true"])
+
+
+@pytest.mark.slow
+def test_wandb_offline_records_what_tensorboard_gets_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = str(tmp_path / "run")
+    wandb = ["log.wandb=true", "log.wandb_project=test", "log.wandb_name=debug", "log.wandb_tags=[a,b]"]
+    run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1", *wandb], nproc=2)
+    run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=2", *wandb], nproc=2)
+    files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))
+    assert len(files) == 2  # one per start, rank 0 only
+    (first_id, config, first), (second_id, _, second) = summary(files[0]), summary(files[1])
+    kept = torch.load(os.path.join(out, "checkpoints", "last.pth"), weights_only=True)["wandb_id"]
+    assert first_id == second_id == kept and len(kept) == 12  # the resumed run continues the W&B run
+    assert {"model", "data", "optim", "log", "seed"} <= config
+    logged = {**first, **second}
+    for record in records(out, "train") + records(out, "eval"):
+        kind = "eval" if "top1" in record else "train"
+        step = record["step"] if kind == "train" else 8 * (record["epoch"] + 1)  # 8 steps an epoch
+        for name in ("loss", "lr") if kind == "train" else ("top1", "top5", "ema_top1"):
+            assert logged[step][f"{kind}/{name}"] == pytest.approx(record[name]), (kind, name, step)
