@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data slurm demo test test-fast clean-runs
+.PHONY: setup data slurm demo test test-fast gpu-check clean-runs
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,11 @@ test: setup data
 # Everything but the multi-process runs, for a quick edit-test loop.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# On a machine with a CUDA GPU: train, resume, DDP, speed and exact evaluation in one call (scripts/gpu_check.py);
+# the last line is a JSON summary. Without CUDA it says so in one line.
+gpu-check: setup
+	PYTHON=$(PY) bash scripts/gpu_check.sh
 
 clean-runs:
 	rm -rf runs

@@ -11,6 +11,7 @@ train.py, eval.py and scripts/benchmark.py all build through here, so the three 
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 from typing import Callable, Sequence
 
@@ -51,6 +52,8 @@ def init_process(cfg: Config) -> du.DistContext:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
+        # cuBLAS repeats its matmuls only with a fixed workspace; torch refuses deterministic CUDA matmuls without one.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     elif ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once

@@ -1,0 +1,361 @@
+"""A one-call check of the trainer on a machine with a CUDA GPU: does it train, resume, run DDP and evaluate
+correctly there, and how fast is ConvNeXt-T? About 5 minutes on an H100/H200 (at most 8).
+
+    bash scripts/gpu_check.sh [--out DIR]            # or: make gpu-check
+    bash scripts/gpu_check.sh --dry-run              # (or GPU_CHECK_DRY_RUN=1) the same steps, tiny, on the CPU
+
+Each step is reported ok, failed (with the error and its log) or skipped (with the reason):
+  train_<fp32|bf16|fp16>[_compile]  configs/debug.yaml for one epoch in each precision (fp16 with the gradient
+                  scaler), eager and under torch.compile: exit 0, on the GPU, finite losses, checkpoints written;
+  resume_bitwise  train.deterministic=true: resumed (--resume) from a mid-epoch step checkpoint of an uninterrupted
+                  run, the run ends with last.pth weights and EMA torch.equal to that run's;
+  ddp_gloo        2 ranks under torchrun on the one GPU, dist.backend=gloo;
+  ddp_nccl        the same with NCCL, where at least 2 GPUs are visible;
+  eval_exact      eval.py on 1 and 2 processes over ddp_gloo's checkpoint and 101 validation images: 101 samples
+                  both times, top-1 equal to each other and to the top-1 the training run logged;
+  speed[_compile] scripts/benchmark.py on ConvNeXt-T, 224 px, bf16, channels_last: img/s, MFU against the
+                  data sheet, peak memory (bare step and the trainer's step);
+  eval_speed      eval.py on ConvNeXt-T (random weights) over synthetic images: img/s, data loading included.
+The correctness steps run a few at a time (the GPU has room); the speed steps run alone afterwards. Every run writes
+under --out (default: a new temporary folder), one <step>.out/.err log per command. The last stdout line is the
+JSON summary; the exit code is 1 when a step failed. Without CUDA (and without --dry-run) it prints one line and
+exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
+CONVNEXT_T = os.path.join(ROOT, "configs", "convnext_t.yaml")
+AMPS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
+RESUME_FROM = 2  # step_000000002.pth: mid epoch 0 at 16 images a step (4 or 12 steps an epoch)
+ORDER = [f"train_{a}{c}" for a in AMPS for c in ("", "_compile")] + [
+    "resume_bitwise", "ddp_gloo", "ddp_nccl", "eval_exact", "speed", "speed_compile", "eval_speed"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big each step runs: GPU for the real check, DRY for its plumbing on a CPU."""
+    train: tuple[str, ...]  # debug.yaml overrides of the training runs
+    resume_size: int  # synthetic training images of the resume runs (2 epochs, 16 a step)
+    speed: tuple[str, ...]  # convnext_t.yaml overrides of the speed steps
+    bench: tuple[str, ...]  # benchmark.py's own options
+    eval_size: int  # synthetic validation images of eval_speed
+    jobs: int  # correctness steps run at once
+    timeout: int  # seconds any one command may take before it is stopped and its step fails
+    no_compile: str = ""  # why the compiled runs are skipped ("": they run)
+
+
+# GPU: 32 steps of 16 images per training run; batch 128 is the ConvNeXt-T recipe's per-GPU batch.
+GPU = Profile(train=("schedule.epochs=1", "data.synthetic_train_size=512"), resume_size=192,
+              speed=("data.batch_size=128",), bench=("--steps", "20", "--warmup", "5", "--repeats", "3"),
+              eval_size=5000, jobs=4, timeout=300)
+DRY = Profile(train=("schedule.epochs=1", "data.synthetic_train_size=32"), resume_size=64,
+              speed=("model.name=convnext_atto", "data.img_size=32", "data.batch_size=8", "data.num_workers=0",
+                     "data.synthetic_train_size=16"),
+              bench=("--steps", "2", "--warmup", "1", "--repeats", "1"), eval_size=101, jobs=2, timeout=150,
+              no_compile="dry run: a compiled debug run took 100-160 s on 2 CPU cores (cold inductor cache)")
+
+
+class Failed(Exception):
+    """A step's check did not hold; the message says what and where its log is."""
+
+
+class Skipped(Exception):
+    """A step that cannot run here; the message is the reason."""
+
+
+class Check:
+    def __init__(self, profile: Profile, out: str, dry: bool):
+        self.p, self.out, self.dry = profile, out, dry
+        self.device = "cpu" if dry else "cuda:0"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                    "TORCHINDUCTOR_CACHE_DIR": os.path.join(out, "inductor_cache")}  # cold compiles: the worst case
+        if dry:  # the CPU even on a machine with a GPU; one thread a process, as the tests run (2 cores, shared)
+            self.env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        self.extra_env: dict[str, str] = {}
+        self.results: dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    # -- running commands ------------------------------------------------------------------------------------------
+
+    def run(self, name: str, args: list[str], nproc: int = 1, env: dict | None = None) -> str:
+        """Run a repo command (under torchrun with nproc > 1) with its output in <out>/<name>.out/.err; its stdout,
+        or Failed on a non-zero exit or past the timeout."""
+        launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                       if nproc > 1 else [])
+        log = os.path.join(self.out, name)
+        with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
+            proc = subprocess.Popen(launcher + args, cwd=ROOT, env={**self.env, **self.extra_env, **(env or {})},
+                                    stdout=out, stderr=err)
+            try:
+                code = proc.wait(timeout=self.p.timeout)
+            except subprocess.TimeoutExpired:
+                stop(proc)
+                raise Failed(f"{name}: still running after {self.p.timeout} s, stopped; log {log}.err")
+        if code != 0:
+            raise Failed(f"{name}: exit {code}: {tail(log + '.err')} (log {log}.err)")
+        with open(log + ".out") as f:
+            return f.read()
+
+    def train(self, name: str, *overrides: str, nproc: int = 1, resume: str = "", env: dict | None = None) -> str:
+        """train.py on debug.yaml into <out>/<name>; its stdout."""
+        args = ["train.py", "--config", DEBUG] + (["--resume", resume] if resume else [])
+        return self.run(name, args + [f"output_dir={self.dir(name)}", *overrides], nproc=nproc, env=env)
+
+    def dir(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    # -- the steps -------------------------------------------------------------------------------------------------
+
+    def step(self, name: str, fn, *args) -> dict:
+        """Run one step, record and print its result: ok with its figures, skipped with the reason, failed with
+        the error."""
+        start = time.perf_counter()
+        try:
+            result = {"status": "ok", **fn(*args)}
+        except Skipped as e:
+            result = {"status": "skipped", "reason": str(e)}
+        except Failed as e:
+            result = {"status": "failed", "error": str(e)}
+        except Exception as e:  # a bug or an unreadable file: this step fails, the others still run
+            result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        self.results[name] = result
+        line = f"gpu_check: {name} {result['status']} in {result['seconds']} s" + "".join(
+            f"; {result[k]}" for k in ("reason", "error") if k in result)
+        with self.lock:  # whole lines from concurrent steps
+            print(line, flush=True)
+        return result
+
+    def train_amp(self, name: str, amp: str, compile_: bool) -> dict:
+        if compile_ and self.p.no_compile:
+            raise Skipped(self.p.no_compile)
+        stdout = self.train(name, *self.p.train, f"train.amp={amp}", f"train.compile={str(compile_).lower()}")
+        expect(stdout, f"world 1 on {self.device}", f"| amp {amp}")
+        figures = check_run(self.dir(name))
+        if amp == "fp16":  # the gradient scaler was on: an enabled GradScaler checkpoints its scale
+            figures["grad_scale"] = last_checkpoint(self.dir(name))["scaler"].get("scale")
+            if not figures["grad_scale"]:
+                raise Failed(f"{name}: no gradient scaler state in last.pth")
+        return figures
+
+    def resume_bitwise(self) -> dict:
+        exact = [f"data.synthetic_train_size={self.p.resume_size}", "schedule.epochs=2", "train.deterministic=true",
+                 "checkpoint.every_steps=2", "checkpoint.keep_last=100"]  # keep the mid-epoch step files
+        env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # deterministic cuBLAS; torch refuses to run without it
+        self.train("resume_reference", *exact, env=env)
+        mid = os.path.join(self.dir("resume_reference"), "checkpoints", f"step_{RESUME_FROM:09d}.pth")
+        state = torch.load(mid, weights_only=True, map_location="cpu")
+        if not (state["epoch"] == 0 and state["epoch_samples"] > 0):
+            raise Failed(f"{mid} is not mid-epoch: epoch {state['epoch']}, +{state['epoch_samples']} samples")
+        expect(self.train("resume_resumed", *exact, resume=mid, env=env), f"resumed from {mid}")
+        ref, resumed = (last_checkpoint(self.dir(n)) for n in ("resume_reference", "resume_resumed"))
+        tensors = [(k, part) for part in ("model", "model_ema") for k in ref[part]]
+        differ = [f"{part}.{k}" for k, part in tensors if not torch.equal(ref[part][k], resumed[part][k])]
+        if differ or ref["step"] != resumed["step"]:
+            raise Failed(f"resumed run differs from the uninterrupted one: {len(differ)} tensors, e.g. {differ[:3]}; "
+                         f"steps {ref['step']} vs {resumed['step']}")
+        return {"tensors_equal": len(tensors), "resumed_from_step": RESUME_FROM, "steps": ref["step"]}
+
+    def ddp(self, name: str, backend: str) -> dict:
+        if backend == "nccl" and (self.dry or torch.cuda.device_count() < 2):
+            raise Skipped("dry run: no CUDA" if self.dry else f"NCCL needs 2 GPUs (2 ranks on one GPU: NCCL refuses "
+                                                              f"to share it); {torch.cuda.device_count()} visible")
+        stdout = self.train(name, *self.p.train, f"dist.backend={backend}", nproc=2)
+        device = self.device if backend == "gloo" else "cuda:"  # nccl: each rank on its own GPU
+        expect(stdout, f"torchrun: world 2 on {device}", f"({backend} backend)")
+        return check_run(self.dir(name))
+
+    def eval_exact(self) -> dict:
+        if self.results.get("ddp_gloo", {}).get("status") != "ok":
+            raise Skipped("evaluates ddp_gloo's checkpoint, and ddp_gloo did not pass")
+        logged = records(self.dir("ddp_gloo"), "eval")[-1]
+        last = os.path.join(self.dir("ddp_gloo"), "checkpoints", "last.pth")
+        args = ["eval.py", "--config", DEBUG, "--checkpoint", last]
+        one = last_json(self.run("eval_exact_1", args))
+        two = last_json(self.run("eval_exact_2", args + ["dist.backend=gloo"], nproc=2))  # 2 ranks share a GPU
+        counts, top1 = [one["samples"], two["samples"], logged["samples"]], [one["top1"], two["top1"], logged["top1"]]
+        if counts != [101] * 3 or len(set(top1)) != 1:
+            raise Failed(f"samples {counts} and top-1 {top1} (eval.py on 1, on 2 processes, the training run's "
+                         f"log) should be 101 each and equal")
+        return {"samples": 101, "top1": one["top1"], "img_per_s_1": one["img_per_s"], "img_per_s_2": two["img_per_s"]}
+
+    def speed(self, name: str, compile_: bool) -> dict:
+        if compile_ and self.p.no_compile:
+            raise Skipped(self.p.no_compile)
+        out = os.path.join(self.out, name + ".json")
+        args = ["scripts/benchmark.py", "--config", CONVNEXT_T, *self.p.bench, "--modes", "bare,trainer",
+                "--json", out, *speed_overrides(self.p), f"train.compile={str(compile_).lower()}"]
+        self.run(name, args)
+        with open(out) as f:
+            r = json.load(f)
+        figures = {"device": r["device"], "model": model_name(self.p), "batch": r["global_batch"], "amp": r["amp"],
+                   "peak_tflops": r["peak_tflops"], "peak_source": r["peak_source"]}
+        for mode in ("bare", "trainer"):
+            figures.update({f"{mode}_img_per_s": r[f"{mode}_img_per_s"], f"{mode}_mfu": r.get("mfu", {}).get(mode),
+                            f"{mode}_peak_mem_mb": r["peak_mem_mb"][mode]})
+        return figures
+
+    def eval_speed(self) -> dict:
+        overrides = [*speed_overrides(self.p), f"data.synthetic_val_size={self.p.eval_size}"]
+        weights = os.path.join(self.out, "eval_speed_weights.pth")
+        write_random_weights(weights, overrides)
+        result = last_json(self.run("eval_speed", ["eval.py", "--config", CONVNEXT_T, "--checkpoint", weights,
+                                                   *overrides]))
+        if result["samples"] != self.p.eval_size:
+            raise Failed(f"eval.py counted {result['samples']} images of {self.p.eval_size}")
+        return {"img_per_s": result["img_per_s"], "samples": result["samples"], "model": model_name(self.p),
+                "includes": "data loading (synthetic images made on the fly)"}
+
+    # -- the whole check -------------------------------------------------------------------------------------------
+
+    def ddp_then_eval(self) -> None:
+        """eval_exact evaluates ddp_gloo's run, so follows it."""
+        self.step("ddp_gloo", self.ddp, "ddp_gloo", "gloo")
+        self.step("eval_exact", self.eval_exact)
+
+    def run_all(self) -> dict[str, dict]:
+        trains = [(f"train_{a}{'_compile' * c}", amp, c) for c in (True, False) for a, amp in AMPS.items()]
+        jobs = [partial(self.step, name, self.train_amp, name, amp, c) for name, amp, c in trains]
+        # Longest first (the compiled runs, then the runs of several commands), so the slowest does not start last.
+        jobs[3:3] = [self.ddp_then_eval, partial(self.step, "resume_bitwise", self.resume_bitwise)]
+        jobs.append(partial(self.step, "ddp_nccl", self.ddp, "ddp_nccl", "nccl"))
+        self.extra_env = {"OMP_NUM_THREADS": "1"}  # concurrent runs: one thread each, off each other's cores
+        with concurrent.futures.ThreadPoolExecutor(self.p.jobs) as pool:  # threads that wait on subprocesses
+            futures = [pool.submit(job) for job in jobs]
+            try:
+                for future in futures:
+                    future.result()
+            except KeyboardInterrupt:  # Ctrl-C reached the running commands too: start no more
+                pool.shutdown(cancel_futures=True)
+                raise
+        self.extra_env = {}
+        for name, compile_ in (("speed", False), ("speed_compile", True)):  # alone on the machine: clean figures
+            self.step(name, self.speed, name, compile_)
+        self.step("eval_speed", self.eval_speed)
+        return {name: self.results[name] for name in ORDER}
+
+
+def speed_overrides(p: Profile) -> list[str]:
+    """ConvNeXt-T's recipe at 224 px, bf16, channels_last, on synthetic images, one optimizer step per batch."""
+    return ["data.name=synthetic", "train.amp=bf16", "train.channels_last=true", "train.global_batch=0",
+            "train.accum_steps=1", *p.speed]
+
+
+def model_name(p: Profile) -> str:
+    return next((o.split("=", 1)[1] for o in p.speed if o.startswith("model.name=")), "convnext_tiny")
+
+
+def write_random_weights(path: str, overrides: list[str]) -> None:
+    """A freshly initialised model of convnext_t.yaml with these overrides, as an official-layout weights file:
+    eval.py's speed does not depend on what the weights are."""
+    from core.config import load_config
+    from models import create_model
+
+    cfg = load_config(CONVNEXT_T, overrides)
+    model = create_model(**cfg.model.create_args(), num_classes=10, log=lambda line: None)  # synthetic: 10 classes
+    torch.save({"model": model.state_dict()}, path)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (torchrun passes it on to its workers and kills them 30 s later), then SIGKILL."""
+    proc.terminate()
+    try:
+        proc.wait(45)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def tail(path: str, lines: int = 3) -> str:
+    """The last lines of a log, progress-bar redraws left out."""
+    with open(path, errors="replace") as f:
+        kept = [line.strip() for line in f.read().replace("\r", "\n").splitlines()
+                if line.strip() and not line.startswith("epoch ")]
+    return " | ".join(kept[-lines:]) or "(no output)"
+
+
+def expect(stdout: str, *texts: str) -> None:
+    missing = [t for t in texts if t not in stdout]
+    if missing:
+        raise Failed(f"the output lacks {missing}: {stdout.strip().splitlines()[-3:]}")
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def records(run_dir: str, kind: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def last_checkpoint(run_dir: str) -> dict:
+    return torch.load(os.path.join(run_dir, "checkpoints", "last.pth"), weights_only=True, map_location="cpu")
+
+
+def check_run(run_dir: str) -> dict:
+    """A finished training run: finite training and evaluation losses, last.pth and a step file; its figures."""
+    train, evals = records(run_dir, "train"), records(run_dir, "eval")
+    losses = [r["loss"] for r in train] + [r["loss"] for r in evals]
+    if not train or not evals or not all(math.isfinite(x) for x in losses):
+        raise Failed(f"{run_dir}: {len(train)} train and {len(evals)} eval records, losses {losses}")
+    folder = os.path.join(run_dir, "checkpoints")
+    files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    if "last.pth" not in files or not any(f.startswith("step_") for f in files):
+        raise Failed(f"{folder}: checkpoints missing, found {files}")
+    return {"loss": train[-1]["loss"], "img_per_s": train[-1]["img_per_s"], "top1": evals[-1]["top1"],
+            "steps": train[-1]["step"], "checkpoints": len(files)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="", help="folder for every run's output (default: a new temporary folder)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every step on the CPU at tiny sizes (also GPU_CHECK_DRY_RUN=1): tests the plumbing")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dry = args.dry_run or os.environ.get("GPU_CHECK_DRY_RUN", "") not in ("", "0")
+    if not dry and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (torch.cuda.is_available() is False); nothing to check")
+        return 0
+    out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
+    os.makedirs(out, exist_ok=True)
+    print(f"gpu_check: {'dry run on the CPU' if dry else 'on the GPU'}; every run's output in {out}", flush=True)
+    start = time.perf_counter()
+    try:
+        steps = Check(DRY if dry else GPU, out, dry).run_all()
+    except KeyboardInterrupt:
+        print(f"gpu_check: interrupted; the runs so far are in {out}", file=sys.stderr)
+        return 130
+    failed = [name for name, r in steps.items() if r["status"] == "failed"]
+    summary = {"gpu_check": "failed" if failed else "ok", "failed": failed, "dry_run": dry,
+               "device": "cpu" if dry else torch.cuda.get_device_name(0),
+               "gpus": 0 if dry else torch.cuda.device_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
+               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "seconds": round(time.perf_counter() - start, 1), "out": out, "steps": steps}
+    print(json.dumps(summary))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
