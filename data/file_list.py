@@ -45,7 +45,8 @@ def scan(folder: str, progress: bool = False) -> FileList:
                         f"class")
     folders = {".": os.stat(folder).st_mtime_ns}
     samples: list[tuple[str, int]] = []
-    for label, name in enumerate(tqdm(classes, desc=f"listing {folder}", unit="class", disable=not progress)):
+    # delay: a folder listed within 2 s shows no bar (and a bad-input message stays the one line on stderr)
+    for label, name in enumerate(tqdm(classes, desc=f"listing {folder}", unit="class", disable=not progress, delay=2)):
         found = len(samples)
         for path, _, files in sorted(os.walk(os.path.join(folder, name), followlinks=True)):
             folders[os.path.relpath(path, folder)] = os.stat(path).st_mtime_ns

@@ -208,9 +208,10 @@ def test_fine_tune_and_evaluate_from_hub_names_on_two_ranks(hub_cache, tmp_path)
     from test_train_e2e import DEBUG, eval_json, run
     out = str(tmp_path / "run")
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "model.pretrained=convnext_atto.d2_in1k",
-                "model.patch_size=4", "model.stem_init=default", "schedule.epochs=1"], nproc=2)
+                "model.patch_size=4", "model.stem_init=default", "schedule.epochs=1", "data.synthetic_train_size=64"],
+               nproc=2)
     assert "convnext_atto.d2_in1k: head: skipped head.weight, head.bias (1000 classes" in proc.stdout
-    result = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/convnext_atto-debug"], nproc=2))
+    result = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/convnext_atto-debug"]))
     assert result["samples"] == 101
     proc = run(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/missing"], check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
