@@ -219,7 +219,8 @@ def main() -> int:
             logger.log("eval", record, progress.step)
             top1 = max(record["top1"], record.get("ema_top1", -1.0))  # the better of the raw and EMA weights
         improved = top1 is not None and top1 > progress.best_top1
-        progress.best_top1 = max(progress.best_top1, top1 if top1 is not None else -1.0)
+        if improved:
+            progress.best_top1 = top1
         save(best=improved, score=top1)
     logger.close()
     du.print0(f"done: best top-1 {progress.best_top1:.2f}; checkpoints in {checkpoint_dir(cfg.output_dir)}")

@@ -130,6 +130,7 @@ def list_images(folder: str, cache: bool = True) -> FileList:
     then the other ranks read it (or scan, where they cannot see it); without, every rank scans."""
     if not cache:
         return scan(folder, progress=du.is_main_process())
+
     def listing(main: bool) -> FileList:
         if not main:  # rank 0 has just checked the tree against the cache: no stat per folder again
             return read_cache(folder, check=False) or scan(folder)

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from core.files import atomic_write
@@ -34,8 +35,12 @@ from data.jpeg import load
 
 INDEX = "index.npz"
 CLASSES = "classes.txt"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
-REBUILD = "rebuild it with 'python -m data.shards index {root}'"
+IMAGE_EXTS = tuple(ext.lstrip(".") for ext in IMG_EXTENSIONS)  # member extensions read as images: ImageFolder's
+
+
+def rebuild(split_folder: str) -> str:
+    """The way out of a missing or stale index of `split_folder`."""
+    return f"rebuild it with 'python -m data.shards index {os.path.dirname(os.path.abspath(split_folder))}'"
 
 
 @dataclass
@@ -59,11 +64,7 @@ class ShardIndex:
                 return cls(**{name: f[name] for name in cls.__dataclass_fields__})
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"cannot read the shard index '{path}' ({first_line(e)}); "
-                            f"{REBUILD.format(root=_root_of(path))}") from None
-
-
-def _root_of(index_path: str) -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(index_path)))
+                            f"{rebuild(os.path.dirname(path))}") from None
 
 
 def shard_files(folder: str) -> list[str]:
@@ -131,7 +132,7 @@ def build_index(folder: str, workers: int = 1, progress: bool = True) -> ShardIn
 
 def check_index(folder: str, index: ShardIndex) -> None:
     """DataError unless the shards in `folder` are the ones indexed, unchanged (one stat per shard)."""
-    way_out = REBUILD.format(root=os.path.dirname(os.path.abspath(folder)))
+    way_out = rebuild(folder)
     index_path = os.path.join(folder, INDEX)
     present = shard_files(folder)
     if present != list(index.shards):
@@ -167,12 +168,10 @@ class ShardImages(Dataset, CheckedReads):
         if not os.path.isfile(index_path):
             what = "no .tar shards" if not shard_files(folder) else f"no index '{index_path}'"
             raise DataError(f"{what} in '{folder}'; data.name=shards needs data.root to hold train/ and val/ "
-                            f"folders of shards, with an index: "
-                            f"{REBUILD.format(root=os.path.dirname(os.path.abspath(folder)))}")
+                            f"folders of shards, with an index: {rebuild(folder)}")
         self.index = ShardIndex.load(index_path)
         check_index(folder, self.index)
         self.loader: Callable[[bytes], object] = load
-        self.targets = self.index.label.tolist()
         self._files: OrderedDict[int, int] = OrderedDict()  # shard -> fd, this process's
         self._pid = os.getpid()
 
@@ -186,7 +185,7 @@ class ShardImages(Dataset, CheckedReads):
             raise DataError(f"'{self.member_name(shard, offset)}' ends early: the shard was truncated after "
                             f"indexing; write it again")
         image = self.checked(lambda: self.loader(data), lambda: self.member_name(shard, offset))
-        return None if image is None else (image, int(self.targets[i]))
+        return None if image is None else (image, int(self.index.label[i]))
 
     def narrow(self, keep: np.ndarray, relabel: Sequence[int] | None) -> "ShardImages":
         """Only the samples at `keep`, labels mapped through `relabel` when given (data.classes, train_limit)."""
@@ -194,8 +193,12 @@ class ShardImages(Dataset, CheckedReads):
             setattr(self.index, column, getattr(self.index, column)[keep])
         if relabel is not None:
             self.index.label = np.asarray(relabel)[self.index.label]
-        self.targets = self.index.label.tolist()
         return self
+
+    @property
+    def targets(self) -> list[int]:
+        """The labels in sample order, as ImageFolder has them."""
+        return self.index.label.tolist()
 
     def member_name(self, shard: int, offset: int) -> str:
         """'<shard>:<member>' from the tar header before the member's data (for messages)."""

@@ -94,14 +94,14 @@ class Check:
 
     # -- running commands ------------------------------------------------------------------------------------------
 
-    def run(self, name: str, args: list[str], nproc: int = 1, env: dict | None = None) -> str:
+    def run(self, name: str, args: list[str], nproc: int = 1) -> str:
         """Run a repo command (under torchrun with nproc > 1) with its output in <out>/<name>.out/.err; its stdout,
         or Failed on a non-zero exit or past the timeout."""
         launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                                        if nproc > 1 else [])
         log = os.path.join(self.out, name)
         with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
-            proc = subprocess.Popen(launcher + args, cwd=ROOT, env={**self.env, **self.extra_env, **(env or {})},
+            proc = subprocess.Popen(launcher + args, cwd=ROOT, env={**self.env, **self.extra_env},
                                     stdout=out, stderr=err)
             try:
                 code = proc.wait(timeout=self.p.timeout)
@@ -113,10 +113,10 @@ class Check:
         with open(log + ".out") as f:
             return f.read()
 
-    def train(self, name: str, *overrides: str, nproc: int = 1, resume: str = "", env: dict | None = None) -> str:
+    def train(self, name: str, *overrides: str, nproc: int = 1, resume: str = "") -> str:
         """train.py on debug.yaml into <out>/<name>; its stdout."""
         args = ["train.py", "--config", DEBUG] + (["--resume", resume] if resume else [])
-        return self.run(name, args + [f"output_dir={self.dir(name)}", *overrides], nproc=nproc, env=env)
+        return self.run(name, args + [f"output_dir={self.dir(name)}", *overrides], nproc=nproc)
 
     def dir(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -158,13 +158,12 @@ class Check:
     def resume_bitwise(self) -> dict:
         exact = [f"data.synthetic_train_size={self.p.resume_size}", "schedule.epochs=2", "train.deterministic=true",
                  "checkpoint.every_steps=2", "checkpoint.keep_last=100"]  # keep the mid-epoch step files
-        env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # deterministic cuBLAS; torch refuses to run without it
-        self.train("resume_reference", *exact, env=env)
+        self.train("resume_reference", *exact)  # the trainer sets CUBLAS_WORKSPACE_CONFIG for deterministic runs
         mid = os.path.join(self.dir("resume_reference"), "checkpoints", f"step_{RESUME_FROM:09d}.pth")
         state = torch.load(mid, weights_only=True, map_location="cpu")
         if not (state["epoch"] == 0 and state["epoch_samples"] > 0):
             raise Failed(f"{mid} is not mid-epoch: epoch {state['epoch']}, +{state['epoch_samples']} samples")
-        expect(self.train("resume_resumed", *exact, resume=mid, env=env), f"resumed from {mid}")
+        expect(self.train("resume_resumed", *exact, resume=mid), f"resumed from {mid}")
         ref, resumed = (last_checkpoint(self.dir(n)) for n in ("resume_reference", "resume_resumed"))
         tensors = [(k, part) for part in ("model", "model_ema") for k in ref[part]]
         differ = [f"{part}.{k}" for k, part in tensors if not torch.equal(ref[part][k], resumed[part][k])]
