@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from core.files import atomic_write
 from data.checked import CheckedReads, DataError, first_line
-from data.file_list import scan
+from data.file_list import FileList, scan
 from data.jpeg import load
 
 INDEX = "index.npz"
@@ -291,41 +291,49 @@ def _key(folder: str, path: str) -> str:
     return os.path.relpath(path, folder).replace(".", "_")
 
 
+def _shard_jobs(split: str, folder: str, listing: FileList, out: str, shard_size: int, max_side: int, quality: int,
+                shuffle: bool) -> list[tuple[str, list[tuple[str, str, int]], int, int]]:
+    """The _write_shard jobs of one split; DataError when `out` holds shards these would not replace."""
+    samples = [(path, _key(folder, path), label) for path, label in listing.samples]
+    if split == "train" and shuffle:
+        random.Random(0).shuffle(samples)
+    jobs = [(os.path.join(out, f"{split}-{n:06d}.tar"), samples[start:start + shard_size], max_side, quality)
+            for n, start in enumerate(range(0, len(samples), shard_size))]
+    others = sorted(set(shard_files(out)) - {os.path.basename(job[0]) for job in jobs})
+    if others:
+        raise DataError(f"'{out}' already holds other shards ({others[0]}, ...), which the index would mix "
+                        f"in; write to an empty folder")
+    return jobs
+
+
 def write_shards(src: str, dst: str, shard_size: int = 1000, max_side: int = 0, quality: int = 90,
                  workers: int = 1, shuffle: bool = True) -> dict[str, int]:
     """Shard an image folder's train/ and val/ into dst/<split>/<split>-NNNNNN.tar, index them, write classes.txt.
 
     With `shuffle`, train samples are spread over the shards in a fixed random order (so a shard mixes classes);
     otherwise, and for val, in the folder's order, sample i of the shards being sample i of the folder. The same
-    input gives byte-identical shards. Returns the sample count per split.
+    input gives byte-identical shards. Everything is checked before anything is written. Returns the sample count
+    per split.
     """
-    counts = {}
-    for split in ("train", "val"):
-        folder = os.path.join(src, split)
-        if not os.path.isdir(folder):
-            continue
-        listing = scan(folder, progress=True)
-        samples = [(path, _key(folder, path), label) for path, label in listing.samples]
-        if split == "train" and shuffle:
-            random.Random(0).shuffle(samples)
+    folders = {split: os.path.join(src, split) for split in ("train", "val") if os.path.isdir(os.path.join(src, split))}
+    if not folders:
+        raise DataError(f"'{src}' has neither train/ nor val/; point the writer at an image folder's root")
+    listings = {split: scan(folder, progress=True) for split, folder in folders.items()}
+    classes = [listing.classes for listing in listings.values()]
+    if classes[0] != classes[-1]:  # labels are positions in the class list, so both splits need the same one
+        raise DataError(f"class folders differ between '{folders['train']}' ({len(classes[0])}) and "
+                        f"'{folders['val']}' ({len(classes[-1])}); give both the same class sub-folders")
+    jobs = {split: _shard_jobs(split, folders[split], listing, os.path.join(dst, split), shard_size, max_side,
+                               quality, shuffle) for split, listing in listings.items()}
+    for split, split_jobs in jobs.items():
         out = os.path.join(dst, split)
-        jobs = [(os.path.join(out, f"{split}-{n:06d}.tar"), samples[start:start + shard_size], max_side, quality)
-                for n, start in enumerate(range(0, len(samples), shard_size))]
-        others = sorted(set(shard_files(out)) - {os.path.basename(job[0]) for job in jobs})
-        if others:
-            raise DataError(f"'{out}' already holds other shards ({others[0]}, ...), which the index would mix "
-                            f"in; write to an empty folder")
         with Pool(max(1, workers)) as pool:
-            with tqdm(total=len(samples), desc=f"writing {out}", unit="image") as bar:
-                for count in pool.imap_unordered(_write_shard, jobs):
+            with tqdm(total=len(listings[split].samples), desc=f"writing {out}", unit="image") as bar:
+                for count in pool.imap_unordered(_write_shard, split_jobs):
                     bar.update(count)
         build_index(out, workers)
-        atomic_write(os.path.join(dst, CLASSES), lambda f: f.write("".join(c + "\n" for c in listing.classes)),
-                     binary=False)
-        counts[split] = len(samples)
-    if not counts:
-        raise DataError(f"'{src}' has neither train/ nor val/; point the writer at an image folder's root")
-    return counts
+    atomic_write(os.path.join(dst, CLASSES), lambda f: f.write("".join(c + "\n" for c in classes[0])), binary=False)
+    return {split: len(listing.samples) for split, listing in listings.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

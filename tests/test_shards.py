@@ -1,7 +1,9 @@
 """Tar shards: the writer (identical output), the reader (the image folder's samples, by index) and its bad input."""
 import filecmp
+import glob
 import io
 import os
+import shutil
 import tarfile
 
 import pytest
@@ -180,5 +182,15 @@ def test_the_writer_refuses_a_folder_holding_other_shards(folder, shards):
         write_shards(folder, shards, shard_size=5)
     after = {n: os.stat(os.path.join(shards, "train", n)).st_mtime_ns for n in os.listdir(os.path.join(shards, "train"))}
     assert after == before
+    extra_class = os.path.join(folder, "val", "c0003")  # a class only val has: refused before anything is written
+    os.makedirs(extra_class)
+    shutil.copy(glob.glob(os.path.join(folder, "val", "c0000", "*"))[0], extra_class)
+    try:
+        with pytest.raises(DataError, match=r"class folders differ between '.*train' \(3\) and '.*val' \(4\)"):
+            write_shards(folder, shards, shard_size=5)
+    finally:
+        shutil.rmtree(extra_class)
+    assert {n: os.stat(os.path.join(shards, "train", n)).st_mtime_ns
+            for n in os.listdir(os.path.join(shards, "train"))} == before
     with pytest.raises(SystemExit, match=r"error: '.*' has neither train/ nor val/"):
         main(["write", os.path.join(folder, "train"), os.path.join(shards, "elsewhere")])
