@@ -21,7 +21,8 @@ import distributed_utils as du
 from data import batch_transforms, build_datasets, build_eval_loader
 from core.files import atomic_write
 from engine.build import build_model, init_process, load_run_config
-from engine.loop import evaluate, resolve_amp
+from engine.loop import evaluate
+from engine.precision import resolve_amp
 from models.keys import load_weights
 from models.pretrained import read_weights, resolve_weights
 
@@ -48,9 +49,10 @@ def main() -> None:
     model = build_model(cfg, info.num_classes, info.in_chans, ctx.device, pretrained=False)
     load_weights(model, read_weights(resolve_weights(args.checkpoint)), ema=args.ema)  # a file or a hub name
 
+    amp = resolve_amp(cfg.train.amp, ctx.device)  # its bf16 probe and warning before the clock starts
     du.barrier()  # time the evaluation alone, from the same moment on every rank
     start = time.perf_counter()
-    metrics = evaluate(model, loader, ctx.device, resolve_amp(cfg.train.amp, ctx.device), cfg.train.channels_last,
+    metrics = evaluate(model, loader, ctx.device, amp, cfg.train.channels_last,
                        num_classes=info.num_classes if args.per_class else 0, tta=cfg.aug.tta,
                        on_device=batch_transforms(cfg.data, cfg.aug, info.mean, info.std)[1])
     metrics["img_per_s"] = metrics["samples"] / (time.perf_counter() - start)

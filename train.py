@@ -24,11 +24,14 @@ from core.files import load_checkpoint
 from data import (batch_transforms, build_datasets, build_eval_loader, build_train_loader, sample_images,
                   skipped_images, start_epoch)
 from engine.build import build_model, build_parts, init_process, load_run_config, seed_everything, wrap_model
-from engine.checkpoint import checkpoint_dir, load_latest, rng_state, save_training_checkpoint, set_rng_state
+from engine.checkpoint import (checkpoint_dir, load_latest, resume_candidates, rng_state, save_training_checkpoint,
+                               set_rng_state)
 from engine.logging import RunLogger, new_wandb_id, wandb_options
-from engine.loop import NonFiniteLoss, TrainParts, evaluate, resolve_amp, train_one_epoch
+from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch
 from engine.optim import accum_steps_for, describe_groups
+from engine.precision import resolve_amp
 from engine.preemption import EXIT_PREEMPTED, Preempted, StopRequest
+from engine.profiling import StepProfiler, describe
 from models.keys import load_weights
 from models.whitening import whiten_stem
 
@@ -80,7 +83,11 @@ def restore(parts: TrainParts, state: dict, rank: int, world_size: int) -> Progr
     if parts.ema is not None:
         load_weights(parts.ema.module, state, ema=state.get("model_ema") is not None)
     parts.optimizer.load_state_dict(state["optimizer"])
-    parts.scaler.load_state_dict(state["scaler"])
+    if parts.scaler.is_enabled() and not state["scaler"]:  # an enabled GradScaler refuses a disabled one's state
+        du.print0("warning: the checkpoint was written without train.amp=fp16 and has no gradient scaler state; "
+                  "the fp16 scaler starts afresh")
+    else:
+        parts.scaler.load_state_dict(state["scaler"])
     parts.bad_steps = state.get("bad_steps", 0)
     if state.get("world_size") == world_size and state.get("rng"):
         set_rng_state(state["rng"][rank])
@@ -90,6 +97,34 @@ def restore(parts: TrainParts, state: dict, rank: int, world_size: int) -> Progr
                   f"random streams start afresh")
     return Progress(state["epoch"], state.get("epoch_samples", 0), state["step"], state["best_top1"],
                     state.get("wandb_id", ""))
+
+
+def resume(parts: TrainParts, resume_path: str, output_dir: str, rank: int, world_size: int) -> Progress:
+    """Where the run starts: from --resume, else from the newest readable checkpoint in output_dir, else afresh.
+    The loaded checkpoint (16 bytes a parameter of host memory on every rank) is released on return."""
+    found = (resume_path, load_checkpoint(resume_path)) if resume_path else load_latest(output_dir, du.print0)
+    if not found:
+        return Progress()
+    progress = restore(parts, found[1], rank, world_size)
+    du.print0(f"resumed from {found[0]}: epoch {progress.epoch} (+{progress.epoch_samples} samples), "
+              f"{progress.step} steps done, best top-1 {progress.best_top1:.2f}")
+    return progress
+
+
+def start_profiler(cfg: Config, device: torch.device, rank: int) -> StepProfiler | None:
+    """train.profile=N: a torch.profiler trace of N steps after train.profile_wait (+1) into <output_dir>/profile."""
+    if not cfg.train.profile:
+        return None
+    out, first = os.path.join(cfg.output_dir, "profile"), cfg.train.profile_wait + 2
+    du.print0(f"train.profile: tracing steps {first}-{first + cfg.train.profile - 1} into {out}")
+    return StepProfiler(cfg.train.profile, out, device, rank, wait=cfg.train.profile_wait)
+
+
+def stop_profiler(profiler: StepProfiler | None) -> None:
+    """Write the trace (also of a run that ended inside the traced steps) and say where a step's time went."""
+    summary = profiler.close() if profiler is not None else None
+    if summary:
+        du.print0(f"profile: {describe(summary)}")
 
 
 def skipped_total(train_set, device: torch.device) -> int:
@@ -142,12 +177,12 @@ def main() -> int:
         raise ConfigError(f"an epoch has no optimizer step: {info.train_size} training images < data.batch_size "
                           f"x world size x train.accum_steps; lower data.batch_size or train.accum_steps")
 
-    found = (args.resume, load_checkpoint(args.resume)) if args.resume else load_latest(cfg.output_dir, du.print0)
+    resuming = bool(args.resume or resume_candidates(cfg.output_dir))
 
     # Model: the same seed on every rank gives the same init (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.seed)
     model = build_model(cfg, info.num_classes, info.in_chans, device)
-    if cfg.model.stem_init == "whiten" and not found:  # before the EMA copies the model; a resumed run has its stem
+    if cfg.model.stem_init == "whiten" and not resuming:  # before the EMA copies the model; a resumed run has its stem
         filters = whiten_stem(model, sample_images(train_set, cfg.data))
         du.print0(f"model.stem_init=whiten: {filters} of {model.downsample_layers[0][0].out_channels} stem filters "
                   f"set to +- the whitening of the training images' patches")
@@ -164,12 +199,7 @@ def main() -> int:
               f"({cfg.optim.lr_scaling}) | {steps_per_epoch} steps/epoch, {steps_per_epoch * cfg.schedule.epochs} "
               f"in all | amp {cfg.train.amp}")
 
-    progress = Progress()
-    if found:
-        progress = restore(parts, found[1], env.rank, env.world_size)
-        du.print0(f"resumed from {found[0]}: epoch {progress.epoch} (+{progress.epoch_samples} samples), "
-                  f"{progress.step} steps done, best top-1 {progress.best_top1:.2f}")
-
+    progress = resume(parts, args.resume, cfg.output_dir, env.rank, env.world_size)
     parts.model = wrap_model(model, cfg, env.distributed, device)
 
     progress.wandb_id = progress.wandb_id or (new_wandb_id() if cfg.log.wandb else "")
@@ -182,9 +212,13 @@ def main() -> int:
             save_training_checkpoint(state, cfg.output_dir, progress.step, cfg.checkpoint.keep_last, best=best,
                                      score=score, keep_best=cfg.checkpoint.keep_best)
 
+    profiler = start_profiler(cfg, device, env.rank)
+
     def mid_epoch_checkpoint(step: int, i_step: int, start_samples: int, pass_steps: int) -> None:
         """on_step hook of a pass that started `start_samples` into its epoch and runs `pass_steps` steps:
         checkpoint every checkpoint.every_steps steps and when asked to stop (preemption)."""
+        if profiler is not None:
+            profiler.step()
         every = cfg.checkpoint.every_steps
         stopping = stop.agreed(step)
         # Not at a pass's last step: the epoch end saves then, after evaluating.
@@ -207,6 +241,7 @@ def main() -> int:
                                             log_every=cfg.train.log_every, global_batch=batch, on_step=on_step)
         except Preempted as e:
             du.print0(str(e))
+            stop_profiler(profiler)
             logger.close()
             du.barrier()  # no rank exits (and makes srun kill the rest) before rank 0's checkpoint is on disk
             return EXIT_PREEMPTED
@@ -222,6 +257,7 @@ def main() -> int:
         if improved:
             progress.best_top1 = top1
         save(best=improved, score=top1)
+    stop_profiler(profiler)
     logger.close()
     du.print0(f"done: best top-1 {progress.best_top1:.2f}; checkpoints in {checkpoint_dir(cfg.output_dir)}")
     return 0

@@ -127,6 +127,8 @@ class TrainCfg:
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     threads: int = 0  # torch intra-op threads per process on CPU; 0 leaves torch's default
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable runs, slower
+    profile: int = 0  # trace this many optimizer steps with torch.profiler into <output_dir>/profile (0: off)
+    profile_wait: int = 5  # steps run before the trace starts (one more warms the profiler up)
 
 
 @dataclass
@@ -186,7 +188,8 @@ NON_NEGATIVE = ("data.train_limit", "data.eval_batch_size", "data.num_classes", 
                 "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
                 "train.clip_grad", "train.threads", "checkpoint.every_steps", "checkpoint.keep_best",
-                "train.global_batch", "train.max_bad_steps", "dist.bucket_cap_mb")
+                "train.global_batch", "train.max_bad_steps", "dist.bucket_cap_mb", "train.profile",
+                "train.profile_wait")
 UNIT_INTERVAL = ("optim.layer_decay", "aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob",
                  "aug.mixup_switch_prob", "ema.decay", "model.drop_path")
 

@@ -22,9 +22,8 @@ from core.errors import UserError
 from engine.ema import Ema
 from engine.logging import RunLogger
 from engine.optim import set_lr
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from engine.precision import autocast
+from engine.profiling import phase
 
 @dataclass
 class TrainParts:
@@ -57,29 +56,6 @@ def non_finite_loss(what: str, epoch: int, step: int) -> NonFiniteLoss:
                          f"train.amp=bf16, or let train.max_bad_steps skip a few such steps")
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether the device has bf16 arithmetic of its own (CUDA since Ampere; x86 CPUs with AVX512-BF16 or AMX);
-    elsewhere bf16 is emulated through fp32 conversions, which auto does not bet on (not measured here)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":  # torch.cpu's private probes: absent from other builds, then no
-        return any(getattr(torch.cpu, probe, lambda: False)()
-                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return False
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """train.amp=auto: bf16 autocast where the device computes bf16 natively, else none (fp32)."""
-    if amp != "auto":
-        return amp
-    return "bf16" if native_bf16(device) else "none"
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = images.to(device, non_blocking=True, memory_format=memory_format)
@@ -88,8 +64,12 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, 
 
 def _micro_batches(loader: Iterable, accum_steps: int):
     """Yield lists of accum_steps batches; a trailing incomplete group is dropped."""
-    group = []
-    for batch in loader:
+    group, batches = [], iter(loader)
+    while True:
+        with phase("data"):  # the wait for the loader, in a profiler's trace
+            batch = next(batches, None)
+        if batch is None:
+            return
         group.append(batch)
         if len(group) == accum_steps:
             yield group
@@ -176,9 +156,10 @@ def train_one_epoch(parts: TrainParts, loader, *, epoch: int, step: int, logger:
                 # Only the last micro-step all-reduces gradients; the others accumulate locally.
                 sync = i == len(group) - 1
                 with contextlib.nullcontext() if sync or not ddp else parts.model.no_sync():
-                    with autocast(parts.device, parts.amp):
+                    with phase("forward"), autocast(parts.device, parts.amp):
                         loss = parts.criterion(parts.model(images), labels) / parts.accum_steps
-                    parts.scaler.scale(loss).backward()
+                    with phase("backward"):
+                        parts.scaler.scale(loss).backward()
                 step_loss += loss.detach().float()
             step += 1
             log_now = step % log_every == 0 or i_step == steps  # and at the end of the epoch
@@ -188,9 +169,10 @@ def train_one_epoch(parts: TrainParts, loader, *, epoch: int, step: int, logger:
                 _skip_step(parts, bad_ranks, epoch, step)  # its loss stays out of the logged mean
             else:
                 window.add(step_loss)
-                norm = _optimizer_step(parts, want_norm=log_now)
-                if parts.ema is not None:
-                    parts.ema.step(parts.raw_model, step)
+                with phase("optimizer"):
+                    norm = _optimizer_step(parts, want_norm=log_now)
+                    if parts.ema is not None:
+                        parts.ema.step(parts.raw_model, step)
             bar.update()
             if log_now and window.steps:
                 mean_loss, window_steps, elapsed = window.flush()
@@ -237,7 +219,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
     model.eval()
     sums = torch.zeros(4 + num_classes * num_classes, dtype=torch.float64, device=device)  # loss, top1, top5, n
     memory_format = torch.channels_last if channels_last else torch.contiguous_format  # shifted views are strided
+    count = 0  # on the host: a tensor made from it per batch would be a blocking copy to the GPU every batch
     for images, labels in loader:
+        count += labels.numel()
         images, labels = to_device(images, labels, device, channels_last)
         if on_device is not None:
             images = on_device(images)
@@ -246,12 +230,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
                                   for view in tta_views(images, tta)]).mean(0)
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
-        sums[:4] += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                                 hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                                 torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+        sums[:3] += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                                 hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
         if num_classes:
             pairs = labels * num_classes + logits.argmax(dim=1)
             sums[4:] += torch.bincount(pairs, minlength=num_classes * num_classes).double()
+    sums[3] = count
     sums = du.all_reduce_sum(sums)
     loss, top1, top5, n = sums[:4].tolist()
     n = int(n)

@@ -21,7 +21,8 @@ batch work ours leaves to the device per image next to the bare step's time per 
 Each repeat times --steps optimizer steps after --warmup untimed ones; figures are medians over the repeats, ratios
 the median of each repeat's own ratio. --vs-timm also times forward+backward of timm's convnext_<variant>, built
 with the same options, against ours. Model FLOP utilisation (MFU) is against a known GPU's data-sheet peak (bf16/fp16)
-or --peak-tflops; on a CPU against the best 2048^3 matmul in the training dtype, timed after every repeat. The last
+or --peak-tflops, times the GPUs in use; on a CPU against the best matmul in the training dtype (2048^3, smaller
+where the dtype is emulated), timed after every repeat. The last
 stdout line is the JSON record (also written to --json).
 """
 from __future__ import annotations
@@ -50,13 +51,14 @@ from data.jpeg import allow_zero_bit_posterize
 from data.transforms import mean_std
 from engine.build import build_model, build_parts, init_process, load_run_config, seed_everything, wrap_model
 from engine.logging import RunLogger
-from engine.loop import AMP_DTYPES, TrainParts, autocast, resolve_amp, to_device, train_one_epoch
+from engine.loop import TrainParts, to_device, train_one_epoch
 from engine.optim import accum_steps_for, create_optimizer
+from engine.precision import AMP_DTYPES, autocast, cpu_matmul_tflops, resolve_amp
 from engine.preemption import StopRequest
 from models import stage_shapes
 
 MODES = ("bare", "trainer", "pipeline", "loader", "timm_loader")
-MATMUL_SIZE = 2048  # the square matmul whose best rate is a CPU's yardstick for FLOP utilisation
+MATMUL_SIZE = 2048  # the largest square matmul whose best rate is a CPU's yardstick for FLOP utilisation
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets), for model FLOP utilisation; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
                "A100": 312.0, "L40S": 362.1, "A10": 125.0, "RTX 3090": 71.0, "RTX 4090": 165.2}
@@ -196,8 +198,9 @@ def forward_flops(model, images: torch.Tensor) -> float:
 
 
 def known_peak_tflops(device: torch.device, amp: str, override: float) -> tuple[float, str]:
-    """The yardstick for FLOP utilisation and where it came from: --peak-tflops, or a known GPU's data-sheet peak
-    (bf16/fp16); (0, "") otherwise: on a CPU the peak is measured (matmul_tflops) between the repeats."""
+    """One device's yardstick for FLOP utilisation and where it came from: --peak-tflops, or a known GPU's
+    data-sheet peak (bf16/fp16); (0, "") otherwise: on a CPU the peak is measured (matmul_tflops) between the
+    repeats."""
     if override:
         return override, "--peak-tflops"
     if device.type != "cuda" or amp == "none":
@@ -207,19 +210,20 @@ def known_peak_tflops(device: torch.device, amp: str, override: float) -> tuple[
     return sheet, "data sheet" if sheet else ""
 
 
-def matmul_tflops(dtype: torch.dtype, tries: int = 5) -> float:
-    """What this CPU reaches on a large matrix product in the training dtype: the best of a few, run on every rank
-    at once (they share the cores as training does) and summed over the ranks."""
-    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
+def matmul_tflops(dtype: torch.dtype) -> tuple[float, int]:
+    """What this CPU reaches on a large matrix product in the training dtype, run on every rank at once (they share
+    the cores as training does) and summed over the ranks; and the matrix size (smaller where the dtype is
+    emulated, so that the yardstick takes seconds, not minutes)."""
     du.barrier()
-    best = min(_seconds(lambda: a @ a) for _ in range(tries))
-    return du.all_reduce_sum(torch.tensor(2 * MATMUL_SIZE**3 / best / 1e12, dtype=torch.float64)).item()
+    tflops, n = cpu_matmul_tflops(dtype, max_size=MATMUL_SIZE)
+    return du.all_reduce_sum(torch.tensor(tflops, dtype=torch.float64)).item(), n
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def gpus_used(device: torch.device) -> int:
+    """The GPUs the ranks run on (distinct UUIDs): one each, or fewer where ranks share one."""
+    if device.type != "cuda":
+        return 1
+    return len(set(du.all_gather_object(str(torch.cuda.get_device_properties(device).uuid))))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -262,8 +266,8 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
     train_set, _, info = build_datasets(cfg.data, cfg.aug, train=True, seed=cfg.seed)
     on_device, _ = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
     loader = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
-    if not args.loader_steps:  # set here, where the epoch's length is known
-        if len(loader) <= args.warmup:
+    if not args.loader_steps and {"loader", "timm_loader"} & set(args.modes):  # set here, where an epoch's length
+        if len(loader) <= args.warmup:  # is known; the other modes run as many epochs as their steps take
             raise UserError(f"an epoch of {len(loader)} batches leaves none to time after --warmup {args.warmup}")
         args.loader_steps = len(loader) - args.warmup
     n_loader = args.warmup + args.loader_steps
@@ -304,12 +308,12 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
 
 
 def measure(runs: dict, args: argparse.Namespace, device: torch.device,
-            yardstick: Optional[Callable[[], float]] = None) -> tuple[dict, dict, list[float]]:
+            yardstick: Optional[Callable[[], tuple[float, int]]] = None) -> tuple[dict, dict, list]:
     """Every mode once per repeat, in turn, then the yardstick if given; returns ({mode: [img/s per repeat]},
-    {mode: peak memory MB}, [yardstick TFLOP/s per repeat])."""
+    {mode: peak memory MB}, [(yardstick TFLOP/s, matmul size) per repeat])."""
     rates: dict[str, list[float]] = {}
     memory: dict[str, float] = {}
-    peaks: list[float] = []
+    peaks: list[tuple[float, int]] = []
     for repeat in range(args.repeats):
         for name, (run, images) in runs.items():
             steps = args.loader_steps if "loader" in name else args.steps
@@ -322,7 +326,7 @@ def measure(runs: dict, args: argparse.Namespace, device: torch.device,
         if yardstick:
             peaks.append(yardstick())
         du.print0(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
-                  + " img/s" + (f", {MATMUL_SIZE}^3 matmul {peaks[-1]:.3f} TFLOP/s" if peaks else ""))
+                  + " img/s" + (f", {peaks[-1][1]}^3 matmul {peaks[-1][0]:.3f} TFLOP/s" if peaks else ""))
     return rates, memory, peaks
 
 
@@ -343,9 +347,13 @@ def main() -> int:
         rates, memory, peaks = measure(runs, args, device, yardstick)
         logger.close()
     if peaks:
-        peak, peak_source = max(peaks), f"the best {MATMUL_SIZE}^3 matmul of {len(peaks)} here"
+        peak, n = max(peaks)
+        peak_source = f"the best {n}^3 matmul of {len(peaks)} here, all ranks together"
+    elif peak:  # a data-sheet peak is one GPU's; the images per second are every rank's
+        gpus = gpus_used(device)
+        peak, peak_source = peak * gpus, f"{peak_source} x {gpus} GPU{'s' * (gpus > 1)}"
     record = summarize(rates, memory, flops, peak)
-    record.update(peak_tflops=peak, peak_source=peak_source, matmul_tflops_repeats=peaks)
+    record.update(peak_tflops=peak, peak_source=peak_source, matmul_tflops_repeats=[p for p, _ in peaks])
     record.update(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                   threads=torch.get_num_threads(), world_size=env.world_size,
                   global_batch=global_batch, config=args.config,

@@ -127,3 +127,42 @@ def test_corrupt_last_falls_back_to_the_newest_good_one(tmp_path):
     (tmp_path / "checkpoints" / "step_000000010.pth").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="none of the checkpoints"):
         load_latest(out, warnings.append)
+
+
+class FakeCuda:
+    """torch.cuda's generator functions on a machine with `count` visible GPUs, this process's being `current`."""
+
+    def __init__(self, monkeypatch, count: int, current: int):
+        self.count, self.current, self.set_calls = count, current, []
+        for name, fn in (("is_available", lambda: True), ("device_count", lambda: self.count),
+                         ("current_device", lambda: self.current),
+                         ("get_rng_state", lambda device="cuda": torch.tensor([self.current], dtype=torch.uint8)),
+                         ("get_rng_state_all", lambda: [torch.tensor([i], dtype=torch.uint8) for i in range(count)]),
+                         ("set_rng_state", lambda state, device="cuda": self.set_calls.append(int(state[0]))),
+                         ("set_rng_state_all", lambda states: pytest.fail("restores by visible index"))):
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+
+def test_rng_state_keeps_only_the_ranks_own_gpu_and_restores_it_there(monkeypatch):
+    from engine.checkpoint import rng_state, set_rng_state
+
+    cuda = FakeCuda(monkeypatch, count=8, current=5)  # torchrun: rank 5 of a node sees 8 GPUs, uses cuda:5
+    state = rng_state()
+    assert int(state["cuda_device"][0]) == 5 and "cuda" not in state
+    cuda.count, cuda.current = 1, 0  # resumed under srun with one GPU per task: the same rank sees only its own
+    set_rng_state(state)
+    assert cuda.set_calls == [5]  # the rank's generator, into the rank's (only) device
+
+
+def test_older_checkpoints_restore_the_ranks_entry_or_warn(monkeypatch):
+    from engine.checkpoint import rng_state, set_rng_state
+
+    cuda = FakeCuda(monkeypatch, count=8, current=3)
+    old = {**rng_state(), "cuda": torch.cuda.get_rng_state_all()}
+    del old["cuda_device"]
+    set_rng_state(old)
+    assert cuda.set_calls == [3]
+    cuda.count, cuda.current = 1, 0
+    warnings = []
+    set_rng_state(old, warn=warnings.append)
+    assert cuda.set_calls == [3] and "8 visible GPUs, this process sees 1" in warnings[0]

@@ -9,8 +9,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine.logging import RunLogger
-from engine.loop import NonFiniteLoss, TrainParts, evaluate, resolve_amp, train_one_epoch, tta_views
+from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch, tta_views
 from engine.optim import create_optimizer
+from engine import precision
+from engine.precision import resolve_amp
 from core.config import OptimCfg
 from engine.ema import Ema
 from models import create_model
@@ -116,14 +118,32 @@ def test_mixed_precision_and_clipping_train(amp):
     assert any(not torch.equal(before[k], after[k]) for k in after)
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "none"), (True, False, "bf16"),
-                                                         (False, True, "bf16")])
-def test_amp_auto_picks_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, avx512_bf16, amx, expected):
+@pytest.mark.parametrize("avx512_bf16, amx, speedup, expected", [
+    (False, False, 4.0, "none"), (True, False, 2.0, "bf16"), (False, True, 8.0, "bf16"),
+    (True, False, 0.02, "none")])  # the flags, but kernels kept off them (e.g. ONEDNN_MAX_CPU_ISA=AVX2): emulated
+def test_amp_auto_picks_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, avx512_bf16, amx, speedup,
+                                                                       expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu) == expected
-    assert [resolve_amp(a, cpu) for a in ("none", "bf16", "fp16")] == ["none", "bf16", "fp16"]  # chosen, not probed
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
+    cpu, warnings = torch.device("cpu"), []
+    assert resolve_amp("auto", cpu, warn=warnings.append) == expected
+    assert [resolve_amp(a, cpu, warn=warnings.append) for a in ("none", "bf16", "fp16")] == ["none", "bf16", "fp16"]
+    # An explicit bf16 is kept; where it is emulated, one line says so (the speed ratio measured).
+    assert warnings == ([] if expected == "bf16" else
+                        [f"warning: train.amp=bf16 on a cpu without native bf16, where bf16 is emulated (a 256^3 matmul "
+                         f"runs {1 / speedup:.0f}x slower in bf16 than in fp32 here); train.amp=none or auto trains in "
+                         f"fp32"])
+
+
+def test_the_bf16_probe_and_yardstick_take_well_under_seconds_on_any_cpu():
+    """The probe is measured (cached per process); the matmul yardstick stops growing its size after a product
+    of min_seconds, so an emulated dtype does not time a 2048^3 matmul (about a minute on an AVX2-only CPU)."""
+    precision.cpu_bf16_speedup.cache_clear()
+    assert precision.cpu_bf16_speedup() > 0
+    tflops, n = precision.cpu_matmul_tflops(torch.bfloat16, min_seconds=0.01)
+    assert tflops > 0 and n in (256, 512, 1024, 2048)
+    assert precision.cpu_matmul_tflops(torch.float32, max_size=256) [1] == 256
 
 
 def test_non_finite_loss_stops_with_the_step():
@@ -171,6 +191,21 @@ def test_evaluate_is_exact_on_a_short_last_batch():
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
+def test_evaluate_makes_no_tensor_per_batch(monkeypatch):
+    """Counting the images with a tensor made per batch would be a blocking host-to-device copy on a GPU."""
+    made = []
+    for name in ("tensor", "as_tensor", "scalar_tensor"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, real=real, **kw: made.append(1) or real(*a, **kw))
+    model = tiny_model()
+    counts = []
+    for n in (8, 40):  # 1 and 5 batches
+        made.clear()
+        assert evaluate(model, loader(batch_size=8, n=n), torch.device("cpu"))["samples"] == n
+        counts.append(len(made))
+    assert counts[0] == counts[1], counts
+
+
 def test_evaluate_with_tta_averages_the_logits_of_the_flipped_and_shifted_views():
     model, data = tiny_model(), loader(batch_size=8, n=24)
     images, labels = data.dataset.tensors
@@ -206,7 +241,7 @@ NAN_ON_RANK_1 = """
     from test_loop import parts_for, poisoned, run_epoch, tiny_model
 
     def main():
-        rank, model = du.setup("gloo", timeout_s=60).env.rank, tiny_model()
+        rank, model = du.setup("gloo", timeout_s=600).env.rank, tiny_model()
         parts = parts_for(nn.parallel.DistributedDataParallel(model), raw_model=model,
                           max_bad_steps=int(sys.argv[1]))
         try:

@@ -1,0 +1,92 @@
+"""train.profile: a torch.profiler trace of a few training steps after warm-up, and where a step's time goes.
+
+The loop marks its phases (phase("data"), "forward", "backward", "optimizer") with record_function ranges, which
+cost nothing while no profiler runs. StepProfiler traces `steps` optimizer steps after `wait` untimed ones and
+writes, under <output_dir>/profile/:
+  rank<r>.<time>.pt.trace.json   the Chrome-format trace (Perfetto, chrome://tracing, TensorBoard's profiler plugin)
+  summary.json                   rank 0's milliseconds per step and per phase (host; device time on CUDA), and the
+                                 CUDA allocator's peak where there is CUDA
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Callable, Optional
+
+import torch
+from torch.autograd import _profiler_enabled
+from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
+
+from core.files import atomic_write
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def phase(name: str):
+    """A named range in a running profiler's trace ("train/<name>"); nothing otherwise."""
+    return record_function(f"train/{name}") if _profiler_enabled() else contextlib.nullcontext()
+
+
+class StepProfiler:
+    """Traces optimizer steps wait+2 .. wait+1+steps of a run (one untimed warm-up step inside the profiler).
+
+    Args:
+        steps: optimizer steps to trace.
+        out_dir: where the trace and summary.json go.
+        device: the run's device; on CUDA its kernels and memory are traced too.
+        rank: names this rank's trace file; rank 0 writes summary.json.
+        wait: steps before the profiler starts warming up (compilation, cuDNN's algorithm search, allocator growth).
+    """
+
+    def __init__(self, steps: int, out_dir: str, device: torch.device, rank: int = 0, wait: int = 5):
+        self.steps, self.out_dir, self.device, self.rank = steps, out_dir, device, rank
+        self.summary: Optional[dict] = None
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.prof = profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=steps, repeat=1),
+                            on_trace_ready=self._ready, record_shapes=False, profile_memory=device.type == "cuda")
+        self.prof.start()
+
+    def step(self) -> None:
+        """After each optimizer step."""
+        self.prof.step()
+
+    def close(self) -> Optional[dict]:
+        """Stop (writing the trace of the steps so far if the run ended inside the traced ones); the summary."""
+        self.prof.stop()
+        return self.summary
+
+    def _ready(self, prof: profile) -> None:
+        tensorboard_trace_handler(self.out_dir, worker_name=f"rank{self.rank}")(prof)
+        if self.rank == 0:
+            self.summary = summarize(prof, self.device)
+            atomic_write(os.path.join(self.out_dir, "summary.json"),
+                         lambda f: f.write(json.dumps(self.summary, indent=1) + "\n"), binary=False)
+
+
+def summarize(prof: profile, device: torch.device) -> dict:
+    """Milliseconds per traced step: the whole step and each phase, on the host (and on the device for CUDA)."""
+    events = {e.key: e for e in prof.key_averages()}
+    steps = [e for key, e in events.items() if key.startswith("ProfilerStep")]
+    n = sum(e.count for e in steps) or 1
+    per_step: Callable[[float], float] = lambda us: round(us / n / 1e3, 3)
+    phases = {}
+    for name in PHASES:
+        event = events.get(f"train/{name}")
+        phases[name] = {"host_ms": per_step(event.cpu_time_total if event else 0.0)}
+        if device.type == "cuda":
+            phases[name]["device_ms"] = per_step(event.device_time_total if event else 0.0)
+    summary = {"steps": n, "step_ms": per_step(sum(e.cpu_time_total for e in steps)), "phases": phases,
+               "device": str(device)}
+    if device.type == "cuda":
+        summary["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        summary["cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    return summary
+
+
+def describe(summary: dict) -> str:
+    """One line: the step's milliseconds and each phase's."""
+    cuda = summary["device"].startswith("cuda")  # the device's time of its kernels; waiting for data is the host's
+    return (f"{summary['step_ms']:.1f} ms a step over {summary['steps']} steps: " + ", ".join(
+        f"{name} {v['device_ms' if cuda and name != 'data' else 'host_ms']:.1f}"
+        for name, v in summary["phases"].items()) + (" (the device's time but for data)" if cuda else ""))
