@@ -226,8 +226,23 @@ def _bracket(body: str, text: str) -> list[str]:
 # Init / teardown and "who am I" anywhere
 
 
-def setup(backend: str = "auto", timeout_s: int = 1800) -> DistContext:
-    """Read the launch, pick this rank's device and join the process group when there are several ranks."""
+def nccl_fault_env(trace_dir: str) -> dict[str, str]:
+    """NCCL's watchdog settings for a job that must end, not hang, when a rank fails, and say why:
+    async error handling (a failed or timed-out collective tears the process down, so the launcher ends the job),
+    and the flight recorder (the last collectives of every rank), dumped to <trace_dir>/nccl_trace_rank_<rank> on a
+    timeout. Both the names of torch >= 2.5 (TORCH_FR_*) and the older ones; unknown names are ignored."""
+    prefix = os.path.join(trace_dir, "nccl_trace_rank_")
+    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+            "TORCH_FR_DUMP_TEMP_FILE": prefix, "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix}
+
+
+def setup(backend: str = "auto", timeout_s: int = 1800, trace_dir: str = "") -> DistContext:
+    """Read the launch, pick this rank's device and join the process group when there are several ranks.
+
+    Args:
+        trace_dir: where NCCL's flight recorder dumps on a timeout (nccl_fault_env); "": the working directory.
+    """
     global _ctx
     if timeout_s <= 0:
         raise DistError(f"dist.timeout_s={timeout_s} must be positive")
@@ -236,11 +251,16 @@ def setup(backend: str = "auto", timeout_s: int = 1800) -> DistContext:
     device = _claim_device(env)
     if env.distributed and not dist.is_initialized():
         _export(env)
+        if backend == "nccl":  # the user's own settings win
+            for name, value in nccl_fault_env(os.path.abspath(trace_dir or ".")).items():
+                os.environ.setdefault(name, value)
         extra = {"device_id": device} if backend == "nccl" else {}  # lets NCCL connect eagerly, on the right GPU
+        timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s), **extra)
+                                timeout=timeout, **extra)
         global _cpu_group
-        _cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None  # None: the default group
+        # The side group for objects and host-side waits (main_first) honours dist.timeout_s too; None: the default.
+        _cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     _ctx = DistContext(env, device, backend)
     if restarts_share_a_store():
         print0("warning: torchrun --max-restarts with its shared rendezvous store can hand restarted workers the "

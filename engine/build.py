@@ -48,7 +48,7 @@ def seed_everything(seed: int) -> None:
 
 def init_process(cfg: Config) -> du.DistContext:
     """Join the process group (when launched as several ranks) and set this process's torch options."""
-    ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    ctx = du.setup(cfg.dist.backend, cfg.dist.timeout_s, trace_dir=cfg.output_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
