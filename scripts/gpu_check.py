@@ -2,20 +2,24 @@
 correctly there, and how fast is ConvNeXt-T? About 5 minutes on an H100/H200 (at most 8).
 
     bash scripts/gpu_check.sh [--out DIR]            # or: make gpu-check
-    bash scripts/gpu_check.sh --dry-run              # (or GPU_CHECK_DRY_RUN=1) the same steps, tiny, on the CPU
+    bash scripts/gpu_check.sh --dry-run              # (or GPU_CHECK_DRY_RUN=1) the same steps on the CPU
 
 Each step is reported ok, failed (with the error and its log) or skipped (with the reason):
   train_<fp32|bf16|fp16>[_compile]  configs/debug.yaml for one epoch in each precision (fp16 with the gradient
                   scaler), eager and under torch.compile: exit 0, on the GPU, finite losses, checkpoints written;
   resume_bitwise  train.deterministic=true: resumed (--resume) from a mid-epoch step checkpoint of an uninterrupted
                   run, the run ends with last.pth weights and EMA torch.equal to that run's;
-  ddp_gloo        2 ranks under torchrun on the one GPU, dist.backend=gloo;
+  ddp_gloo        2 ranks under torchrun on the one GPU, dist.backend=gloo, train.deterministic=true;
   ddp_nccl        the same with NCCL, where at least 2 GPUs are visible;
   eval_exact      eval.py on 1 and 2 processes over ddp_gloo's checkpoint and 101 validation images: 101 samples
-                  both times, top-1 equal to each other and to the top-1 the training run logged;
+                  both times, top-1 within one image of each other and of the top-1 the training run logged;
   speed[_compile] scripts/benchmark.py on ConvNeXt-T, 224 px, bf16, channels_last: img/s, MFU against the
                   data sheet, peak memory (bare step and the trainer's step);
-  eval_speed      eval.py on ConvNeXt-T (random weights) over synthetic images: img/s, data loading included.
+  eval_speed      eval.py on ConvNeXt-T (random weights) over synthetic images: img/s, data loading included;
+  profile         train.py on ConvNeXt-T with train.profile: a torch.profiler trace of 5 steps after warm-up and
+                  the milliseconds of a step and of its data wait, forward, backward and optimizer (device time).
+The dry run uses the same counts (steps, batch sizes, warm-up, evaluation sizes) with a tiny model at 32 px, in the
+precision the CPU has, so a count that cannot work on the GPU fails there first.
 The correctness steps run a few at a time (the GPU has room); the speed steps run alone afterwards. Every run writes
 under --out (default: a new temporary folder), one <step>.out/.err log per command. The last stdout line is the
 JSON summary; the exit code is 1 when a step failed. Without CUDA (and without --dry-run) it prints one line and
@@ -39,37 +43,42 @@ from functools import partial
 
 import torch
 
+from engine.precision import native_bf16
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
 CONVNEXT_T = os.path.join(ROOT, "configs", "convnext_t.yaml")
 AMPS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
-RESUME_FROM = 2  # step_000000002.pth: mid epoch 0 at 16 images a step (4 or 12 steps an epoch)
+RESUME_FROM = 2  # step_000000002.pth: mid epoch 0 (4 steps an epoch of 16 images)
 ORDER = [f"train_{a}{c}" for a in AMPS for c in ("", "_compile")] + [
-    "resume_bitwise", "ddp_gloo", "ddp_nccl", "eval_exact", "speed", "speed_compile", "eval_speed"]
+    "resume_bitwise", "ddp_gloo", "ddp_nccl", "eval_exact", "speed", "speed_compile", "eval_speed", "profile"]
 
 
 @dataclass(frozen=True)
 class Profile:
-    """How big each step runs: GPU for the real check, DRY for its plumbing on a CPU."""
-    train: tuple[str, ...]  # debug.yaml overrides of the training runs
-    resume_size: int  # synthetic training images of the resume runs (2 epochs, 16 a step)
-    speed: tuple[str, ...]  # convnext_t.yaml overrides of the speed steps
-    bench: tuple[str, ...]  # benchmark.py's own options
-    eval_size: int  # synthetic validation images of eval_speed
-    jobs: int  # correctness steps run at once
-    timeout: int  # seconds any one command may take before it is stopped and its step fails
+    """How a check runs: GPU for the real one; DRY for its plumbing on a CPU, with the GPU's counts (batches per
+    epoch, batch sizes, warm-up, timed steps, evaluation sizes) and only the model and its images made tiny, so
+    that whatever would fail on the GPU for reasons of counts fails in the dry run first."""
+    tiny: tuple[str, ...] = ()  # overrides that shrink the model of every run
+    tiny_t: tuple[str, ...] = ()  # those that shrink convnext_t.yaml's model and images further
+    amp: str = "bf16"  # the speed and profile steps' precision ("auto" in the dry run: what the CPU has)
+    jobs: int = 4  # correctness steps run at once
+    timeout: int = 300  # seconds any one command may take before it is stopped and its step fails
     no_compile: str = ""  # why the compiled runs are skipped ("": they run)
+    # The counts, the same in both.
+    train: tuple[str, ...] = ("schedule.epochs=1", "data.synthetic_train_size=128")  # debug.yaml: 8 steps of 16
+    resume_size: int = 64  # synthetic training images of the resume runs (2 epochs of 4 steps of 16)
+    speed: tuple[str, ...] = ("data.batch_size=128",)  # convnext_t.yaml's per-GPU batch
+    bench: tuple[str, ...] = ("--steps", "20", "--warmup", "5", "--repeats", "3")  # benchmark.py's options
+    eval_size: int = 5000  # synthetic validation images of eval_speed
+    profile_steps: int = 5  # traced training steps of the profile step, after PROFILE_WAIT (+1)
 
 
-# GPU: 32 steps of 16 images per training run; batch 128 is the ConvNeXt-T recipe's per-GPU batch.
-GPU = Profile(train=("schedule.epochs=1", "data.synthetic_train_size=512"), resume_size=192,
-              speed=("data.batch_size=128",), bench=("--steps", "20", "--warmup", "5", "--repeats", "3"),
-              eval_size=5000, jobs=4, timeout=300)
-DRY = Profile(train=("schedule.epochs=1", "data.synthetic_train_size=32"), resume_size=64,
-              speed=("model.name=convnext_atto", "data.img_size=32", "data.batch_size=8", "data.num_workers=0",
-                     "data.synthetic_train_size=16"),
-              bench=("--steps", "2", "--warmup", "1", "--repeats", "1"), eval_size=101, jobs=2, timeout=150,
+GPU = Profile()
+DRY = Profile(tiny=("model.depths=[1,1,1,1]", "model.dims=[8,16,16,16]"),
+              tiny_t=("model.name=convnext_atto", "data.img_size=32"), amp="auto", jobs=2, timeout=600,
               no_compile="dry run: a compiled debug run took 100-160 s on 2 CPU cores (cold inductor cache)")
+PROFILE_WAIT = 5  # steps before the profile step's trace warms up
 
 
 class Failed(Exception):
@@ -116,7 +125,7 @@ class Check:
     def train(self, name: str, *overrides: str, nproc: int = 1, resume: str = "") -> str:
         """train.py on debug.yaml into <out>/<name>; its stdout."""
         args = ["train.py", "--config", DEBUG] + (["--resume", resume] if resume else [])
-        return self.run(name, args + [f"output_dir={self.dir(name)}", *overrides], nproc=nproc)
+        return self.run(name, args + [f"output_dir={self.dir(name)}", *self.p.tiny, *overrides], nproc=nproc)
 
     def dir(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -146,6 +155,9 @@ class Check:
     def train_amp(self, name: str, amp: str, compile_: bool) -> dict:
         if compile_ and self.p.no_compile:
             raise Skipped(self.p.no_compile)
+        if self.dry and amp == "bf16" and not native_bf16(torch.device("cpu")):
+            raise Skipped("dry run: this CPU has no native bf16 (emulated, many times slower than fp32); the dry run "
+                          "trains in the precisions the CPU has")
         stdout = self.train(name, *self.p.train, f"train.amp={amp}", f"train.compile={str(compile_).lower()}")
         expect(stdout, f"world 1 on {self.device}", f"| amp {amp}")
         figures = check_run(self.dir(name))
@@ -176,7 +188,8 @@ class Check:
         if backend == "nccl" and (self.dry or torch.cuda.device_count() < 2):
             raise Skipped("dry run: no CUDA" if self.dry else f"NCCL needs 2 GPUs (2 ranks on one GPU: NCCL refuses "
                                                               f"to share it); {torch.cuda.device_count()} visible")
-        stdout = self.train(name, *self.p.train, f"dist.backend={backend}", nproc=2)
+        # Deterministic (no TF32, fixed algorithms): eval_exact compares its logged evaluation with eval.py's.
+        stdout = self.train(name, *self.p.train, f"dist.backend={backend}", "train.deterministic=true", nproc=2)
         device = self.device if backend == "gloo" else "cuda:"  # nccl: each rank on its own GPU
         expect(stdout, f"torchrun: world 2 on {device}", f"({backend} backend)")
         return check_run(self.dir(name))
@@ -186,14 +199,18 @@ class Check:
             raise Skipped("evaluates ddp_gloo's checkpoint, and ddp_gloo did not pass")
         logged = records(self.dir("ddp_gloo"), "eval")[-1]
         last = os.path.join(self.dir("ddp_gloo"), "checkpoints", "last.pth")
-        args = ["eval.py", "--config", DEBUG, "--checkpoint", last]
+        args = ["eval.py", "--config", DEBUG, "--checkpoint", last, *self.p.tiny, "train.deterministic=true"]
         one = last_json(self.run("eval_exact_1", args))
         two = last_json(self.run("eval_exact_2", args + ["dist.backend=gloo"], nproc=2))  # 2 ranks share a GPU
         counts, top1 = [one["samples"], two["samples"], logged["samples"]], [one["top1"], two["top1"], logged["top1"]]
-        if counts != [101] * 3 or len(set(top1)) != 1:
+        # Every image counted once, exactly. The top-1 may differ by one image: other batch shapes per process
+        # can pick other kernels, whose last-bit differences flip a near-tie of a barely trained model's logits.
+        spread = round((max(top1) - min(top1)) * 101 / 100)
+        if counts != [101] * 3 or spread > 1:
             raise Failed(f"samples {counts} and top-1 {top1} (eval.py on 1, on 2 processes, the training run's "
-                         f"log) should be 101 each and equal")
-        return {"samples": 101, "top1": one["top1"], "img_per_s_1": one["img_per_s"], "img_per_s_2": two["img_per_s"]}
+                         f"log) should be 101 each and within one image of each other")
+        return {"samples": 101, "top1": one["top1"], "top1_spread_images": spread, "img_per_s_1": one["img_per_s"],
+                "img_per_s_2": two["img_per_s"]}
 
     def speed(self, name: str, compile_: bool) -> dict:
         if compile_ and self.p.no_compile:
@@ -205,6 +222,7 @@ class Check:
         with open(out) as f:
             r = json.load(f)
         figures = {"device": r["device"], "model": model_name(self.p), "batch": r["global_batch"], "amp": r["amp"],
+                   "steps": r["steps"], "warmup": r["warmup"], "repeats": r["repeats"],
                    "peak_tflops": r["peak_tflops"], "peak_source": r["peak_source"]}
         for mode in ("bare", "trainer"):
             figures.update({f"{mode}_img_per_s": r[f"{mode}_img_per_s"], f"{mode}_mfu": r.get("mfu", {}).get(mode),
@@ -221,6 +239,23 @@ class Check:
             raise Failed(f"eval.py counted {result['samples']} images of {self.p.eval_size}")
         return {"img_per_s": result["img_per_s"], "samples": result["samples"], "model": model_name(self.p),
                 "includes": "data loading (synthetic images made on the fly)"}
+
+    def profile(self) -> dict:
+        """A short torch.profiler trace of ConvNeXt-T training (train.profile) and where a step's time goes."""
+        steps = PROFILE_WAIT + 1 + self.p.profile_steps + 1  # the last step ends the epoch: evaluation, checkpoint
+        batch = int(next(o for o in self.p.speed if o.startswith("data.batch_size=")).split("=")[1])
+        overrides = [*speed_overrides(self.p), "schedule.epochs=1", "schedule.warmup_epochs=0", "train.log_every=1",
+                     f"data.synthetic_train_size={steps * batch}", f"data.synthetic_val_size={batch}",
+                     f"train.profile={self.p.profile_steps}", f"train.profile_wait={PROFILE_WAIT}",
+                     f"output_dir={self.dir('profile')}"]
+        expect(self.run("profile", ["train.py", "--config", CONVNEXT_T, *overrides]), "profile: ")
+        folder = os.path.join(self.dir("profile"), "profile")
+        traces = [f for f in os.listdir(folder) if f.endswith(".pt.trace.json")]
+        with open(os.path.join(folder, "summary.json")) as f:
+            summary = json.load(f)
+        if not traces or summary["steps"] != self.p.profile_steps:
+            raise Failed(f"{folder}: traces {traces}, {summary['steps']} steps traced of {self.p.profile_steps}")
+        return {"model": model_name(self.p), "batch": batch, **summary, "trace": os.path.join(folder, traces[0])}
 
     # -- the whole check -------------------------------------------------------------------------------------------
 
@@ -248,17 +283,19 @@ class Check:
         for name, compile_ in (("speed", False), ("speed_compile", True)):  # alone on the machine: clean figures
             self.step(name, self.speed, name, compile_)
         self.step("eval_speed", self.eval_speed)
+        self.step("profile", self.profile)
         return {name: self.results[name] for name in ORDER}
 
 
 def speed_overrides(p: Profile) -> list[str]:
-    """ConvNeXt-T's recipe at 224 px, bf16, channels_last, on synthetic images, one optimizer step per batch."""
-    return ["data.name=synthetic", "train.amp=bf16", "train.channels_last=true", "train.global_batch=0",
-            "train.accum_steps=1", *p.speed]
+    """ConvNeXt-T's recipe at 224 px, bf16, channels_last, on synthetic images, one optimizer step per batch (in
+    the dry run a tiny model at 32 px, in the CPU's precision)."""
+    return ["data.name=synthetic", f"train.amp={p.amp}", "train.channels_last=true", "train.global_batch=0",
+            "train.accum_steps=1", *p.speed, *p.tiny, *p.tiny_t]
 
 
 def model_name(p: Profile) -> str:
-    return next((o.split("=", 1)[1] for o in p.speed if o.startswith("model.name=")), "convnext_tiny")
+    return next((o.split("=", 1)[1] for o in p.tiny_t if o.startswith("model.name=")), "convnext_tiny")
 
 
 def write_random_weights(path: str, overrides: list[str]) -> None:
