@@ -205,6 +205,6 @@ def test_ddp_does_not_warn_about_grad_strides(tmp_path, form, warns):
     """A one-process gloo DDP run, in a process of its own as torch warns once a process; without the hook (the
     control) it warns."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(DDP_SCRIPT), str(tmp_path / "store"), form],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (proc.stdout.strip().splitlines()[-1] != "[]") == warns, proc.stdout

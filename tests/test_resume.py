@@ -59,7 +59,7 @@ def start_run(out, launcher=(), standalone=True, env=None, extra=()):
                             start_new_session=True)
 
 
-def finish(proc, out, timeout=240):
+def finish(proc, out, timeout=900):
     """The run's output once it ends; a run still going after `timeout` is killed (workers too) and fails the test."""
     try:
         return proc.communicate(timeout=timeout)[0]

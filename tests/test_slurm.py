@@ -52,7 +52,7 @@ def job_fields(slurm, job):
     return dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f) if shown.returncode == 0 else {}
 
 
-def wait_job(slurm, job, on_poll=None, timeout=300):
+def wait_job(slurm, job, on_poll=None, timeout=900):
     """Poll until the job has ended; returns the last fields seen (JobState, Restarts, ...)."""
     last, deadline = {}, time.time() + timeout
     while time.time() < deadline:

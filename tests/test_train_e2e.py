@@ -16,7 +16,7 @@ DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
 pytestmark = pytest.mark.slow
 
 
-def run(args, nproc=1, timeout=300, check=True):
+def run(args, nproc=1, timeout=900, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launcher = [sys.executable]
     if nproc > 1:

@@ -66,7 +66,7 @@ def test_a_run_without_log_wandb_never_imports_it(tmp_path):
     argv = ["train.py", "--config", DEBUG, f"output_dir={tmp_path}", "schedule.epochs=1", "data.synthetic_train_size=32"]
     code = (f"import runpy, sys; sys.modules['wandb'] = None; sys.argv = {argv!r}; "
             "runpy.run_path('train.py', run_name='__main__')")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=900)
     assert records(str(tmp_path), "eval")
 
 
