@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	  echo "error: installing needs about 6.5 GB of free disk and only $$free_mb MB are free here; free some space, or set VENV=<a folder on a larger disk>" >&2; exit 1; fi
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test]' pytest==9.2.0
 	touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist (the four original idx .gz files).
