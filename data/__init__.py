@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,15 @@ def loader_workers(data_cfg: DataCfg) -> int:
     return data_cfg.num_workers if data_cfg.num_workers >= 0 else du.cores_per_process() - 1
 
 
+def leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """worker_init_fn: loader workers ignore SIGTERM and SIGUSR1. torchrun signals each rank's process group and
+    SLURM every process of the step, so the workers get the rank's stop signal too, and would die of it while the
+    rank still needs a batch to reach the agreed step and checkpoint. The rank stops them when it exits; a rank
+    that is killed outright takes them with it (DataLoader's watchdog)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _loader_options(dataset: Dataset, data_cfg: DataCfg) -> dict:
     workers = loader_workers(data_cfg)
     return dict(
@@ -70,6 +80,7 @@ def _loader_options(dataset: Dataset, data_cfg: DataCfg) -> dict:
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
+        worker_init_fn=leave_stop_signals_to_the_rank if workers > 0 else None,
         collate_fn=keep_batch if isinstance(dataset, BatchTransformed) else collate_readable,
     )
 
