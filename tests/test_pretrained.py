@@ -1,8 +1,6 @@
 """model.pretrained: weights of any layout and file format in, head and stem adapted, other mismatches refused;
 models.export: both layouts out."""
 import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -114,7 +112,8 @@ def test_other_mismatches_are_refused_with_the_keys(tmp_path):
 
 
 def run_export(*args):
-    return subprocess.run([sys.executable, "-m", "models.export", *args], cwd=ROOT, capture_output=True, text=True)
+    from test_train_e2e import run_here
+    return run_here(["-m", "models.export", *args], check=False)
 
 
 def test_export_loads_strictly_into_timm_and_the_official_layout(tmp_path):
@@ -205,14 +204,14 @@ def test_weights_names_that_cannot_be_had_are_one_line(hub_cache):
 
 @pytest.mark.slow
 def test_fine_tune_and_evaluate_from_hub_names_on_two_ranks(hub_cache, tmp_path):
-    from test_train_e2e import DEBUG, eval_json, run
+    from test_train_e2e import DEBUG, eval_json, run, run_here
     out = str(tmp_path / "run")
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "model.pretrained=convnext_atto.d2_in1k",
                 "model.patch_size=4", "model.stem_init=default", "schedule.epochs=1", "data.synthetic_train_size=64"],
                nproc=2)
     assert "convnext_atto.d2_in1k: head: skipped head.weight, head.bias (1000 classes" in proc.stdout
-    result = eval_json(run(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/convnext_atto-debug"]))
+    result = eval_json(run_here(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/convnext_atto-debug"]))
     assert result["samples"] == 101
-    proc = run(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/missing"], check=False)
+    proc = run_here(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/missing"], check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "error: model weights 'hf-hub:someone/missing' are neither in the hub cache" in proc.stderr

@@ -78,12 +78,12 @@ def test_asking_for_wandb_without_it_installed_says_how_to_install(monkeypatch):
         load_run_config(DEBUG, ["log.wandb=true"])
 
 
-def read_back(path):
-    """summary(path) in a process that sees WANDB_SITE."""
-    out = subprocess.run([sys.executable, __file__, path], capture_output=True, text=True, check=True,
+def read_back(*paths):
+    """summary(path) of each path, in one process that sees WANDB_SITE."""
+    out = subprocess.run([sys.executable, __file__, *paths], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": WANDB_SITE})
-    run_id, config, history = json.loads(out.stdout)
-    return run_id, set(config), {int(step): items for step, items in history.items()}
+    return [(run_id, set(config), {int(step): items for step, items in history.items()})
+            for run_id, config, history in json.loads(out.stdout)]
 
 
 @pytest.mark.slow
@@ -97,7 +97,7 @@ def test_wandb_offline_records_what_tensorboard_gets_and_a_resumed_run_continues
     run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=2", *wandb], nproc=2)
     files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))
     assert len(files) == 2  # one per start, rank 0 only
-    (first_id, config, first), (second_id, _, second) = read_back(files[0]), read_back(files[1])
+    (first_id, config, first), (second_id, _, second) = read_back(*files)
     kept = torch.load(os.path.join(out, "checkpoints", "last.pth"), weights_only=True)["wandb_id"]
     assert first_id == second_id == kept and len(kept) == 12  # the resumed run continues the W&B run
     assert {"model", "data", "optim", "log", "seed"} <= config
@@ -109,6 +109,6 @@ def test_wandb_offline_records_what_tensorboard_gets_and_a_resumed_run_continues
             assert logged[step][f"{kind}/{name}"] == pytest.approx(record[name]), (kind, name, step)
 
 
-if __name__ == "__main__":  # read_back: one offline run's summary as JSON
-    run_id, config, history = summary(sys.argv[1])
-    print(json.dumps([run_id, sorted(config), history]))
+if __name__ == "__main__":  # read_back: the offline runs' summaries as JSON
+    runs = [summary(path) for path in sys.argv[1:]]
+    print(json.dumps([[run_id, sorted(config), history] for run_id, config, history in runs]))
