@@ -20,7 +20,8 @@ Each step is reported ok, failed (with the error and its log) or skipped (with t
                   the milliseconds of a step and of its data wait, forward, backward and optimizer (device time).
 The dry run uses the same counts (steps, batch sizes, warm-up, evaluation sizes) with a tiny model at 32 px, in the
 precision the CPU has, so a count that cannot work on the GPU fails there first.
-The correctness steps run a few at a time (the GPU has room); the speed steps run alone afterwards. Every run writes
+The correctness steps run a few at a time (the GPU has room); the speed steps run alone afterwards (in the dry run
+with the others). Every run writes
 under --out (default: a new temporary folder), one <step>.out/.err log per command. The last stdout line is the
 JSON summary; the exit code is 1 when a step failed. Without CUDA (and without --dry-run) it prints one line and
 exits 0.
@@ -270,7 +271,20 @@ class Check:
         # Longest first (the compiled runs, then the runs of several commands), so the slowest does not start last.
         jobs[3:3] = [self.ddp_then_eval, partial(self.step, "resume_bitwise", self.resume_bitwise)]
         jobs.append(partial(self.step, "ddp_nccl", self.ddp, "ddp_nccl", "nccl"))
-        self.extra_env = {"OMP_NUM_THREADS": "1"}  # concurrent runs: one thread each, off each other's cores
+        timed = [partial(self.step, name, self.speed, name, compile_)
+                 for name, compile_ in (("speed", False), ("speed_compile", True))]
+        timed += [partial(self.step, "eval_speed", self.eval_speed), partial(self.step, "profile", self.profile)]
+        if self.dry:  # figures that mean nothing: no need to run alone
+            self.concurrently(jobs + timed)
+        else:
+            self.concurrently(jobs)
+            for job in timed:  # alone on the machine: clean figures
+                job()
+        return {name: self.results[name] for name in ORDER}
+
+    def concurrently(self, jobs: list) -> None:
+        """Run the jobs a few at a time, each of their commands on one thread, off each other's cores."""
+        self.extra_env = {"OMP_NUM_THREADS": "1"}
         with concurrent.futures.ThreadPoolExecutor(self.p.jobs) as pool:  # threads that wait on subprocesses
             futures = [pool.submit(job) for job in jobs]
             try:
@@ -280,11 +294,6 @@ class Check:
                 pool.shutdown(cancel_futures=True)
                 raise
         self.extra_env = {}
-        for name, compile_ in (("speed", False), ("speed_compile", True)):  # alone on the machine: clean figures
-            self.step(name, self.speed, name, compile_)
-        self.step("eval_speed", self.eval_speed)
-        self.step("profile", self.profile)
-        return {name: self.results[name] for name in ORDER}
 
 
 def speed_overrides(p: Profile) -> list[str]:

@@ -4,10 +4,14 @@ import json
 import statistics
 
 import pytest
+import torch
 
+from core.config import load_config
+from core.errors import UserError
 from data.shards import write_shards
 from data.testbed import make_jpeg_testbed
-from test_train_e2e import DEBUG, run
+from models import create_model
+from test_train_e2e import DEBUG, run, script_module
 
 pytestmark = pytest.mark.slow
 QUICK = ["--steps", "2", "--warmup", "1", "--repeats", "3", "data.batch_size=8", "model.patch_size=4"]
@@ -45,15 +49,25 @@ def test_benchmark_under_torchrun_counts_both_processes(tmp_path):
     assert len(record["matmul_tflops_repeats"]) == 3 and record["peak_tflops"] > 0  # both ranks' matmuls, summed
 
 
-def test_benchmark_refuses_an_unknown_mode():
-    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--modes", "bare,fast"], check=False)
-    assert proc.returncode == 2 and "--modes takes" in proc.stderr
+def benchmark_module():
+    """scripts/benchmark.py in this process, with its sibling loader_stages."""
+    script_module("loader_stages")
+    return script_module("benchmark")
+
+
+def test_benchmark_refuses_an_unknown_mode(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        benchmark_module().parse_args(["--config", DEBUG, "--modes", "bare,fast"])
+    assert exit_.value.code == 2 and "--modes takes" in capsys.readouterr().err
 
 
 def test_benchmark_refuses_to_compare_with_a_different_timm_network():
     """timm's convnext with patch_size 2 downsamples in stage 0 as well: more parameters, not our network."""
-    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--vs-timm", *QUICK[:6], "model.patch_size=2"], check=False)
-    assert proc.returncode == 2 and "not the same network" in proc.stderr
+    cfg = load_config(DEBUG, ["model.patch_size=2"])
+    ours = sum(p.numel() for p in create_model(**cfg.model.create_args(), num_classes=10).parameters())
+    with pytest.raises(UserError, match="--vs-timm: timm's convnext_atto has .* parameters with these options, ours "
+                                        ".*: not the same network, so not comparable"):
+        benchmark_module().timm_twin(cfg, 10, 3, torch.device("cpu"), ours)
 
 
 def test_benchmark_compares_our_jpeg_loader_with_timms_stage_by_stage(tmp_path):

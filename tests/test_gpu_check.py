@@ -1,29 +1,22 @@
 """scripts/gpu_check.sh: one line and exit 0 without CUDA; its dry run (every step, tiny, on the CPU) reports every
 step ok or skipped with a reason, with its figures; a command that hangs fails its step instead of the check."""
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from engine.precision import native_bf16
-from test_train_e2e import ROOT
+from test_train_e2e import ROOT, script_module
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the real check would run")
 
 
 def gpu_check_module():
-    """scripts/gpu_check.py, loaded from its path (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return script_module("gpu_check")
 
 
 @no_cuda

@@ -92,8 +92,10 @@ def test_wandb_offline_records_what_tensorboard_gets_and_a_resumed_run_continues
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("PYTHONPATH", WANDB_SITE)  # for the training runs
     out = str(tmp_path / "run")
-    wandb = ["log.wandb=true", "log.wandb_project=test", "log.wandb_name=debug", "log.wandb_tags=[a,b]"]
-    run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1", *wandb], nproc=2)
+    # 8 steps an epoch on 1 and on 2 processes; the second start, on 2, logs from rank 0 only.
+    wandb = ["log.wandb=true", "log.wandb_project=test", "log.wandb_name=debug", "log.wandb_tags=[a,b]",
+             "train.global_batch=32"]
+    run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1", *wandb])
     run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=2", *wandb], nproc=2)
     files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))
     assert len(files) == 2  # one per start, rank 0 only
