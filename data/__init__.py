@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 
@@ -65,12 +66,13 @@ def loader_workers(data_cfg: DataCfg) -> int:
 
 
 def leave_stop_signals_to_the_rank(worker_id: int) -> None:
-    """worker_init_fn: loader workers ignore SIGTERM and SIGUSR1. torchrun signals each rank's process group and
-    SLURM every process of the step, so the workers get the rank's stop signal too, and would die of it while the
-    rank still needs a batch to reach the agreed step and checkpoint. The rank stops them when it exits; a rank
-    that is killed outright takes them with it (DataLoader's watchdog)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    """worker_init_fn: the rank's stop signals are the rank's. torchrun sends SIGTERM to each rank's process group,
+    so a loader worker would die of it while the rank still needs batches to reach the agreed step and checkpoint:
+    the worker moves to a process group of its own. SIGUSR1 (SLURM's early warning, which some SLURM setups send
+    to every process of the step) it ignores. SIGTERM itself stays fatal, so the rank (and multiprocessing at
+    exit) can still end its workers; a rank that is killed outright takes them with it (DataLoader's watchdog)."""
+    os.setpgrp()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _loader_options(dataset: Dataset, data_cfg: DataCfg) -> dict:
