@@ -43,11 +43,16 @@ def seconds(fn: Callable[[], object], tries: int = 3) -> float:
 
 @functools.cache
 def cpu_bf16_speedup() -> float:
-    """How many times faster a PROBE_SIZE^3 matmul runs in bf16 than in fp32 on this CPU, with its current
-    threads: ~2-8 where bf16 is native, ~0.01-0.1 where it is emulated. Measured once per process."""
+    """How many times faster a PROBE_SIZE^3 matmul runs in bf16 than in fp32 on one core of this CPU: ~2-8 where
+    bf16 is native, ~0.01-0.1 where it is emulated. Measured once per process, best of 5 each."""
     a32 = torch.randn(PROBE_SIZE, PROBE_SIZE)
     a16 = a32.bfloat16()
-    return seconds(lambda: a32 @ a32) / seconds(lambda: a16 @ a16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on one thread: a thread pool on a busy machine waits for its slowest thread
+    try:
+        return seconds(lambda: a32 @ a32, tries=5) / seconds(lambda: a16 @ a16, tries=5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def native_bf16(device: torch.device) -> bool:
