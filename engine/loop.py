@@ -25,6 +25,7 @@ from engine.optim import set_lr
 from engine.precision import autocast
 from engine.profiling import phase
 
+
 @dataclass
 class TrainParts:
     """Everything one optimizer step touches, built once by train.py."""

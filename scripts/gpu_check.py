@@ -69,7 +69,7 @@ class Profile:
     # The counts, the same in both.
     train: tuple[str, ...] = ("schedule.epochs=1", "data.synthetic_train_size=128")  # debug.yaml: 8 steps of 16
     resume_size: int = 64  # synthetic training images of the resume runs (2 epochs of 4 steps of 16)
-    speed: tuple[str, ...] = ("data.batch_size=128",)  # convnext_t.yaml's per-GPU batch
+    batch: int = 128  # the speed and profile steps' per-GPU batch: convnext_t.yaml's
     bench: tuple[str, ...] = ("--steps", "20", "--warmup", "5", "--repeats", "3")  # benchmark.py's options
     eval_size: int = 5000  # synthetic validation images of eval_speed
     profile_steps: int = 5  # traced training steps of the profile step, after PROFILE_WAIT (+1)
@@ -244,9 +244,8 @@ class Check:
     def profile(self) -> dict:
         """A short torch.profiler trace of ConvNeXt-T training (train.profile) and where a step's time goes."""
         steps = PROFILE_WAIT + 1 + self.p.profile_steps + 1  # the last step ends the epoch: evaluation, checkpoint
-        batch = int(next(o for o in self.p.speed if o.startswith("data.batch_size=")).split("=")[1])
         overrides = [*speed_overrides(self.p), "schedule.epochs=1", "schedule.warmup_epochs=0", "train.log_every=1",
-                     f"data.synthetic_train_size={steps * batch}", f"data.synthetic_val_size={batch}",
+                     f"data.synthetic_train_size={steps * self.p.batch}", f"data.synthetic_val_size={self.p.batch}",
                      f"train.profile={self.p.profile_steps}", f"train.profile_wait={PROFILE_WAIT}",
                      f"output_dir={self.dir('profile')}"]
         expect(self.run("profile", ["train.py", "--config", CONVNEXT_T, *overrides]), "profile: ")
@@ -256,7 +255,7 @@ class Check:
             summary = json.load(f)
         if not traces or summary["steps"] != self.p.profile_steps:
             raise Failed(f"{folder}: traces {traces}, {summary['steps']} steps traced of {self.p.profile_steps}")
-        return {"model": model_name(self.p), "batch": batch, **summary, "trace": os.path.join(folder, traces[0])}
+        return {"model": model_name(self.p), "batch": self.p.batch, **summary, "trace": os.path.join(folder, traces[0])}
 
     # -- the whole check -------------------------------------------------------------------------------------------
 
@@ -300,7 +299,7 @@ def speed_overrides(p: Profile) -> list[str]:
     """ConvNeXt-T's recipe at 224 px, bf16, channels_last, on synthetic images, one optimizer step per batch (in
     the dry run a tiny model at 32 px, in the CPU's precision)."""
     return ["data.name=synthetic", f"train.amp={p.amp}", "train.channels_last=true", "train.global_batch=0",
-            "train.accum_steps=1", *p.speed, *p.tiny, *p.tiny_t]
+            "train.accum_steps=1", f"data.batch_size={p.batch}", *p.tiny, *p.tiny_t]
 
 
 def model_name(p: Profile) -> str:
