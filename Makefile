@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data slurm demo test test-fast gpu-check clean-runs
+.PHONY: setup data test-tools slurm demo test test-fast gpu-check clean-runs
 
 setup: $(VENV)/.installed
 
@@ -20,13 +20,18 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test]' pytest==9.2.0
 	touch $@
 
+# Debian packages, as root or through sudo: $(call apt_install,PACKAGES).
+apt_install = if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $(1); \
+  elif command -v sudo >/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q $(1); \
+  else echo "error: $(1) missing; run 'apt-get install $(1)' as root" >&2; false; fi
+
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist (the four original idx .gz files).
 data:
-	@if [ ! -f $(FMNIST) ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
-	  elif command -v sudo >/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; \
-	  else echo "error: Fashion-MNIST missing; run 'apt-get install dataset-fashion-mnist' as root" >&2; exit 1; fi; \
-	fi
+	@if [ ! -f $(FMNIST) ]; then $(call apt_install,dataset-fashion-mnist); fi
+
+# strace, with which tests/test_resume.py holds a checkpoint write midway to kill the run during it (skipped without).
+test-tools:
+	@if ! command -v strace >/dev/null; then $(call apt_install,strace) || true; fi
 
 # A throwaway one-node SLURM on this machine (apt packages as root), for tests/test_slurm.py and trying sbatch;
 # `bash scripts/ci/local_slurm.sh stop` ends it. Without it those tests skip.
@@ -46,7 +51,7 @@ $(WANDB_SITE)/.installed: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --target $(WANDB_SITE) wandb==0.31.0
 	touch $@
 
-test: setup data $(WANDB_SITE)/.installed
+test: setup data test-tools $(WANDB_SITE)/.installed
 	WANDB_SITE=$(abspath $(WANDB_SITE)) $(PY) -m pytest -q tests
 
 # Everything but the multi-process runs, for a quick edit-test loop.

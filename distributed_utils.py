@@ -4,9 +4,6 @@
     model.to(ctx.device)
     distributed_utils.print0("only rank 0 says this")
 
-    if __name__ == "__main__":
-        distributed_utils.run(main)
-
 torchrun and srun launches are recognised from the environment; anything else is one process.
 Every helper here also works in a single process, so callers never branch on "am I distributed".
 """
@@ -15,11 +12,9 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import sys
-import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Mapping, NoReturn, Optional
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -335,6 +330,10 @@ def cores_per_process() -> int:
     return max(1, cores // _current_env().local_world_size)
 
 
+def get_rank() -> int:
+    return _current_env().rank
+
+
 def get_world_size() -> int:
     return _current_env().world_size
 
@@ -399,53 +398,3 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The launcher's error policy
-
-
-def run(main: Callable[[], Optional[int]]) -> None:
-    """Run `main` and turn its failure into an exit code: 2 for a UserError, 130 for Ctrl-C, 1 otherwise.
-
-    A clean return exits with main's return value (None: 0) once the process group is down.
-    """
-    try:
-        code = main()
-    except UserError as e:
-        message = " ".join(str(e).splitlines()) or type(e).__name__
-        print(f"{_rank_tag()}error: {message}", file=sys.stderr)
-        _exit(2)
-    except KeyboardInterrupt:
-        print(f"{_rank_tag()}interrupted", file=sys.stderr)
-        _exit(130)
-    except Exception:
-        tag = _rank_tag()
-        print("\n".join(tag + line for line in traceback.format_exc().splitlines()), file=sys.stderr)
-        # After an unexpected error nothing about the process is trusted: a normal shutdown could wait on
-        # collectives, process-group teardown or worker threads that the other ranks will never finish.
-        # The launcher (torchrun, or srun --kill-on-bad-exit=1) sees the exit and stops the others.
-        _exit(1, hard=True)
-    cleanup()
-    if code:
-        sys.exit(code)
-
-
-def _rank_tag() -> str:
-    # Ranks' stderr is interleaved by the launcher; a single process needs no tag. The environment itself
-    # may be what failed (a DistError), so reading it must not raise again here.
-    try:
-        env = _current_env()
-    except DistError:
-        return ""
-    return f"[rank {env.rank}] " if env.distributed else ""
-
-
-def _exit(code: int, hard: bool = False) -> NoReturn:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # With a process group up, a normal exit runs its teardown, which can block on peers stuck in a
-    # collective; os._exit skips it so this rank's failure reaches the launcher at once.
-    if hard or _active():
-        os._exit(code)
-    sys.exit(code)

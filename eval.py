@@ -18,11 +18,10 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import distributed_utils as du
-from data import batch_transforms, build_datasets, build_eval_loader
+from core.cli import run_main
 from core.files import atomic_write
-from engine.build import build_model, init_process, load_run_config
+from engine.build import build_model, set_up
 from engine.loop import evaluate
-from engine.precision import resolve_amp
 from models.keys import load_weights
 from models.pretrained import read_weights, resolve_weights
 
@@ -41,20 +40,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cfg = load_run_config(args.config, args.overrides)
-    ctx = init_process(cfg)
-    _, val_set, info = build_datasets(cfg.data, cfg.aug, train=False)
-    loader = build_eval_loader(val_set, cfg.data, ctx.env.rank, ctx.env.world_size)
+    cfg, ctx, data = set_up(args.config, args.overrides, training=False)
+    info = data.info
     # model.pretrained is a starting point for training; what is evaluated is --checkpoint.
     model = build_model(cfg, info.num_classes, info.in_chans, ctx.device, pretrained=False)
     load_weights(model, read_weights(resolve_weights(args.checkpoint)), ema=args.ema)  # a file or a hub name
 
-    amp = resolve_amp(cfg.train.amp, ctx.device)  # its bf16 probe and warning before the clock starts
     du.barrier()  # time the evaluation alone, from the same moment on every rank
     start = time.perf_counter()
-    metrics = evaluate(model, loader, ctx.device, amp, cfg.train.channels_last,
+    metrics = evaluate(model, data.val_loader, ctx.device, cfg.train.amp, cfg.train.channels_last,
                        num_classes=info.num_classes if args.per_class else 0, tta=cfg.aug.tta,
-                       on_device=batch_transforms(cfg.data, cfg.aug, info.mean, info.std)[1])
+                       batch_transform=data.eval_transform)
     metrics["img_per_s"] = metrics["samples"] / (time.perf_counter() - start)
     confusion = metrics.pop("confusion", None)
     if confusion is not None and ctx.env.is_main:
@@ -80,7 +76,7 @@ def write_per_class(path: str, confusion: list[list[int]], names: list[str]) -> 
 
 def cli() -> None:
     """The console script's entry point."""
-    du.run(main)
+    run_main(main)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,9 @@ class CheckpointCfg:
     every_steps: int = 0  # also checkpoint every this many optimizer steps (0: at epoch ends only)
     keep_last: int = 2  # step checkpoints kept; older ones are deleted once a newer one is on disk
     keep_best: int = 0  # also keep the K best evaluated ones, as best_top1_<top-1>_step_<step>.pth (0: best.pth only)
+    # Write in a background process: the ranks wait only while rank 0 copies the state to host memory (as much host
+    # memory again as the state: 16 bytes a parameter). false: the ranks wait for the whole write.
+    background: bool = True
 
 
 @dataclass

@@ -12,5 +12,9 @@ class UserError(Exception):
         super().__init__(message)
 
 
+class NonFiniteLoss(UserError, FloatingPointError):
+    """A NaN/inf loss (or weights) on some rank; every rank raises it at the same step."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model."""

@@ -1,13 +1,13 @@
 """Data sets, recipes and loaders: the API train.py and eval.py use.
 
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug)
-    on_device, _ = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
+    train_transform, _ = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
     loader = build_train_loader(train_set, cfg.data, rank, world_size, cfg.seed)
     for epoch in ...:
         start_epoch(loader, epoch)
         for images, labels in loader:  # uint8 (imagenet recipe) or float32 normalised (small) NCHW, int64
             images = images.to(device)
-            images = on_device(images) if on_device else images  # float32 NCHW normalised
+            images = train_transform(images) if train_transform else images  # float32 NCHW normalised
 """
 from __future__ import annotations
 

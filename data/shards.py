@@ -38,7 +38,7 @@ CLASSES = "classes.txt"
 IMAGE_EXTS = tuple(ext.lstrip(".") for ext in IMG_EXTENSIONS)  # member extensions read as images: ImageFolder's
 
 
-def rebuild(split_folder: str) -> str:
+def rebuild_hint(split_folder: str) -> str:
     """The way out of a missing or stale index of `split_folder`."""
     return f"rebuild it with 'python -m data.shards index {os.path.dirname(os.path.abspath(split_folder))}'"
 
@@ -64,7 +64,7 @@ class ShardIndex:
                 return cls(**{name: f[name] for name in cls.__dataclass_fields__})
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"cannot read the shard index '{path}' ({first_line(e)}); "
-                            f"{rebuild(os.path.dirname(path))}") from None
+                            f"{rebuild_hint(os.path.dirname(path))}") from None
 
 
 def shard_files(folder: str) -> list[str]:
@@ -132,7 +132,7 @@ def build_index(folder: str, workers: int = 1, progress: bool = True) -> ShardIn
 
 def check_index(folder: str, index: ShardIndex) -> None:
     """DataError unless the shards in `folder` are the ones indexed, unchanged (one stat per shard)."""
-    way_out = rebuild(folder)
+    way_out = rebuild_hint(folder)
     index_path = os.path.join(folder, INDEX)
     present = shard_files(folder)
     if present != list(index.shards):
@@ -168,7 +168,7 @@ class ShardImages(Dataset, CheckedReads):
         if not os.path.isfile(index_path):
             what = "no .tar shards" if not shard_files(folder) else f"no index '{index_path}'"
             raise DataError(f"{what} in '{folder}'; data.name=shards needs data.root to hold train/ and val/ "
-                            f"folders of shards, with an index: {rebuild(folder)}")
+                            f"folders of shards, with an index: {rebuild_hint(folder)}")
         self.index = ShardIndex.load(index_path)
         check_index(folder, self.index)
         self.loader: Callable[[bytes], object] = load

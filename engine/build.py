@@ -1,33 +1,93 @@
-"""Building a run: the process, its seeds, the model and everything an optimizer step needs around it.
+"""Building a run: the config, the process, the data, the model and everything an optimizer step needs around it.
 
-train.py, eval.py and scripts/benchmark.py all build through here, so the three run the same model the same way.
+train.py, eval.py, scripts/benchmark.py and scripts/startup.py all set up through here, so they read the same data
+and run the same model the same way.
 
-    cfg = load_run_config(path, overrides)
-    ctx = init_process(cfg)
-    model = build_model(cfg, num_classes, in_chans, ctx.device)
-    parts, global_batch, lr = build_parts(cfg, model, num_classes, ctx.device, world_size, steps_per_epoch)
-    parts.model = wrap_model(model, cfg, distributed, ctx.device)
+    cfg, ctx, data = set_up(path, overrides, training=True)
+    model = build_model(cfg, data.info.num_classes, data.info.in_chans, ctx.device)
+    parts, global_batch, lr = build_parts(cfg, model, data, ctx.device, ctx.env.world_size)
+    parts.model = wrap_model(model, cfg, ctx.env.distributed, ctx.device)
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import random
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 import distributed_utils as du
-from core.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError, load_config, save_config
+from data import DatasetInfo, batch_transforms, build_datasets, build_eval_loader, build_train_loader
 from engine.cpu_convs import use_cpu_matrix_convs
 from engine.ema import Ema
 from engine.loop import TrainParts
-from engine.optim import create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
+from engine.optim import accum_steps_for, create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
+from engine.precision import resolve_amp
 from models import check_model_name, create_model
+
+
+@dataclass
+class RunData:
+    """The data side of a run: the splits, this rank's loaders, and the batch work each leaves to the device."""
+    info: DatasetInfo
+    val_set: Dataset
+    val_loader: DataLoader
+    eval_transform: Optional[Callable]
+    train_set: Optional[Dataset] = None  # None unless set up for training
+    train_loader: Optional[DataLoader] = None
+    train_transform: Optional[Callable] = None
+    steps_per_epoch: int = 0  # optimizer steps of a whole epoch
+
+
+def set_up(config_path: str, overrides: Sequence[str] = (), *, training: bool = True,
+           write_config: bool = False) -> tuple[Config, du.DistContext, RunData]:
+    """Every entry point's start: start_run, then build_data."""
+    cfg, ctx = start_run(config_path, overrides, training=training, write_config=write_config)
+    return cfg, ctx, build_data(cfg, ctx, training=training)
+
+
+def start_run(config_path: str, overrides: Sequence[str] = (), *, training: bool = True,
+              write_config: bool = False) -> tuple[Config, du.DistContext]:
+    """The validated config, this process in its group, and the settings that depend on the launch: the gradient
+    accumulation a global batch needs (training) and the precision train.amp=auto picks on this device.
+
+    Args:
+        write_config: rank 0 writes <output_dir>/config.yaml as given, before the settings above are filled in, so
+            that it keeps train.global_batch and train.amp=auto and still fits another machine.
+    """
+    cfg = load_run_config(config_path, overrides)
+    ctx = init_process(cfg)
+    accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, ctx.env.world_size) if training else 1
+    if write_config and ctx.env.is_main:
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    cfg.train.accum_steps = accum_steps
+    cfg.train.amp = resolve_amp(cfg.train.amp, ctx.device)
+    return cfg, ctx
+
+
+def build_data(cfg: Config, ctx: du.DistContext, *, training: bool = True) -> RunData:
+    """The data sets (every rank the same; the samplers split them), this rank's loaders and the batch transforms."""
+    rank, world_size = ctx.env.rank, ctx.env.world_size
+    train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=training, seed=cfg.seed)
+    train_transform, eval_transform = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
+    data = RunData(info, val_set, build_eval_loader(val_set, cfg.data, rank, world_size), eval_transform)
+    if not training:
+        return data
+    data.train_set, data.train_transform = train_set, train_transform
+    data.train_loader = build_train_loader(train_set, cfg.data, rank, world_size, cfg.seed)
+    data.steps_per_epoch = len(data.train_loader) // cfg.train.accum_steps
+    if data.steps_per_epoch == 0:
+        raise ConfigError(f"an epoch has no optimizer step: {info.train_size} training images < data.batch_size "
+                          f"x world size x train.accum_steps; lower data.batch_size or train.accum_steps")
+    return data
 
 
 def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
@@ -128,22 +188,23 @@ def build_loss(cfg: Config, num_classes: int) -> tuple[Mixup | None, nn.Module]:
     return None, nn.CrossEntropyLoss(label_smoothing=cfg.aug.smoothing)
 
 
-def build_parts(cfg: Config, model: nn.Module, num_classes: int, device: torch.device, world_size: int,
-                steps_per_epoch: int, on_device: Callable | None = None) -> tuple[TrainParts, int, float]:
-    """Optimizer, schedule, loss, EMA and precision around the model, and the batch work on the device
+def build_parts(cfg: Config, model: nn.Module, data: RunData, device: torch.device,
+                world_size: int) -> tuple[TrainParts, int, float]:
+    """Optimizer, schedule, loss, EMA and precision around the model, and the training batch work on the device
     (data.batch_transforms); returns (parts, global batch, peak lr)."""
     # The lr is quoted at optim.lr_base_batch and scaled to the global batch actually used.
     batch = global_batch(cfg.data.batch_size, world_size, cfg.train.accum_steps)
     lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_base_batch, cfg.optim.lr_scaling)
-    warmup_steps, total_steps = schedule_steps(cfg.schedule, steps_per_epoch)
-    mixup, criterion = build_loss(cfg, num_classes)
+    warmup_steps, total_steps = schedule_steps(cfg.schedule, data.steps_per_epoch)
+    mixup, criterion = build_loss(cfg, data.info.num_classes)
     parts = TrainParts(
         model=model, raw_model=model, optimizer=create_optimizer(model, cfg.optim, lr), criterion=criterion,
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"),
         lr_fn=lambda s: lr_at(s, base_lr=lr, min_lr=cfg.schedule.min_lr, warmup_steps=warmup_steps,
                               total_steps=total_steps),
         device=device, amp=cfg.train.amp, accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad,
-        channels_last=cfg.train.channels_last, mixup=mixup, on_device=on_device, max_bad_steps=cfg.train.max_bad_steps,
+        channels_last=cfg.train.channels_last, mixup=mixup, batch_transform=data.train_transform,
+        max_bad_steps=cfg.train.max_bad_steps,
         ema=Ema(model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.every) if cfg.ema.enabled else None)
     return parts, batch, lr
 

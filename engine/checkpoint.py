@@ -72,6 +72,17 @@ def save_training_checkpoint(state: dict, output_dir: str, step: int, keep_last:
     return path
 
 
+def remove_unfinished_writes(output_dir: str) -> list[str]:
+    """Delete what a write killed midway left in the checkpoint folder (core.files.atomic_write's hidden temporary
+    files, _link_atomically's links), which can be as large as a checkpoint; returns their names. Only for the
+    one process that writes there, before it writes."""
+    folder = checkpoint_dir(output_dir)
+    leftovers = glob.glob(os.path.join(folder, ".*.pth.*.tmp")) + glob.glob(os.path.join(folder, "*.pth.*.link"))
+    for path in leftovers:
+        os.remove(path)
+    return sorted(os.path.basename(path) for path in leftovers)
+
+
 def resume_candidates(output_dir: str) -> list[str]:
     """Where an interrupted run may continue from, newest first: the step files, then last.pth where it is
     another file (a kill between writing a step file and repointing last.pth leaves last.pth one behind)."""

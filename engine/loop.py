@@ -1,13 +1,14 @@
 """train_one_epoch and evaluate: the two loops, shared by train.py, eval.py and the benchmark.
 
-How one batch travels: loader -> device (channels_last) -> on_device (uint8 -> normalised float, random erasing;
-imagenet recipe) -> mixup/cutmix -> model under autocast -> loss ->
+How one batch travels: loader -> device (channels_last) -> batch_transform (uint8 -> normalised float, random
+erasing; imagenet recipe) -> mixup/cutmix -> model under autocast -> loss ->
 backward (no_sync on accumulation micro-steps) -> unscale + clip -> optimizer step -> EMA update ->
 loss kept on the device and reduced across ranks only at the log interval.
 """
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 import time
 from dataclasses import dataclass
@@ -18,11 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import distributed_utils as du
-from core.errors import UserError
+from core.errors import NonFiniteLoss
+from engine.checkpointer import Checkpointer, RunState
 from engine.ema import Ema
 from engine.logging import RunLogger
 from engine.optim import set_lr
 from engine.precision import autocast
+from engine.preemption import StopRequest
 from engine.profiling import phase
 
 
@@ -42,13 +45,14 @@ class TrainParts:
     channels_last: bool = False
     ema: Optional[Ema] = None
     mixup: Optional[Callable] = None  # timm Mixup
-    on_device: Optional[Callable] = None  # batch work after the copy to the device (data.batch_transforms)
+    batch_transform: Optional[Callable] = None  # batch work after the copy to the device (data.batch_transforms)
     max_bad_steps: int = 0  # non-finite steps that may be skipped in all before the run stops
-    bad_steps: int = 0  # skipped so far (checkpointed)
 
 
-class NonFiniteLoss(UserError, FloatingPointError):
-    """A NaN/inf loss on some rank; every rank raises it at the same step."""
+class EpochEnd(enum.Enum):
+    """Why train_one_epoch returned."""
+    DONE = "the epoch's batches are done"
+    STOP_REQUESTED = "a stop signal reached a rank (preemption): checkpoint and exit"
 
 
 def non_finite_loss(what: str, epoch: int, step: int) -> NonFiniteLoss:
@@ -97,15 +101,16 @@ def _ranks_non_finite(loss: torch.Tensor) -> int:
     return int(du.all_reduce_sum((~torch.isfinite(loss)).float()).item())
 
 
-def _skip_step(parts: TrainParts, bad_ranks: int, epoch: int, step: int) -> None:
+def _skip_step(parts: TrainParts, run: RunState, bad_ranks: int) -> None:
     """Drop this step's gradients instead of stepping; stop once more than max_bad_steps were dropped."""
     parts.optimizer.zero_grad(set_to_none=True)
-    parts.bad_steps += 1
+    run.bad_steps += 1
     what = f"on {bad_ranks} of {du.get_world_size()} processes"
-    if parts.bad_steps > parts.max_bad_steps:
-        raise non_finite_loss(what + f", more than train.max_bad_steps={parts.max_bad_steps} such steps", epoch, step)
-    du.print0(f"warning: non-finite loss {what} at epoch {epoch}, step {step}: step skipped "
-              f"({parts.bad_steps} of train.max_bad_steps={parts.max_bad_steps})")
+    if run.bad_steps > parts.max_bad_steps:
+        raise non_finite_loss(what + f", more than train.max_bad_steps={parts.max_bad_steps} such steps", run.epoch,
+                              run.step)
+    du.print0(f"warning: non-finite loss {what} at epoch {run.epoch}, step {run.step}: step skipped "
+              f"({run.bad_steps} of train.max_bad_steps={parts.max_bad_steps})")
 
 
 class _LossWindow:
@@ -128,67 +133,92 @@ class _LossWindow:
         return closed
 
 
-def train_one_epoch(parts: TrainParts, loader, *, epoch: int, step: int, logger: RunLogger, log_every: int,
-                    global_batch: int, on_step: Optional[Callable[[int, int], None]] = None) -> int:
-    """One pass over the loader; returns the optimizer step count after it.
+def train_one_epoch(parts: TrainParts, loader, run: RunState, *, logger: RunLogger, log_every: int,
+                    global_batch: int, stop: Optional[StopRequest] = None, checkpointer: Optional[Checkpointer] = None,
+                    on_step: Optional[Callable[[], None]] = None) -> EpochEnd:
+    """One pass over the loader (the rest of epoch run.epoch), advancing `run` step by step.
 
-    on_step(step, i) runs after the i-th optimizer step of this pass (1-based), e.g. to checkpoint mid-epoch.
-    A non-finite loss is found at the log interval (the loss reduction is already there), or at every step
-    when train.max_bad_steps allows skipping such steps.
+    Args:
+        run: the run's position; its step, epoch_samples and bad_steps move on with each optimizer step.
+        global_batch: samples per optimizer step over all ranks.
+        stop: the stop request, agreed on by all ranks every few steps: the pass returns STOP_REQUESTED at once.
+        checkpointer: saves mid-epoch when checkpoint.every_steps asks (the epoch's last step is the caller's to
+            save, after evaluating).
+        on_step: called after each optimizer step (the profiler, the benchmark's clock).
+
+    A non-finite loss is found at the log interval (the loss reduction is already there), or at every step when
+    train.max_bad_steps allows skipping such steps.
     """
     parts.model.train()
     steps = len(loader) // parts.accum_steps
     ddp = hasattr(parts.model, "no_sync")  # DDP, also when wrapped by torch.compile (which forwards attributes)
     window = _LossWindow(parts.device)
     # A context, so an error closes (and clears) the bar and its message starts on a line of its own.
-    with logger.progress(steps, f"epoch {epoch}") as bar:
+    with logger.progress(steps, f"epoch {run.epoch}") as bar:
         for i_step, group in enumerate(_micro_batches(loader, parts.accum_steps), start=1):
-            lr = parts.lr_fn(step)
+            lr = parts.lr_fn(run.step)
             set_lr(parts.optimizer, lr)
-            step_loss = torch.zeros((), device=parts.device)
-            for i, (images, labels) in enumerate(group):
-                images, labels = to_device(images, labels, parts.device, parts.channels_last)
-                if parts.on_device is not None:
-                    images = parts.on_device(images)
-                if parts.mixup is not None:
-                    if len(images) % 2:  # a batch that lost an unreadable image (data.skip_corrupt); Mixup pairs images
-                        images, labels = images[:-1], labels[:-1]
-                    images, labels = parts.mixup(images, labels)
-                # Only the last micro-step all-reduces gradients; the others accumulate locally.
-                sync = i == len(group) - 1
-                with contextlib.nullcontext() if sync or not ddp else parts.model.no_sync():
-                    with phase("forward"), autocast(parts.device, parts.amp):
-                        loss = parts.criterion(parts.model(images), labels) / parts.accum_steps
-                    with phase("backward"):
-                        parts.scaler.scale(loss).backward()
-                step_loss += loss.detach().float()
-            step += 1
-            log_now = step % log_every == 0 or i_step == steps  # and at the end of the epoch
+            step_loss = _forward_backward(parts, group, ddp)
+            run.step += 1
+            run.epoch_samples += global_batch
+            log_now = run.step % log_every == 0 or i_step == steps  # and at the end of the epoch
             norm = None
             bad_ranks = _ranks_non_finite(step_loss) if parts.max_bad_steps else 0
             if bad_ranks:
-                _skip_step(parts, bad_ranks, epoch, step)  # its loss stays out of the logged mean
+                _skip_step(parts, run, bad_ranks)  # its loss stays out of the logged mean
             else:
                 window.add(step_loss)
                 with phase("optimizer"):
                     norm = _optimizer_step(parts, want_norm=log_now)
                     if parts.ema is not None:
-                        parts.ema.step(parts.raw_model, step)
+                        parts.ema.step(parts.raw_model, run.step)
             bar.update()
             if log_now and window.steps:
-                mean_loss, window_steps, elapsed = window.flush()
-                if not math.isfinite(mean_loss):
-                    raise non_finite_loss(f"mean {mean_loss} since the last record", epoch, step)
-                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
-                          "img_per_s": window_steps * global_batch / elapsed}
-                if norm is not None:
-                    record["grad_norm"] = norm.item()
-                logger.log("train", record, step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
-                                refresh=False)  # shown at the bar's next redraw
+                _log(logger, bar, window, run, lr, norm, global_batch)
             if on_step is not None:
-                on_step(step, i_step)
-    return step
+                on_step()
+            if stop is not None and stop.agreed(run.step):
+                return EpochEnd.STOP_REQUESTED
+            if checkpointer is not None and i_step < steps and checkpointer.due():
+                checkpointer.save()
+    return EpochEnd.DONE
+
+
+def _forward_backward(parts: TrainParts, group: list, ddp: bool) -> torch.Tensor:
+    """Gradients of one optimizer step's micro-batches; returns the step's loss (on the device)."""
+    step_loss = torch.zeros((), device=parts.device)
+    for i, (images, labels) in enumerate(group):
+        images, labels = to_device(images, labels, parts.device, parts.channels_last)
+        if parts.batch_transform is not None:
+            images = parts.batch_transform(images)
+        if parts.mixup is not None:
+            if len(images) % 2:  # a batch that lost an unreadable image (data.skip_corrupt); Mixup pairs images
+                images, labels = images[:-1], labels[:-1]
+            images, labels = parts.mixup(images, labels)
+        # Only the last micro-step all-reduces gradients; the others accumulate locally.
+        sync = i == len(group) - 1
+        with contextlib.nullcontext() if sync or not ddp else parts.model.no_sync():
+            with phase("forward"), autocast(parts.device, parts.amp):
+                loss = parts.criterion(parts.model(images), labels) / parts.accum_steps
+            with phase("backward"):
+                parts.scaler.scale(loss).backward()
+        step_loss += loss.detach().float()
+    return step_loss
+
+
+def _log(logger: RunLogger, bar, window: _LossWindow, run: RunState, lr: float, norm: Optional[torch.Tensor],
+         global_batch: int) -> None:
+    """The train record of the steps since the last one (one all-reduce); a non-finite mean loss stops the run."""
+    mean_loss, window_steps, elapsed = window.flush()
+    if not math.isfinite(mean_loss):
+        raise non_finite_loss(f"mean {mean_loss} since the last record", run.epoch, run.step)
+    record = {"epoch": run.epoch, "step": run.step, "loss": mean_loss, "lr": lr,
+              "img_per_s": window_steps * global_batch / elapsed}
+    if norm is not None:
+        record["grad_norm"] = norm.item()
+    logger.log("train", record, run.step)
+    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
+                    refresh=False)  # shown at the bar's next redraw
 
 
 def tta_views(images: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
@@ -209,12 +239,12 @@ def tta_views(images: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", channels_last: bool = False,
-             num_classes: int = 0, tta: str = "none", on_device: Optional[Callable] = None) -> dict:
+             num_classes: int = 0, tta: str = "none", batch_transform: Optional[Callable] = None) -> dict:
     """Exact top-1/top-5/loss over the whole split: each rank sums over its own shard, then one all-reduce.
 
     The eval sampler gives every sample to exactly one rank, so nothing is padded or counted twice. With
     num_classes, the record also holds "confusion": counts[true class][predicted class], over all ranks.
-    tta (aug.tta) averages the logits of the tta_views of each batch: test-time augmentation. on_device runs on
+    tta (aug.tta) averages the logits of the tta_views of each batch: test-time augmentation. batch_transform runs on
     each batch once it is on the device (the imagenet recipe's normalisation).
     """
     model.eval()
@@ -224,8 +254,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
     for images, labels in loader:
         count += labels.numel()
         images, labels = to_device(images, labels, device, channels_last)
-        if on_device is not None:
-            images = on_device(images)
+        if batch_transform is not None:
+            images = batch_transform(images)
         with autocast(device, amp):
             logits = torch.stack([model(view.contiguous(memory_format=memory_format)).float()
                                   for view in tta_views(images, tta)]).mean(0)

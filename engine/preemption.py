@@ -31,6 +31,3 @@ class StopRequest:
             return False
         return du.any_rank(self.received is not None)
 
-
-class Preempted(Exception):
-    """Raised after the stop checkpoint is written, to unwind the training loop."""

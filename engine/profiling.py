@@ -18,6 +18,8 @@ import torch
 from torch.autograd import _profiler_enabled
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
+import distributed_utils as du
+from core.config import TrainCfg
 from core.files import atomic_write
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -90,3 +92,19 @@ def describe(summary: dict) -> str:
     return (f"{summary['step_ms']:.1f} ms a step over {summary['steps']} steps: " + ", ".join(
         f"{name} {v['device_ms' if cuda and name != 'data' else 'host_ms']:.1f}"
         for name, v in summary["phases"].items()) + (" (the device's time but for data)" if cuda else ""))
+
+
+def start_profiler(train: TrainCfg, output_dir: str, device: torch.device, rank: int) -> Optional[StepProfiler]:
+    """train.profile=N: a trace of N steps after train.profile_wait (+1) into <output_dir>/profile; else None."""
+    if not train.profile:
+        return None
+    out, first = os.path.join(output_dir, "profile"), train.profile_wait + 2
+    du.print0(f"train.profile: tracing steps {first}-{first + train.profile - 1} into {out}")
+    return StepProfiler(train.profile, out, device, rank, wait=train.profile_wait)
+
+
+def stop_profiler(profiler: Optional[StepProfiler]) -> None:
+    """Write the trace (also of a run that ended inside the traced steps) and say where a step's time went."""
+    summary = profiler.close() if profiler is not None else None
+    if summary:
+        du.print0(f"profile: {describe(summary)}")

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-import distributed_utils as du
+from core.cli import run_main
 from core.errors import UserError
 from core.files import atomic_write, save_checkpoint
 from models.keys import official_to_timm, to_official, unwrap_checkpoint, variant_of
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def cli() -> None:
     """The console script's entry point."""
-    du.run(main)
+    run_main(main)
 
 
 if __name__ == "__main__":

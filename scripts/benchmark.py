@@ -43,17 +43,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import distributed_utils as du
 import loader_stages  # scripts/, beside this file
+from core.cli import run_main
 from core.config import Config
 from core.errors import UserError
 from core.files import atomic_write
-from data import batch_transforms, build_datasets, build_train_loader, loader_workers, start_epoch
+from data import loader_workers, start_epoch
 from data.jpeg import allow_zero_bit_posterize
 from data.transforms import mean_std
-from engine.build import build_model, build_parts, init_process, load_run_config, seed_everything, wrap_model
+from engine.build import RunData, build_model, build_parts, seed_everything, set_up, wrap_model
+from engine.checkpointer import RunState
 from engine.logging import RunLogger
 from engine.loop import TrainParts, to_device, train_one_epoch
-from engine.optim import accum_steps_for, create_optimizer
-from engine.precision import AMP_DTYPES, autocast, cpu_matmul_tflops, resolve_amp
+from engine.optim import create_optimizer
+from engine.precision import AMP_DTYPES, autocast, cpu_matmul_tflops
 from engine.preemption import StopRequest
 from models import stage_shapes
 
@@ -99,9 +101,11 @@ class StepClock:
     def __init__(self, device: torch.device, warmup: int, steps: int):
         self.device, self.ends = device, (warmup, warmup + steps)
         self.marks: list[float] = []
+        self.done = 0  # optimizer steps of the pass so far
 
-    def __call__(self, i: int) -> None:  # after the i-th optimizer step of the pass, 1-based
-        if i in self.ends:
+    def __call__(self) -> None:  # after each optimizer step of the pass
+        self.done += 1
+        if self.done in self.ends:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.marks.append(time.perf_counter())
@@ -155,17 +159,13 @@ def bare_pass(model, optimizer, batch, amp: str, accum: int, n: int, clock: Step
         if optimizer is not None:
             optimizer.step()
         model.zero_grad(set_to_none=True)
-        clock(i)
+        clock()
 
 
 def trainer_pass(parts: TrainParts, loader, cfg: Config, batch_size: int, logger: RunLogger,
                  stop: StopRequest, clock: StepClock) -> None:
-    def on_step(step: int, i: int) -> None:  # what train.py's hook costs when no checkpoint is due
-        stop.agreed(step)
-        clock(i)
-
-    train_one_epoch(parts, loader, epoch=0, step=0, logger=logger, log_every=cfg.train.log_every,
-                    global_batch=batch_size, on_step=on_step)
+    train_one_epoch(parts, loader, RunState(), logger=logger, log_every=cfg.train.log_every, global_batch=batch_size,
+                    stop=stop, on_step=clock)
 
 
 def timm_twin(cfg: Config, num_classes: int, in_chans: int, device: torch.device, our_params: int):
@@ -235,8 +235,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def loader_pass(loader, clock: StepClock) -> None:
     """Decoding and augmentation alone: the batches are fetched and dropped."""
-    for i, _ in enumerate(loader, start=1):
-        clock(i)
+    for _ in loader:
+        clock()
 
 
 def timm_loader(cfg: Config, env: du.DistEnv, device: torch.device):
@@ -258,14 +258,12 @@ def timm_loader(cfg: Config, env: du.DistEnv, device: torch.device):
     return loader
 
 
-def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: torch.device,
-               logger: RunLogger) -> tuple[dict, float, int, tuple]:
+def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: torch.device, data: RunData,
+               logger: RunLogger) -> tuple[dict, float, int, torch.Tensor]:
     """{mode: (run(clock), images per clocked unit over all ranks)} for the asked modes, the model's forward FLOPs
-    per image, the global batch, and (the device's batch work, a raw batch on the device) for --stages."""
+    per image, the global batch, and a raw batch on the device (for --stages)."""
     accum, n = cfg.train.accum_steps, args.warmup + args.steps
-    train_set, _, info = build_datasets(cfg.data, cfg.aug, train=True, seed=cfg.seed)
-    on_device, _ = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
-    loader = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
+    loader, transform, info = data.train_loader, data.train_transform, data.info
     if not args.loader_steps and {"loader", "timm_loader"} & set(args.modes):  # set here, where an epoch's length
         if len(loader) <= args.warmup:  # is known; the other modes run as many epochs as their steps take
             raise UserError(f"an epoch of {len(loader)} batches leaves none to time after --warmup {args.warmup}")
@@ -273,7 +271,7 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
     n_loader = args.warmup + args.loader_steps
     start_epoch(loader, 0)
     raw = to_device(*next(iter(loader)), device, cfg.train.channels_last)  # the in-memory batch, as loaded
-    batch = (on_device(raw[0]), raw[1]) if on_device is not None else raw  # as the model sees it
+    batch = (transform(raw[0]), raw[1]) if transform is not None else raw  # as the model sees it
 
     # Two models built alike: the bare one with the trainer's optimizer and nothing else, the trainer's with it all.
     seed_everything(cfg.seed)
@@ -283,8 +281,7 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
     flops = forward_flops(bare_model, batch[0])
     seed_everything(cfg.seed)
     model = build_model(cfg, info.num_classes, info.in_chans, device)
-    parts, per_step, _ = build_parts(cfg, model, info.num_classes, device, env.world_size, len(loader) // accum,
-                                     on_device=on_device)
+    parts, per_step, _ = build_parts(cfg, model, data, device, env.world_size)
     parts.model = wrap_model(model, cfg, env.distributed, device)
     stop = StopRequest(signals=())  # the check's collective, without taking SIGTERM over
 
@@ -304,7 +301,7 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
         timm_model = timm_twin(cfg, info.num_classes, info.in_chans, device, our_params)
         for name, m in (("ours", bare), ("timm", torch.compile(timm_model) if cfg.train.compile else timm_model)):
             runs[f"{name}_fwd_bwd"] = (lambda c, m=m: bare_pass(m, None, batch, cfg.train.amp, accum, n, c), per_step)
-    return runs, flops, per_step, (on_device, raw[0])
+    return runs, flops, per_step, raw[0]
 
 
 def measure(runs: dict, args: argparse.Namespace, device: torch.device,
@@ -332,14 +329,11 @@ def measure(runs: dict, args: argparse.Namespace, device: torch.device,
 
 def main() -> int:
     args = parse_args()
-    cfg = load_run_config(args.config, args.overrides)
-    ctx = init_process(cfg)
+    cfg, ctx, data = set_up(args.config, args.overrides, training=True)
     env, device = ctx.env, ctx.device
-    cfg.train.accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, env.world_size)
-    cfg.train.amp = resolve_amp(cfg.train.amp, device)
     with tempfile.TemporaryDirectory() as log_dir, open(os.devnull, "w") as devnull:
         logger = RunLogger(log_dir, enabled=env.is_main, bar_file=devnull)  # the bar's work is done, not shown
-        runs, flops, global_batch, (on_device, raw_images) = build_runs(cfg, args, env, device, logger)
+        runs, flops, global_batch, raw_images = build_runs(cfg, args, env, device, data, logger)
         peak, peak_source = known_peak_tflops(device, cfg.train.amp, args.peak_tflops)
         # On a CPU the yardstick is measured at every repeat, as the machine's speed drifts; its best is the peak.
         yardstick = (lambda: matmul_tflops(AMP_DTYPES[cfg.train.amp] or torch.float32)) \
@@ -364,7 +358,7 @@ def main() -> int:
                   torch=torch.__version__)
     record.update(loader_summary(record, cfg, args, env))
     if args.stages:
-        record.update(stages_summary(record, cfg, args, on_device, raw_images))
+        record.update(stages_summary(record, cfg, args, data.train_transform, raw_images))
     if env.is_main:
         print_table(record)
         if args.json:
@@ -391,7 +385,7 @@ def loader_summary(record: dict, cfg: Config, args: argparse.Namespace, env: du.
     return out
 
 
-def stages_summary(record: dict, cfg: Config, args: argparse.Namespace, on_device, raw_images) -> dict:
+def stages_summary(record: dict, cfg: Config, args: argparse.Namespace, transform, raw_images) -> dict:
     """Each stage of both pipelines in ms per image on one thread (--stages files), and the device's batch work
     per image next to the bare step's."""
     if cfg.data.name != "imagefolder" or cfg.data.recipe != "imagenet":
@@ -404,8 +398,8 @@ def stages_summary(record: dict, cfg: Config, args: argparse.Namespace, on_devic
     stages = loader_stages.stage_times(cfg, files, args.repeats)
     out: dict = {"stages_ms_per_img": stages, "stages_files": len(files),
                  "stages_ours_over_timm": stages["timm"]["total"] / stages["ours"]["total"]}
-    if on_device is not None:
-        out["device_batch_ms_per_img"] = loader_stages.device_ms_per_image(on_device, raw_images, args.repeats)
+    if transform is not None:
+        out["device_batch_ms_per_img"] = loader_stages.device_ms_per_image(transform, raw_images, args.repeats)
     if "bare" in record["img_per_s_repeats"]:
         out["step_ms_per_img"] = 1e3 / record["bare_img_per_s"]
     return out
@@ -469,4 +463,4 @@ def print_stages(record: dict) -> None:
 
 
 if __name__ == "__main__":
-    du.run(main)
+    run_main(main)

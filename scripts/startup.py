@@ -17,8 +17,9 @@ import json
 import time
 
 import distributed_utils as du
-from data import build_datasets, build_train_loader, start_epoch
-from engine.build import init_process, load_run_config
+from core.cli import run_main
+from data import start_epoch
+from engine.build import build_data, start_run
 
 
 def main() -> None:
@@ -26,24 +27,23 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
-    cfg = load_run_config(args.config, args.overrides)
-    env = init_process(cfg).env
+    cfg, ctx = start_run(args.config, args.overrides, training=True)
+    env = ctx.env
     du.barrier()
     start = time.perf_counter()
-    train_set, _, info = build_datasets(cfg.data, cfg.aug, train=True, seed=cfg.seed)
+    data = build_data(cfg, ctx, training=True)
     listed = time.perf_counter() - start
-    loader = build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
-    start_epoch(loader, 0)
-    next(iter(loader))
+    start_epoch(data.train_loader, 0)
+    next(iter(data.train_loader))
     first_batch = time.perf_counter() - start
     slowest = [max(times) for times in zip(*du.all_gather_object((listed, first_batch)))]
     record = {"data": cfg.data.name, "root": cfg.data.root, "cache_file_list": cfg.data.cache_file_list,
-              "world_size": env.world_size, "train_images": info.train_size, "val_images": info.val_size,
+              "world_size": env.world_size, "train_images": data.info.train_size, "val_images": data.info.val_size,
               "data_sets_s": round(slowest[0], 3), "first_batch_s": round(slowest[1], 3)}
     du.print0(f"{env.world_size} rank(s): data sets built in {record['data_sets_s']:.2f} s, first batch after "
-              f"{record['first_batch_s']:.2f} s ({info.train_size} + {info.val_size} images)")
+              f"{record['first_batch_s']:.2f} s ({data.info.train_size} + {data.info.val_size} images)")
     du.print0(json.dumps(record))
 
 
 if __name__ == "__main__":
-    du.run(main)
+    run_main(main)

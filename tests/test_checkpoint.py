@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import pickle
@@ -34,16 +35,23 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.pth"]
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 256 KiB tmpfs: a real file system that fills up (needs root; skipped without)."""
-    mount = tmp_path / "disk"
+@contextlib.contextmanager
+def tmpfs(mount, size: str):
+    """A tmpfs of `size` at the folder `mount`: a real file system that fills up (needs root; skipped without)."""
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    with tmpfs(tmp_path / "disk", "256k") as mount:
+        yield mount
 
 
 def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tiny_disk):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import distributed_utils as du
+from core.cli import run_main
 from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,14 +258,14 @@ def test_run_keyboard_interrupt_exits_130(single):
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as info:
-        du.run(main)
+        run_main(main)
     assert info.value.code == 130
 
 
 def test_run_success_returns(single):
     calls = []
-    du.run(lambda: calls.append(du.setup()))
-    assert len(calls) == 1 and du._ctx is None  # cleaned up
+    run_main(lambda: calls.append(du.setup()))
+    assert len(calls) == 1 and not torch.distributed.is_initialized()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -305,6 +306,7 @@ def test_torchrun_two_ranks_reduce_broadcast_print0(tmp_path):
     result, _ = _launch(tmp_path, """
         import torch
         import distributed_utils as du
+        from core.cli import run_main
 
         def main():
             ctx = du.setup("auto", timeout_s=600)
@@ -317,7 +319,7 @@ def test_torchrun_two_ranks_reduce_broadcast_print0(tmp_path):
                   f"token={token} ranks={ranks}", flush=True)
             du.print0(f"PRINT0 rank={rank}")
 
-        du.run(main)
+        run_main(main)
     """, nproc=2)
     assert result.returncode == 0, result.stderr
     # Two processes share the pipe, and a print may reach it as two writes, so lines can interleave:
@@ -337,6 +339,7 @@ def test_failing_rank_ends_the_job(tmp_path, error, expected, absent):
     result, seconds = _launch(tmp_path, f"""
         import torch
         import distributed_utils as du
+        from core.cli import run_main
         from core.errors import UserError
 
         def main():
@@ -345,7 +348,7 @@ def test_failing_rank_ends_the_job(tmp_path, error, expected, absent):
             du.all_reduce_sum(torch.ones(1))
             du.barrier()
 
-        du.run(main)
+        run_main(main)
     """, nproc=2)
     assert result.returncode != 0
     for line in expected:
@@ -358,13 +361,14 @@ def test_failing_rank_ends_the_job(tmp_path, error, expected, absent):
 def test_user_error_single_process_is_one_line_exit_2(tmp_path):
     result, _ = _launch(tmp_path, """
         import distributed_utils as du
+        from core.cli import run_main
         from core.errors import UserError
 
         def main():
             du.setup()
             raise UserError("data.root '/nope' does not exist; set data.root=...")
 
-        du.run(main)
+        run_main(main)
     """, nproc=None)
     assert result.returncode == 2
     assert result.stderr == "error: data.root '/nope' does not exist; set data.root=...\n"

@@ -9,7 +9,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine.logging import RunLogger
-from engine.loop import NonFiniteLoss, TrainParts, evaluate, train_one_epoch, tta_views
+from core.errors import NonFiniteLoss
+from engine.checkpointer import RunState
+from engine.loop import EpochEnd, TrainParts, evaluate, train_one_epoch, tta_views
 from engine.optim import create_optimizer
 from engine import precision
 from engine.precision import resolve_amp
@@ -38,15 +40,20 @@ def parts_for(model, **kw):
     return TrainParts(**{**defaults, **kw})
 
 
-def run_epoch(parts, data, log_every=1):
-    return train_one_epoch(parts, data, epoch=0, step=0, logger=RunLogger("", enabled=False),
-                           log_every=log_every, global_batch=16)
+def run_epoch(parts, data, log_every=1) -> RunState:
+    """One epoch from a fresh run; the run's state after it."""
+    run = RunState()
+    ended = train_one_epoch(parts, data, run, logger=RunLogger("", enabled=False), log_every=log_every,
+                            global_batch=16)
+    assert ended is EpochEnd.DONE
+    return run
 
 
 def test_accumulation_equals_a_bigger_batch():
     big, small = tiny_model(), tiny_model()
-    assert run_epoch(parts_for(big), loader(16)) == 2
-    assert run_epoch(parts_for(small, accum_steps=2), loader(8)) == 2  # 4 micro-batches -> 2 optimizer steps
+    assert run_epoch(parts_for(big), loader(16)).step == 2
+    run = run_epoch(parts_for(small, accum_steps=2), loader(8))  # 4 micro-batches -> 2 optimizer steps
+    assert (run.step, run.epoch_samples) == (2, 32)
     for (name, a), b in zip(big.state_dict().items(), small.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -57,11 +64,15 @@ def test_ema_follows_the_raw_weights():
     parts, data = parts_for(model, ema=ema), loader(32)  # one batch: one optimizer step per epoch
     log = RunLogger("", enabled=False)
     # timm's convention (as in its train.py): the update at step 1 copies the weights, later ones average.
-    assert train_one_epoch(parts, data, epoch=0, step=0, logger=log, log_every=1, global_batch=32) == 1
+    run = RunState()
+    train_one_epoch(parts, data, run, logger=log, log_every=1, global_batch=32)
+    assert run.step == 1
     first = copy.deepcopy(model.state_dict())
     for name, value in ema.module.state_dict().items():
         torch.testing.assert_close(value, first[name], msg=name)
-    assert train_one_epoch(parts, data, epoch=1, step=1, logger=log, log_every=1, global_batch=32) == 2
+    run.end_epoch()
+    train_one_epoch(parts, data, run, logger=log, log_every=1, global_batch=32)
+    assert (run.epoch, run.step) == (1, 2)
     second = model.state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in second)
     for name, value in ema.module.state_dict().items():
@@ -166,7 +177,8 @@ def poisoned(batch_size, bad_batches, n=32):
 def test_max_bad_steps_skips_the_step_entirely_then_stops():
     skipping, reference = tiny_model(), tiny_model()
     parts = parts_for(skipping, max_bad_steps=1)
-    assert run_epoch(parts, poisoned(8, bad_batches=[1])) == 4 and parts.bad_steps == 1
+    run = run_epoch(parts, poisoned(8, bad_batches=[1]))
+    assert run.step == 4 and run.bad_steps == 1
     # A skipped step leaves no trace: the same as never seeing batch 1 (AdamW's step count included).
     images, labels = loader(8).dataset.tensors
     keep = torch.cat([torch.arange(0, 8), torch.arange(16, 32)])
@@ -237,7 +249,8 @@ NAN_ON_RANK_1 = """
     import sys
     from torch import nn
     import distributed_utils as du
-    from engine.loop import NonFiniteLoss
+    from core.cli import run_main
+    from core.errors import NonFiniteLoss
     from test_loop import parts_for, poisoned, run_epoch, tiny_model
 
     def main():
@@ -246,14 +259,14 @@ NAN_ON_RANK_1 = """
             model = tiny_model()
             parts = parts_for(nn.parallel.DistributedDataParallel(model), raw_model=model, max_bad_steps=max_bad_steps)
             try:
-                steps = run_epoch(parts, poisoned(8, bad_batches=[2] if rank == 1 else []), log_every=4)
+                run = run_epoch(parts, poisoned(8, bad_batches=[2] if rank == 1 else []), log_every=4)
                 norm = sum(p.double().abs().sum() for p in model.parameters()).item()
-                print(f"RESULT {max_bad_steps} rank={rank} steps={steps} bad={parts.bad_steps} norm={norm!r}",
+                print(f"RESULT {max_bad_steps} rank={rank} steps={run.step} bad={run.bad_steps} norm={norm!r}",
                       flush=True)
             except NonFiniteLoss as e:
                 print(f"RESULT {max_bad_steps} rank={rank} stopped: {e}", flush=True)
 
-    du.run(main)
+    run_main(main)
 """
 
 

@@ -1,6 +1,7 @@
 """Exact resume: a 2-process run SIGKILLed mid-epoch and restarted ends bitwise equal to an uninterrupted one."""
 import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,28 +106,72 @@ def reference_with_jpeg_workers(tmp_path_factory, jpeg_workers):
     return final_weights(ref)
 
 
-@pytest.mark.parametrize("variant", ["", "shard_workers"], ids=["2-loader-workers", "imagenet-recipe-shards"])
+def kill_run(out, tracer=None):
+    """SIGKILL the run: torchrun starts its workers in sessions of their own, so kill by command line (torchrun and
+    both workers); rank 0's checkpoint writer dies with rank 0, once a tracer holding it lets go."""
+    subprocess.run(["pkill", "-KILL", "-f", f"output_dir={out}"], check=False)
+    if tracer is not None:
+        tracer.kill()
+        tracer.wait()
+    while subprocess.run(["pgrep", "-f", f"output_dir={out}|engine.checkpoint_writer"],
+                         capture_output=True).returncode == 0:
+        time.sleep(0.05)
+
+
+def hold_the_writers_fsync(out):
+    """Hold rank 0's checkpoint writer in every fsync it makes from now on (strace delays the call by 10 minutes):
+    the next checkpoint stays a half-done temporary file for as long as the test needs."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace (Debian: strace; make test installs it)")
+    writers = subprocess.run(["pgrep", "-f", "engine.checkpoint_writer"], capture_output=True, text=True).stdout.split()
+    ours = [pid for pid in writers if f"output_dir={out}" in parent_command_line(pid)]
+    assert len(ours) == 1, (writers, ours)
+    return subprocess.Popen(["strace", "-qq", "-f", "-e", "trace=fsync", "-e", "inject=fsync:delay_enter=600000000",
+                             "-o", "/dev/null", "-p", ours[0]])
+
+
+def parent_command_line(pid: str) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        parent = f.read().rsplit(")", 1)[1].split()[1]  # the field after the state, past the command's parentheses
+    with open(f"/proc/{parent}/cmdline") as f:
+        return f.read().replace("\0", " ")
+
+
+@pytest.mark.parametrize("variant", ["", "shard_workers"], ids=["2-loader-workers-write-in-flight",
+                                                                 "imagenet-recipe-shards"])
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, request, variant):
-    """Synthetic images in loader workers; and the imagenet recipe (its erasing draws on the device come from the
-    checkpointed generator) on tar shards of JPEGs, killed and resumed, which must end equal to the uninterrupted
-    run on the image folder of those JPEGs."""
+    """Synthetic images in loader workers, killed while a checkpoint's background write is in flight: the restart
+    removes the half-written file and resumes from the checkpoint before it. And the imagenet recipe (its erasing
+    draws on the device come from the checkpointed generator) on tar shards of JPEGs, killed and resumed, which must
+    end equal to the uninterrupted run on the image folder of those JPEGs."""
     compared_with = {"shard_workers": "jpeg_workers"}.get(variant, variant)
     reference = request.getfixturevalue(f"reference_with_{compared_with}" if variant else "reference")
     extra = request.getfixturevalue(variant) if variant else []
     out = str(tmp_path / "killed")
+    folder = os.path.join(out, "checkpoints")
 
     proc = start_run(out, extra=extra)
-    wait_for(os.path.join(out, "checkpoints", "step_000000006.pth"), proc)
-    # torchrun starts its workers in sessions of their own, so kill by command line: torchrun and both workers.
-    subprocess.run(["pkill", "-KILL", "-f", f"output_dir={out}"], check=False)
+    wait_for(os.path.join(folder, "step_000000002.pth" if not variant else "step_000000006.pth"), proc)
+    if not variant:
+        tracer = hold_the_writers_fsync(out)
+        unfinished = os.path.join(folder, ".step_*.pth.*.tmp")
+        deadline = time.time() + 240
+        while not glob.glob(unfinished) and time.time() < deadline:
+            assert proc.poll() is None, "the run ended before a write could be held"
+            time.sleep(0.02)
+        assert glob.glob(unfinished), "no write was held"
+    kill_run(out, tracer if not variant else None)
     proc.wait()
-    while subprocess.run(["pgrep", "-f", f"output_dir={out}"], capture_output=True).returncode == 0:
-        time.sleep(0.05)
-    newest = sorted(glob.glob(os.path.join(out, "checkpoints", "step_*.pth")))[-1]
+    if not variant:
+        held = os.path.basename(glob.glob(unfinished)[0])
+    newest = sorted(glob.glob(os.path.join(folder, "step_*.pth")))[-1]
     assert torch.load(newest, weights_only=True)["epoch"] < 4, "the kill came too late to test anything"
 
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"] + EXACT + extra, nproc=2)
-    assert "resumed from" in proc.stdout, proc.stdout
+    assert f"resumed from {newest}" in proc.stdout, proc.stdout
+    if not variant:
+        assert held[1:].split(".pth")[0] > os.path.basename(newest), (held, newest)  # the held one was newer
+        assert f"removed 1 unfinished checkpoint file(s) of an interrupted write: {held}" in proc.stdout
     assert_same_as_reference(out, reference)
 
 

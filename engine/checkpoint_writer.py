@@ -1,0 +1,299 @@
+"""Writing checkpoint files off the training path: a process of rank 0's own serialises, writes, fsyncs, renames and
+prunes (engine.checkpoint.save_training_checkpoint) while the ranks train on.
+
+A process, not a thread: torch.save holds the GIL while it serialises, so a writer thread stalls the training loop's
+Python for most of the write. The state reaches the writer through shared memory, an anonymous memfd (not /dev/shm,
+which containers often cap at 64 MB): rank 0 copies every tensor into it, the only part of a save that holds
+the ranks, and sends the rest of the state (the config, the python RNG states), a few kilobytes, through a pipe. On CUDA the memory is pinned, so the
+copies from the device run at full speed. The writer dies with its parent (a killed rank leaves no writer behind
+to rename a file into a folder that a restarted run already uses) and ignores the stop signals, which are the
+rank's to act on.
+
+    python -m engine.checkpoint_writer FD    # started by BackgroundWriter, never by hand
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from core.errors import CheckpointError, UserError
+from engine.checkpoint import save_training_checkpoint
+
+ALIGN = 64  # byte alignment of each tensor in the shared memory
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    """save_training_checkpoint's arguments besides the state."""
+    output_dir: str
+    step: int
+    keep_last: int
+    best: bool = False
+    score: float | None = None
+    keep_best: int = 0
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.output_dir, "checkpoints", f"step_{self.step:09d}.pth")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a tensor lies in the shared memory."""
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def tensors_in(tree: Any):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from tensors_in(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from tensors_in(value)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def shared_bytes(tree: Any) -> int:
+    """The shared memory the tensors of `tree` take."""
+    return sum(_aligned(t.nbytes) for t in tensors_in(tree))
+
+
+def pack(tree: Any, flat: torch.Tensor) -> Any:
+    """`tree` with each tensor copied into `flat` (uint8) and replaced by its Slot (pickling even small tensors
+    costs more than copying them): what stays valid while training changes the originals. Copies from CUDA are
+    queued (non_blocking); the caller synchronises before the writer reads them."""
+    offset = 0
+
+    def visit(node: Any) -> Any:
+        nonlocal offset
+        if isinstance(node, torch.Tensor):
+            if node.nbytes == 0:
+                return torch.empty(node.shape, dtype=node.dtype)
+            view = flat[offset:offset + node.nbytes].view(node.dtype).view(node.shape)
+            view.copy_(node.detach(), non_blocking=True)
+            slot, offset = Slot(offset, node.dtype, tuple(node.shape)), offset + _aligned(node.nbytes)
+            return slot
+        if isinstance(node, dict):
+            return {k: visit(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(visit(v) for v in node)
+        return node
+
+    return visit(tree)
+
+
+def unpack(tree: Any, buffer: Any) -> Any:
+    """The tensors of a packed tree, each its own storage over its region of `buffer` (so torch.save writes each
+    tensor's bytes once, and nothing between them)."""
+    if isinstance(tree, Slot):
+        count = 1
+        for size in tree.shape:
+            count *= size
+        return torch.frombuffer(buffer, dtype=tree.dtype, count=count, offset=tree.offset).view(tree.shape)
+    if isinstance(tree, dict):
+        return {k: unpack(v, buffer) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(unpack(v, buffer) for v in tree)
+    return tree
+
+
+class SharedMemory:
+    """Anonymous shared memory as a uint8 tensor that grows as needed, pinned (with `pin`) for CUDA's asynchronous
+    copies; its file descriptor is inherited by the writer, which maps it again when it grows."""
+
+    def __init__(self, pin: bool) -> None:
+        self.fd = os.memfd_create("convnext-checkpoint", 0)  # no MFD_CLOEXEC: the writer inherits it
+        self.nbytes, self.map, self.flat, self.pin, self.pinned = 0, None, None, pin, False
+
+    def reserve(self, nbytes: int) -> torch.Tensor:
+        """At least `nbytes` of it (the contents are not kept when it grows)."""
+        nbytes = max(nbytes, ALIGN)  # a mapping is never empty
+        if nbytes > self.nbytes:
+            self._unmap()
+            self.nbytes = _aligned(nbytes)
+            os.ftruncate(self.fd, self.nbytes)
+            self.map = mmap.mmap(self.fd, self.nbytes)
+            self.flat = torch.frombuffer(self.map, dtype=torch.uint8)
+            self.pinned = self.pin and torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), self.nbytes, 0) == 0
+        return self.flat
+
+    def _unmap(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
+        if self.map is not None:
+            self.flat = None
+            self.map.close()
+
+    def close(self) -> None:
+        self._unmap()
+        os.close(self.fd)
+
+
+class InlineWriter:
+    """Writes in the training process: the ranks wait for the whole write (checkpoint.background=false)."""
+
+    last_write_s = 0.0
+
+    def submit(self, state: dict, job: WriteJob) -> None:
+        start = time.perf_counter()
+        save_training_checkpoint(state, **asdict(job))
+        self.last_write_s = time.perf_counter() - start
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class BackgroundWriter:
+    """Hands checkpoints to a writer process, started at once so that it is ready by the first save; at most one
+    write is in flight, a new one first waits for it.
+
+    A failed write (full disk, lost mount) is raised as a CheckpointError by the next submit, wait or close; the
+    files it would have replaced are untouched (core.files.atomic_write).
+
+    Args:
+        cuda: the state is on a CUDA device: pin the shared memory, wait for the copies before handing it over.
+        expected_bytes: the state's size as far as it is known: that much shared memory is mapped (its pages
+            touched, in a thread) before the first save, which would otherwise pay for it while the ranks wait.
+    """
+
+    def __init__(self, cuda: bool = False, expected_bytes: int = 0) -> None:
+        self.cuda = cuda
+        self.memory = SharedMemory(pin=cuda)
+        flat = self.memory.reserve(expected_bytes)
+        self.touching = threading.Thread(target=flat.fill_, args=(0,), daemon=True)  # fill_ lets go of the GIL
+        self.touching.start()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")])),
+               "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.checkpoint_writer", str(self.memory.fd)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.memory.fd,),
+                                     env=env, start_new_session=True)
+        try:  # room for a whole request (the ranks' python RNG states are most of it), so that the first save
+            fcntl.fcntl(self.proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)  # need not wait for the writer to start
+        except OSError:
+            pass
+        self.in_flight: WriteJob | None = None
+        self.last_write_s = 0.0  # how long the writer took for the last finished write
+
+    def submit(self, state: dict, job: WriteJob) -> None:
+        self.wait()
+        self.touching.join()
+        packed = pack(state, self.memory.reserve(shared_bytes(state)))
+        if self.cuda:
+            torch.cuda.synchronize()  # the device-to-host copies are in the shared memory before the writer reads
+        try:
+            pickle.dump((packed, self.memory.nbytes, job), self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise CheckpointError(f"cannot write '{job.path}': {self._ended()}") from None
+        self.in_flight = job
+
+    def done(self) -> bool:
+        """Whether the write in flight (if any) has finished; its outcome is reported by the next wait."""
+        return self.in_flight is None or bool(select.select([self.proc.stdout], [], [], 0)[0])
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk; raise its failure."""
+        job, self.in_flight = self.in_flight, None
+        if job is None:
+            return
+        try:
+            outcome, message = pickle.load(self.proc.stdout)
+        except (EOFError, pickle.UnpicklingError):
+            outcome, message = "error", self._ended()
+        if outcome == "ok":
+            self.last_write_s = message
+        elif outcome == "user":  # a full disk, a lost mount: the message names the file and the way out
+            raise CheckpointError(message)
+        else:
+            raise CheckpointError(f"the background write of '{job.path}' failed ({message}); the checkpoints "
+                                  f"written before it are untouched")
+
+    def _ended(self) -> str:
+        return (f"the checkpoint writer process ended (exit code {self.proc.wait()}); the checkpoints written before "
+                f"are untouched. Start the run again to resume, or set checkpoint.background=false")
+
+    def close(self) -> None:
+        """Wait for the write in flight, then end the writer."""
+        try:
+            self.wait()
+        finally:
+            try:  # by message, not by closing the pipe: loader workers forked since hold its write end too
+                pickle.dump(None, self.proc.stdin)
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            self.proc.wait()
+            self.proc.stdout.close()
+            self.memory.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the process that started it ends, however it ends."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def main(argv: list[str]) -> int:
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        return 1
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the rank decides when to stop, then waits for us
+        signal.signal(sig, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    fd, mapped = int(argv[0]), None
+    requests, replies = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    sys.stdout = sys.stderr  # stray prints must not corrupt the replies
+    while True:
+        try:
+            request = pickle.load(requests)
+        except EOFError:  # the rank is gone
+            return 0
+        if request is None:  # the rank closed the writer
+            return 0
+        packed, nbytes, job = request
+        start = time.perf_counter()
+        if mapped is None or len(mapped) != nbytes:  # the rank grew the memory
+            mapped = mmap.mmap(fd, nbytes)
+        try:
+            save_training_checkpoint(unpack(packed, mapped), **asdict(job))
+            reply = ("ok", time.perf_counter() - start)
+        except UserError as e:
+            reply = ("user", str(e))
+        except Exception as e:  # reported by the rank in one line; the rank decides to stop
+            reply = ("error", f"{type(e).__name__}: {e}")
+        pickle.dump(reply, replies)
+        replies.flush()
+
+
+if __name__ == "__main__":
+    from engine import checkpoint_writer  # this file under its own name, whose Slot is the one the rank pickles
+
+    sys.exit(checkpoint_writer.main(sys.argv[1:]))
