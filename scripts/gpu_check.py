@@ -17,7 +17,9 @@ Each step is reported ok, failed (with the error and its log) or skipped (with t
                   data sheet, peak memory (bare step and the trainer's step);
   eval_speed      eval.py on ConvNeXt-T (random weights) over synthetic images: img/s, data loading included;
   profile         train.py on ConvNeXt-T with train.profile: a torch.profiler trace of 5 steps after warm-up and
-                  the milliseconds of a step and of its data wait, forward, backward and optimizer (device time).
+                  the milliseconds of a step and of its data wait, forward, backward and optimizer (device time);
+  checkpoint      scripts/checkpoint_benchmark.py on ConvNeXt-B's state: how long a save holds the ranks, written
+                  inline against in the background (at most a quarter of it: the device-to-host copy alone).
 The dry run uses the same counts (steps, batch sizes, warm-up, evaluation sizes) with a tiny model at 32 px, in the
 precision the CPU has, so a count that cannot work on the GPU fails there first.
 The correctness steps run a few at a time (the GPU has room); the speed steps run alone afterwards (in the dry run
@@ -52,7 +54,9 @@ CONVNEXT_T = os.path.join(ROOT, "configs", "convnext_t.yaml")
 AMPS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 RESUME_FROM = 2  # step_000000002.pth: mid epoch 0 (4 steps an epoch of 16 images)
 ORDER = [f"train_{a}{c}" for a in AMPS for c in ("", "_compile")] + [
-    "resume_bitwise", "ddp_gloo", "ddp_nccl", "eval_exact", "speed", "speed_compile", "eval_speed", "profile"]
+    "resume_bitwise", "ddp_gloo", "ddp_nccl", "eval_exact", "speed", "speed_compile", "eval_speed", "profile",
+    "checkpoint"]
+CONVNEXT_B = os.path.join(ROOT, "configs", "convnext_b.yaml")
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,19 @@ class Check:
             raise Failed(f"{folder}: traces {traces}, {summary['steps']} steps traced of {self.p.profile_steps}")
         return {"model": model_name(self.p), "batch": self.p.batch, **summary, "trace": os.path.join(folder, traces[0])}
 
+    def checkpoint(self) -> dict:
+        """The ranks' time per save, inline and in the background, of ConvNeXt-B's state (a tiny model's in the dry
+        run, where the ratio means nothing)."""
+        r = last_json(self.run("checkpoint", ["scripts/checkpoint_benchmark.py", "--config", CONVNEXT_B,
+                                              "--repeats", "3", "--dir", self.dir("checkpoint"), *self.p.tiny_t]))
+        figures = {k: r[k] for k in ("model", "state_gb", "inline_blocked_s", "background_blocked_s",
+                                     "background_write_s", "blocked_background_over_inline", "step_s",
+                                     "step_during_write_s")}
+        if not self.dry and r["blocked_background_over_inline"] > 0.25:
+            raise Failed(f"a background save held the ranks {r['background_blocked_s']:.3f} s, more than a quarter "
+                         f"of an inline save's {r['inline_blocked_s']:.3f} s: {figures}")
+        return figures
+
     # -- the whole check -------------------------------------------------------------------------------------------
 
     def ddp_then_eval(self) -> None:
@@ -272,7 +289,7 @@ class Check:
         jobs.append(partial(self.step, "ddp_nccl", self.ddp, "ddp_nccl", "nccl"))
         timed = [partial(self.step, name, self.speed, name, compile_)
                  for name, compile_ in (("speed", False), ("speed_compile", True))]
-        timed += [partial(self.step, "eval_speed", self.eval_speed), partial(self.step, "profile", self.profile)]
+        timed += [partial(self.step, name, getattr(self, name)) for name in ("eval_speed", "profile", "checkpoint")]
         if self.dry:  # figures that mean nothing: no need to run alone
             self.concurrently(jobs + timed)
         else:

@@ -106,3 +106,16 @@ def test_startup_times_the_first_batch_of_both_ranks(tmp_path):
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (record["world_size"], record["train_images"], record["val_images"]) == (2, 16, 4)
     assert 0 < record["data_sets_s"] <= record["first_batch_s"] and "first batch after" in proc.stdout
+
+
+def test_checkpoint_benchmark_times_both_kinds_of_save_on_two_ranks(tmp_path):
+    proc = run(["scripts/checkpoint_benchmark.py", "--config", DEBUG, "--repeats", "2", "--steps", "1",
+                "--dir", str(tmp_path)], nproc=2)
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["world_size"] == 2 and record["model"] == "convnext_atto" and record["state_gb"] > 0
+    rows = record["repeats"]
+    for key in ("step_s", "inline_blocked_s", "background_blocked_s", "background_write_s"):
+        assert len(rows[key]) == 2 and all(v > 0 for v in rows[key]) and record[key] == statistics.median(rows[key])
+    assert record["blocked_background_over_inline"] == pytest.approx(statistics.median(
+        b / a for a, b in zip(rows["inline_blocked_s"], rows["background_blocked_s"])))
+    assert "ranks blocked" in proc.stdout and list(tmp_path.iterdir()) == []  # its checkpoints are cleaned up

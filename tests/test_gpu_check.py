@@ -76,6 +76,9 @@ def test_dry_run_passes_every_step_on_the_cpu(tmp_path):
     assert (speed["batch"], speed["steps"], speed["warmup"], speed["repeats"]) == (128, 20, 5, 3)
     assert speed["amp"] == ("bf16" if native else "none")
     assert steps["eval_speed"]["img_per_s"] > 0 and steps["eval_speed"]["samples"] == 5000
+    checkpoint = steps["checkpoint"]
+    assert checkpoint["model"] == "convnext_atto" and checkpoint["background_blocked_s"] > 0
+    assert checkpoint["background_write_s"] > 0 and checkpoint["inline_blocked_s"] > 0
     # The profile step: a trace in Chrome's trace format (what Perfetto, chrome://tracing and TensorBoard's profiler
     # plugin read), holding the 5 traced steps and the loop's phases, and the step's time split in the summary.
     profile = steps["profile"]
