@@ -29,7 +29,8 @@ from models.pretrained import read_weights, resolve_weights
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the YAML recipe the model was trained with")
-    parser.add_argument("--checkpoint", required=True, help="a weights file (ours, an official release, timm's) or a hub name: hf-hub:timm/convnext_tiny.fb_in1k, convnext_tiny.fb_in1k")
+    parser.add_argument("--checkpoint", required=True, help="a weights file (ours, an official release, timm's) or "
+                        "a hub name: hf-hub:timm/convnext_tiny.fb_in1k, convnext_tiny.fb_in1k")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights of one of our checkpoints")
     parser.add_argument("--per-class", metavar="FILE.json", default="",
                         help="also write per-class top-1 and the confusion matrix there, and the matrix as an image "

@@ -22,6 +22,11 @@ def checkpoint_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
+def step_file(output_dir: str, step: int) -> str:
+    """The checkpoint of optimizer step `step`."""
+    return os.path.join(checkpoint_dir(output_dir), f"step_{step:09d}.pth")
+
+
 def _link_atomically(src: str, dst: str) -> None:
     """Point `dst` at the file `src` without copying it; readers see the old or the new file, never half of one."""
     tmp = f"{dst}.{os.getpid()}.link"
@@ -58,7 +63,7 @@ def save_training_checkpoint(state: dict, output_dir: str, step: int, keep_last:
     best_top1_<score>_step_<step>.pth, and of those only the K best are kept.
     """
     folder = checkpoint_dir(output_dir)
-    path = os.path.join(folder, f"step_{step:09d}.pth")
+    path = step_file(output_dir, step)
     save_checkpoint(state, path)
     _link_atomically(path, os.path.join(folder, "last.pth"))
     if best:

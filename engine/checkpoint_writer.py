@@ -3,11 +3,11 @@ prunes (engine.checkpoint.save_training_checkpoint) while the ranks train on.
 
 A process, not a thread: torch.save holds the GIL while it serialises, so a writer thread stalls the training loop's
 Python for most of the write. The state reaches the writer through shared memory, an anonymous memfd (not /dev/shm,
-which containers often cap at 64 MB): rank 0 copies every tensor into it, the only part of a save that holds
-the ranks, and sends the rest of the state (the config, the python RNG states), a few kilobytes, through a pipe. On CUDA the memory is pinned, so the
-copies from the device run at full speed. The writer dies with its parent (a killed rank leaves no writer behind
-to rename a file into a folder that a restarted run already uses) and ignores the stop signals, which are the
-rank's to act on.
+which containers often cap at 64 MB): rank 0 copies every tensor into it, the only part of a save that holds the
+ranks, and sends the rest (the config, the python RNG states), a few kilobytes, through a pipe. On CUDA the memory
+is pinned, so the copies from the device run at full speed. The writer dies with its parent (a killed rank leaves no
+writer behind to rename a file into a folder that a restarted run already uses) and ignores the stop signals, which
+are the rank's to act on.
 
     python -m engine.checkpoint_writer FD    # started by BackgroundWriter, never by hand
 """
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from core.errors import CheckpointError, UserError
-from engine.checkpoint import save_training_checkpoint
+from engine.checkpoint import save_training_checkpoint, step_file
 
 ALIGN = 64  # byte alignment of each tensor in the shared memory
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ class WriteJob:
 
     @property
     def path(self) -> str:
-        return os.path.join(self.output_dir, "checkpoints", f"step_{self.step:09d}.pth")
+        return step_file(self.output_dir, self.step)
 
 
 @dataclass(frozen=True)

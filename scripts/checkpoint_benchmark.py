@@ -132,8 +132,8 @@ def main() -> int:
     du.print0(f"{cfg.model.name}, {record['state_gb']:.2f} GB of state, {ctx.env.world_size} process(es): ranks "
               f"blocked {record['inline_blocked_s']:.3f} s a save written inline, "
               f"{record['background_blocked_s']:.3f} s in the background "
-              f"({record['blocked_background_over_inline']:.3f}x), whose write took {record['background_write_s']:.2f} s;"
-              f" a step {record['step_s']:.3f} s, {record['step_during_write_s']:.3f} s during the write: "
+              f"({record['blocked_background_over_inline']:.3f}x), whose write took "
+              f"{record['background_write_s']:.2f} s; a step {record['step_s']:.3f} s, {record['step_during_write_s']:.3f} s during the write: "
               f"{record['background_cost_s']:.3f} s lost to a background save in all")
     du.print0(json.dumps(record))
     return 0
