@@ -106,15 +106,19 @@ def reference_with_jpeg_workers(tmp_path_factory, jpeg_workers):
     return final_weights(ref)
 
 
-def kill_run(out, tracer=None):
+def kill_run(out, held=None):
     """SIGKILL the run: torchrun starts its workers in sessions of their own, so kill by command line (torchrun and
-    both workers); rank 0's checkpoint writer dies with rank 0, once a tracer holding it lets go."""
+    both workers); rank 0's checkpoint writer dies with rank 0. A tracer holding the writer (`held`: the tracer, the
+    writer's pid and rank 0's) lets go only once rank 0 has ended, so the writer's SIGKILL is already pending:
+    earlier, the held write would run on to its end."""
     subprocess.run(["pkill", "-KILL", "-f", f"output_dir={out}"], check=False)
-    if tracer is not None:
+    if held is not None:
+        tracer, writer, rank0 = held
+        while parent_of(writer) == rank0:  # the kernel sends the parent-death signal as it reparents the writer
+            time.sleep(0.02)
         tracer.kill()
         tracer.wait()
-    while subprocess.run(["pgrep", "-f", f"output_dir={out}|engine.checkpoint_writer"],
-                         capture_output=True).returncode == 0:
+    while subprocess.run(["pgrep", "-f", "engine.checkpoint_writer"], capture_output=True).returncode == 0:
         time.sleep(0.05)
 
 
@@ -124,22 +128,29 @@ def hold_the_writers_fsync(out):
     if shutil.which("strace") is None:
         pytest.skip("needs strace (Debian: strace; make test installs it)")
     writers = subprocess.run(["pgrep", "-f", "engine.checkpoint_writer"], capture_output=True, text=True).stdout.split()
-    ours = [pid for pid in writers if f"output_dir={out}" in parent_command_line(pid)]
+    ours = [pid for pid in writers if f"output_dir={out}" in command_line(parent_of(pid))]
     assert len(ours) == 1, (writers, ours)
     tracer = subprocess.Popen(["strace", "-qq", "-f", "-e", "trace=fsync", "-e", "inject=fsync:delay_enter=600000000",
                                "-o", "/dev/null", "-p", ours[0]], stderr=subprocess.PIPE, text=True)
     try:
         error = tracer.communicate(timeout=2)[1]  # strace stays until the writer ends: leaving at once is a failure
     except subprocess.TimeoutExpired:
-        return tracer
+        return tracer, ours[0], parent_of(ours[0])
     kill_run(out)
     pytest.skip(f"strace cannot hold the writer here (ptrace not allowed?): {error.strip()}")
 
 
-def parent_command_line(pid: str) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        parent = f.read().rsplit(")", 1)[1].split()[1]  # the field after the state, past the command's parentheses
-    with open(f"/proc/{parent}/cmdline") as f:
+def parent_of(pid: str) -> str:
+    """`pid`'s parent ("" once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[1]  # the field after the state, past the command's parentheses
+    except FileNotFoundError:
+        return ""
+
+
+def command_line(pid: str) -> str:
+    with open(f"/proc/{pid}/cmdline") as f:
         return f.read().replace("\0", " ")
 
 
@@ -159,14 +170,14 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, request, v
     proc = start_run(out, extra=extra)
     wait_for(os.path.join(folder, "step_000000002.pth" if not variant else "step_000000006.pth"), proc)
     if not variant:
-        tracer = hold_the_writers_fsync(out)
+        held = hold_the_writers_fsync(out)
         unfinished = os.path.join(folder, ".step_*.pth.*.tmp")
         deadline = time.time() + 240
         while not glob.glob(unfinished) and time.time() < deadline:
             assert proc.poll() is None, "the run ended before a write could be held"
             time.sleep(0.02)
         assert glob.glob(unfinished), "no write was held"
-    kill_run(out, tracer if not variant else None)
+    kill_run(out, held if not variant else None)
     proc.wait()
     if not variant:
         held = os.path.basename(glob.glob(unfinished)[0])
