@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import math
 import mmap
 import os
 import pickle
@@ -59,15 +60,21 @@ class Slot:
     shape: tuple[int, ...]
 
 
-def tensors_in(tree: Any):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            yield from tensors_in(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from tensors_in(value)
+def _map_leaves(tree: Any, leaf: type, fn) -> Any:
+    """`tree` (dicts, lists, tuples) with each instance of `leaf` in it replaced by fn(it), in order."""
+    if isinstance(tree, leaf):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map_leaves(v, leaf, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_leaves(v, leaf, fn) for v in tree)
+    return tree
+
+
+def tensors_in(tree: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    _map_leaves(tree, torch.Tensor, found.append)
+    return found
 
 
 def _aligned(nbytes: int) -> int:
@@ -85,37 +92,27 @@ def pack(tree: Any, flat: torch.Tensor) -> Any:
     queued (non_blocking); the caller synchronises before the writer reads them."""
     offset = 0
 
-    def visit(node: Any) -> Any:
+    def copy(tensor: torch.Tensor) -> Slot | torch.Tensor:
         nonlocal offset
-        if isinstance(node, torch.Tensor):
-            if node.nbytes == 0:
-                return torch.empty(node.shape, dtype=node.dtype)
-            view = flat[offset:offset + node.nbytes].view(node.dtype).view(node.shape)
-            view.copy_(node.detach(), non_blocking=True)
-            slot, offset = Slot(offset, node.dtype, tuple(node.shape)), offset + _aligned(node.nbytes)
-            return slot
-        if isinstance(node, dict):
-            return {k: visit(v) for k, v in node.items()}
-        if isinstance(node, (list, tuple)):
-            return type(node)(visit(v) for v in node)
-        return node
+        if tensor.nbytes == 0:
+            return torch.empty(tensor.shape, dtype=tensor.dtype)
+        view = flat[offset:offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor.detach(), non_blocking=True)
+        slot, offset = Slot(offset, tensor.dtype, tuple(tensor.shape)), offset + _aligned(tensor.nbytes)
+        return slot
 
-    return visit(tree)
+    return _map_leaves(tree, torch.Tensor, copy)
 
 
 def unpack(tree: Any, buffer: Any) -> Any:
     """The tensors of a packed tree, each its own storage over its region of `buffer` (so torch.save writes each
     tensor's bytes once, and nothing between them)."""
-    if isinstance(tree, Slot):
-        count = 1
-        for size in tree.shape:
-            count *= size
-        return torch.frombuffer(buffer, dtype=tree.dtype, count=count, offset=tree.offset).view(tree.shape)
-    if isinstance(tree, dict):
-        return {k: unpack(v, buffer) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(unpack(v, buffer) for v in tree)
-    return tree
+
+    def view(slot: Slot) -> torch.Tensor:
+        count = math.prod(slot.shape)
+        return torch.frombuffer(buffer, dtype=slot.dtype, count=count, offset=slot.offset).view(slot.shape)
+
+    return _map_leaves(tree, Slot, view)
 
 
 class SharedMemory:
