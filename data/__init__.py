@@ -5,9 +5,8 @@
     loader = build_train_loader(train_set, cfg.data, rank, world_size, cfg.seed)
     for epoch in ...:
         start_epoch(loader, epoch)
-        for images, labels in loader:  # uint8 (imagenet recipe) or float32 normalised (small) NCHW, int64
-            images = images.to(device)
-            images = train_transform(images) if train_transform else images  # float32 NCHW normalised
+        for images, labels in loader:  # uint8 NCHW at img_size, int64
+            images = train_transform(images.to(device))  # float32 NCHW, augmented and normalised
 """
 from __future__ import annotations
 
@@ -41,13 +40,13 @@ class DatasetInfo:
 
 def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool = True,
                    seed: int = 0) -> tuple[Dataset | None, Dataset, DatasetInfo]:
-    """(train set or None when train=False, val set, info); items are (CHW image, label), the image uint8 for
-    the imagenet recipe (batch_transforms finishes it on the device) and normalised float32 for the small one."""
+    """(train set or None when train=False, val set, info); items are (uint8 CHW image, label): batch_transforms
+    finishes them on the device."""
     splits = load_splits(data_cfg, train)
     mean, std = mean_std(data_cfg.name)
-    train_set = (apply_recipe(splits.train, data_cfg, aug_cfg, True, mean, std, seed)
+    train_set = (apply_recipe(splits.train, data_cfg, aug_cfg, True, seed)
                  if splits.train is not None else None)
-    val_set = apply_recipe(splits.val, data_cfg, aug_cfg, False, mean, std)
+    val_set = apply_recipe(splits.val, data_cfg, aug_cfg, False)
     info = DatasetInfo(splits.num_classes, splits.in_chans, len(train_set) if train_set is not None else 0,
                        len(val_set), mean, std, splits.class_names or [str(i) for i in range(splits.num_classes)])
     return train_set, val_set, info

@@ -1,13 +1,13 @@
-"""The end of the imagenet training recipe, done on the device over a whole uint8 batch.
+"""Every recipe's augmentation after the crop, on the device over a whole uint8 batch; and eval's normalisation.
 
-Loader workers hand over uint8 NCHW images (crop + RandAugment); `BatchAugment` then does what timm's
-`create_transform(is_training=True, ...)` does after RandAugment, image by image but vectorised over the batch:
-horizontal flip, ToTensor + Normalize, and RandomErasing with timm's definition (`timm.data.random_erasing`).
-timm flips before RandAugment; flipping after it gives the same distribution, because RandAugment's geometric
-ops draw the sign of their magnitude symmetrically. `BatchNormalize` is the eval counterpart.
+The loader hands over uint8 NCHW images (the imagenet recipe: the random-resized crop; the small one: the images as
+they are); `BatchAugment` then does what timm's `create_transform(is_training=True, ...)` does after the crop, in
+its order, image by image but vectorised over the batch: [the small recipe's pad-crop], horizontal flip,
+RandAugment (data.rand_augment), ToTensor + Normalize, and RandomErasing with timm's definition
+(`timm.data.random_erasing`). `BatchNormalize` is the eval counterpart.
 
 Random draws come from torch's RNG on the batch's device (or `generator`), so a CUDA batch never waits on the host
-per image, and a saved generator state resumes the same draws.
+per image, and a saved generator state resumes the same draws; RandAugment's come from the host's (see there).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from data.rand_augment import BatchRandAugment
 
 ERASE_MODES = ("pixel", "rand", "const")
 _ATTEMPTS = 10  # timm's tries at placing a box that fits before giving up on it
@@ -71,7 +73,10 @@ class BatchNormalize:
 
 
 class BatchAugment(BatchNormalize):
-    """Flip, normalise and randomly erase a uint8 NCHW batch; each image gets its own draws.
+    """Pad-crop, flip, RandAugment, normalise and randomly erase a uint8 NCHW batch; each image gets its own draws.
+
+    The pad-crop (the small recipe's) pads each side with `crop_padding` zeros and keeps a window of the original
+    size at a uniformly drawn offset, as torchvision's RandomCrop(size, padding).
 
     Erasing follows timm's RandomErasing (applied after normalisation): with probability `reprob` an image gets
     a random number of boxes in [min_count, max_count]; each box tries up to 10 times to draw an area fraction
@@ -83,6 +88,9 @@ class BatchAugment(BatchNormalize):
         mean: per-channel mean on the 0-1 scale.
         std: per-channel standard deviation on the 0-1 scale.
         hflip: probability of a horizontal flip.
+        rand_augment: timm's RandAugment string ("rand-m9-mstd0.5-inc1"); "" for none.
+        fill: the 0-255 colour geometric RandAugment ops leave uncovered; default the mean's, as timm's.
+        crop_padding: pixels of zero padding for the pad-crop; 0 for none.
         reprob: probability that an image is erased.
         mode: "pixel", "rand" or "const".
         min_area: smallest box area, as a fraction of the image.
@@ -96,8 +104,8 @@ class BatchAugment(BatchNormalize):
             selects with a mask. None: True for CPU batches only. Same boxes either way.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], hflip: float = 0.5, reprob: float = 0.25,
-                 mode: str = "pixel", min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
+    def __init__(self, mean: Sequence[float], std: Sequence[float], hflip: float = 0.5, rand_augment: str = "",
+                 fill: Optional[Sequence[int]] = None, crop_padding: int = 0, reprob: float = 0.25, mode: str = "pixel", min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
                  max_aspect: Optional[float] = None, min_count: int = 1, max_count: Optional[int] = None,
                  host_indexing: Optional[bool] = None):
         super().__init__(mean, std)
@@ -106,17 +114,21 @@ class BatchAugment(BatchNormalize):
         max_aspect = max_aspect or 1 / min_aspect
         max_count = max_count or min_count
         if not (0 <= hflip <= 1 and 0 <= reprob <= 1 and 0 < min_area <= max_area and 0 < min_aspect <= max_aspect
-                and 1 <= min_count <= max_count):
+                and 1 <= min_count <= max_count and crop_padding >= 0):
             raise ValueError("need 0 <= hflip, reprob <= 1; 0 < min_area <= max_area; 0 < min_aspect <= max_aspect; "
-                             "1 <= min_count <= max_count")
+                             "1 <= min_count <= max_count; crop_padding >= 0")
         self.hflip, self.reprob, self.mode = hflip, reprob, mode
         self.min_area, self.max_area = min_area, max_area
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
         self.min_count, self.max_count = min_count, max_count
         self.host_indexing = host_indexing
+        self.crop_padding = crop_padding
+        fill = fill if fill is not None else tuple(min(255, round(255 * m)) for m in self.mean)  # timm's img_mean
+        self.rand_augment = BatchRandAugment(rand_augment, fill) if rand_augment else None
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(hflip={self.hflip}, reprob={self.reprob}, mode={self.mode}, "
+        return (f"{type(self).__name__}(crop_padding={self.crop_padding}, hflip={self.hflip}, "
+                f"rand_augment={self.rand_augment}, reprob={self.reprob}, mode={self.mode}, "
                 f"area=({self.min_area}, {self.max_area}), count=({self.min_count}, {self.max_count}))")
 
     def __call__(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -129,10 +141,15 @@ class BatchAugment(BatchNormalize):
         host = images.device.type == "cpu" if self.host_indexing is None else self.host_indexing
         n, dev = images.shape[0], images.device
         # Every draw but the noise in one call, of a size set by max_count alone (not by hflip or reprob).
-        u = torch.rand(n, 3 + self.max_count * (2 * _ATTEMPTS + 2), device=dev, generator=generator,
+        u = torch.rand(n, 5 + self.max_count * (2 * _ATTEMPTS + 2), device=dev, generator=generator,
                        dtype=torch.float64 if dev.type != "mps" else torch.float32)
+        if self.crop_padding > 0:
+            images = self._pad_crop(images, u[:, 3], u[:, 4])
         if self.hflip > 0:
             images = self._flip(images, u[:, 0] < self.hflip)
+        if self.rand_augment is not None:
+            on_host = generator if generator is not None and generator.device.type == "cpu" else None
+            images = self.rand_augment(images, on_host)
         out = self._normalize(images)
         if self.reprob > 0:
             for top, left, h, w in self._boxes(u, images.shape):
@@ -153,11 +170,26 @@ class BatchAugment(BatchNormalize):
             return nhwc.gather(2, cols.view(n, 1, w, 1).expand(n, h, w, c)).permute(0, 3, 1, 2)
         return images.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
 
+    def _pad_crop(self, images: Tensor, u_top: Tensor, u_left: Tensor) -> Tensor:
+        """Each image shifted by its own (dy, dx) in [-p, p], zeros coming in: the window of a zero-padded image."""
+        n, c, h, w = images.shape
+        p = self.crop_padding
+        top = torch.minimum((u_top * (2 * p + 1)).floor().long(), torch.tensor(2 * p, device=images.device))
+        left = torch.minimum((u_left * (2 * p + 1)).floor().long(), torch.tensor(2 * p, device=images.device))
+        padded = torch.nn.functional.pad(images, (p, p, p, p))
+        rows = (top.view(n, 1) + torch.arange(h, device=images.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * p)
+        cols = (left.view(n, 1) + torch.arange(w, device=images.device)).view(n, 1, 1, w).expand(n, c, h, w)
+        out = padded.gather(2, rows).gather(3, cols)
+        if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
     def _boxes(self, u: Tensor, shape: torch.Size) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """(top, left, h, w) per box slot, each (N,) int64, from the uniforms `u`; h = w = 0 where there is no box.
 
         Args:
-            u: (N, 3 + max_count * (2 * attempts + 2)) uniforms in [0, 1): flip, erase, count, then per slot
+            u: (N, 5 + max_count * (2 * attempts + 2)) uniforms in [0, 1): flip, erase, count, crop top, crop left,
+                then per slot
                 area and aspect per attempt, top, left.
             shape: the batch's (N, C, H, W).
         """
@@ -167,7 +199,7 @@ class BatchAugment(BatchNormalize):
         count = self.min_count + torch.clamp((u[:, 2] * spread).floor().long(), max=spread - 1)
         lo, hi = self.log_aspect
         boxes = []
-        for k, slot in enumerate(u[:, 3:].split(2 * _ATTEMPTS + 2, dim=1)):
+        for k, slot in enumerate(u[:, 5:].split(2 * _ATTEMPTS + 2, dim=1)):
             area = (self.min_area + (self.max_area - self.min_area) * slot[:, :_ATTEMPTS]) * (img_h * img_w)
             area = area / count.unsqueeze(1)
             aspect = torch.exp(lo + (hi - lo) * slot[:, _ATTEMPTS:2 * _ATTEMPTS])

@@ -48,7 +48,7 @@ from core.config import Config
 from core.errors import UserError
 from core.files import atomic_write
 from data import loader_workers, start_epoch
-from data.jpeg import allow_zero_bit_posterize
+from data.rand_augment import allow_zero_bit_posterize
 from data.transforms import mean_std
 from engine.build import RunData, build_model, build_parts, seed_everything, set_up, wrap_model
 from engine.checkpointer import RunState

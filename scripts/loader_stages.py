@@ -27,7 +27,8 @@ from torch.utils.data import default_collate
 
 from core.config import Config
 from data.batch_aug import BatchAugment
-from data.jpeg import allow_zero_bit_posterize, decode, read_source
+from data.jpeg import decode, read_source, resize_crop, sample_crop
+from data.rand_augment import allow_zero_bit_posterize
 from data.transforms import imagenet_decode, mean_std
 
 # timm's transform steps by class name -> the stage they belong to
@@ -69,10 +70,9 @@ def _our_pass(files: Sequence[str], recipe, batch: int) -> dict[str, float]:
         start = time.perf_counter()
         image = decode(*read_source(path))
         now = _add(totals, "decode", start)
-        image = recipe.crop(image)
-        now = _add(totals, "crop+resize", now)
-        outputs.append(recipe.flip_augment(image))
-        _add(totals, "flip+RandAugment", now)
+        box = sample_crop(image.shape[2], image.shape[1], recipe.scale, recipe.ratio)
+        outputs.append(resize_crop(image, box, recipe.size, recipe.interpolation))
+        _add(totals, "crop+resize", now)
     _collate(totals, outputs, batch)
     return totals
 
@@ -101,7 +101,7 @@ def _seed(seed: int) -> None:
 def stage_times(cfg: Config, files: Sequence[str], repeats: int, batch: int = 32) -> dict[str, dict[str, float]]:
     """{pipeline: {stage: ms per image}} for "timm" and "ours", each the median over `repeats` interleaved passes
     over `files` on one thread (the same seeds for both), with "total" their sum."""
-    ours = imagenet_decode(cfg.data, cfg.aug, True, mean_std(cfg.data.name)[0])
+    ours = imagenet_decode(cfg.data, cfg.aug, True)
     timm = timm_train_transform(cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker

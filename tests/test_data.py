@@ -7,6 +7,7 @@ import urllib.error
 
 import numpy as np
 import pytest
+import timm.data.auto_augment
 import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
@@ -17,8 +18,9 @@ from data import (DataError, ExactShardSampler, build_datasets, build_eval_loade
                   skipped_images, start_epoch)
 from data.datasets import FASHION_MNIST_APT_DIR, TensorImages, load_splits, read_idx
 from data.file_list import list_images
-from data.jpeg import _posterize
-from data.transforms import SmallBatchTransform, apply_recipe, batch_transforms, imagenet_decode
+from data.batch_aug import BatchAugment
+from data.rand_augment import _posterize, allow_zero_bit_posterize
+from data.transforms import apply_recipe, batch_transforms
 from core.config import Config
 from core.errors import UserError
 
@@ -146,20 +148,19 @@ def test_imagefolder_with_either_recipe(tmp_path, recipe):
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug)
     assert (info.num_classes, info.in_chans, info.train_size, info.val_size) == (2, 3, 6, 6)
     image, label = train_set[0]
-    # the imagenet recipe leaves normalisation (and erasing) to the device: uint8 out of the loader
-    dtype = torch.uint8 if recipe == "imagenet" else torch.float32
+    # both recipes leave flipping, normalisation (and the rest) to the device: uint8 out of the loader
+    dtype = torch.uint8
     assert image.shape == (3, 32, 32) and image.dtype == dtype and int(label) == 0
     images, labels = next(iter(build_train_loader(train_set, cfg.data, 0, 1, seed=0)))
     assert images.shape == (2, 3, 32, 32) and labels.dtype == torch.int64
     images, labels = next(iter(build_eval_loader(val_set, cfg.data, 0, 1)))
     assert images.shape == (4, 3, 32, 32) and images.dtype == dtype and labels.dtype == torch.int64
     on_train, on_eval = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
-    if recipe == "small":
-        assert on_train is None and on_eval is None
-    else:
-        mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
-        torch.testing.assert_close(on_eval(images), (images.float() / 255 - mean) / std)
-        assert on_train(images).dtype == torch.float32
+    mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
+    torch.testing.assert_close(on_eval(images), (images.float() / 255 - mean) / std)
+    assert on_train(images).dtype == torch.float32
+    assert (on_train.rand_augment is not None) == (recipe == "imagenet")  # the small recipe pad-crops instead
+    assert on_train.crop_padding == (cfg.aug.crop_padding if recipe == "small" else 0)
 
 
 def test_imagefolder_missing_or_empty_folders(tmp_path):
@@ -293,13 +294,12 @@ def test_synthetic_defaults_to_ten_classes_and_eval_only_skips_train():
 
 # --- recipes ---------------------------------------------------------------------------------------
 
-def small(train=True, **kwargs) -> SmallBatchTransform:
-    options = dict(padding=4, hflip=0.5, reprob=0.25) if train else {}
-    return SmallBatchTransform(32, (0.5,), (0.25,), train, **{**options, **kwargs})
+def small(**kwargs) -> BatchAugment:
+    return BatchAugment((0.5,), (0.25,), **{**dict(crop_padding=4, hflip=0.5, reprob=0.25), **kwargs})
 
 
 def test_small_recipe_shapes_randomness_and_seeding():
-    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    images = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8)
     transform = small()
     torch.manual_seed(1)
     first = transform(images)
@@ -311,21 +311,34 @@ def test_small_recipe_shapes_randomness_and_seeding():
 
 
 def test_small_recipe_draws_per_image():
-    same = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(32, -1, -1, -1)
+    same = torch.randint(0, 256, (1, 1, 32, 32), dtype=torch.uint8).expand(32, -1, -1, -1)
     out = small(reprob=0.0)(same)
     assert len({tuple(x.flatten().tolist()) for x in out}) > 8  # not one crop/flip for the whole batch
 
 
-def test_small_recipe_eval_only_normalises():
-    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
-    torch.testing.assert_close(small(train=False)(images), (images.float() / 255 - 0.5) / 0.25)
+def test_pad_crop_is_torchvision_random_crop_with_padding():
+    """Each output is a 32 x 32 window of the zero-padded image at offsets in [0, 8], all 81 of them drawn."""
+    image = torch.randint(1, 256, (1, 1, 32, 32), dtype=torch.uint8)
+    out = BatchAugment((0.0,), (1 / 255,), hflip=0, crop_padding=4, reprob=0)(image.expand(4000, -1, -1, -1))
+    padded = torch.nn.functional.pad(image[0, 0].float(), (4, 4, 4, 4))
+    windows = {(dy, dx): padded[dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
+    found = [next(k for k, w in windows.items() if torch.equal(w, x[0])) for x in out]
+    counts = [found.count(k) for k in windows]  # each ~ Binomial(4000, 1/81): 49 +- 7
+    assert min(counts) > 20 and max(counts) < 85
 
 
-def test_imagenet_recipe_survives_zero_bit_posterize():
+def test_small_recipe_loader_resizes_to_img_size():
+    source = TensorImages(torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8), torch.arange(6))
+    cfg = make_cfg(name="fashion_mnist", recipe="small", img_size=32)
+    images, labels = apply_recipe(source, cfg.data, cfg.aug, True).__getitems__([0, 1, 2])
+    assert images.shape == (3, 1, 32, 32) and images.dtype == torch.uint8 and labels.tolist() == [0, 1, 2]
+
+
+def test_timm_reference_survives_zero_bit_posterize():
     image = Image.new("RGB", (8, 8), (200, 100, 50))
     assert _posterize(image, 0).getextrema() == ((0, 0),) * 3
-    transform = imagenet_decode(make_cfg(img_size=32).data, Config().aug, True, (0.5,) * 3)
-    assert any(op.aug_fn is _posterize for op in transform.augment.ops)
+    transform = allow_zero_bit_posterize(timm.data.auto_augment.rand_augment_transform("rand-m9-mstd0.5-inc1", {}))
+    assert any(op.aug_fn is _posterize for op in transform.ops)
 
 
 # --- loaders ---------------------------------------------------------------------------------------
@@ -334,7 +347,7 @@ def indexed_set(n: int, train: bool):
     """Labels equal the sample index, so a loader's output says which samples it served."""
     source = TensorImages(torch.zeros(n, 1, 28, 28, dtype=torch.uint8), torch.arange(n))
     cfg = make_cfg(name="fashion_mnist", recipe="small", img_size=32)
-    return apply_recipe(source, cfg.data, cfg.aug, train, (0.5,), (0.5,))
+    return apply_recipe(source, cfg.data, cfg.aug, train)
 
 
 def test_eval_loaders_of_two_ranks_see_every_sample_once():

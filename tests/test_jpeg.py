@@ -1,4 +1,4 @@
-"""data/jpeg.py: the worker-side decode + crop + RandAugment, held against timm's transforms."""
+"""data/jpeg.py: the worker-side decode + random-resized crop, held against timm's transforms."""
 import io
 import math
 import random
@@ -8,17 +8,12 @@ import pytest
 import torch
 from PIL import Image
 from timm.data import create_transform
-from timm.data import auto_augment as aa
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms.functional import pil_to_tensor
 
 from data.datasets import DataError
-from data.jpeg import (JpegEvalDecode, JpegTrainDecode, decode, make_rand_augment, read_source, sample_crop,
-                       shear_x, shear_y, translate_x_rel, translate_y_rel)
+from data.jpeg import JpegEvalDecode, JpegTrainDecode, decode, read_source, sample_crop
 from data.testbed import jpeg_bytes, make_jpeg_testbed
-
-FILL = dict(fillcolor=(124, 116, 104), resample=Image.Resampling.BICUBIC)
-
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory) -> list[str]:
@@ -26,14 +21,9 @@ def paths(tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def timm_train():
-    """timm's train transform of the imagenet recipe, as (crop, flip, RandAugment) PIL steps."""
-    steps = create_transform(224, is_training=True, hflip=0.5, auto_augment="rand-m9-mstd0.5-inc1",
-                             color_jitter=None, interpolation="bicubic").transforms
-    for op in steps[2].ops:  # Pillow >= 13 rejects posterize to 0 bits, which timm can ask for
-        if op.aug_fn is aa.posterize:
-            op.aug_fn = lambda img, bits, **kw: Image.new(img.mode, img.size) if bits <= 0 else aa.posterize(img, bits)
-    return steps[:3]
+def timm_crop():
+    """timm's random-resized crop of the imagenet recipe."""
+    return create_transform(224, is_training=True, interpolation="bicubic").transforms[0]
 
 
 def _seed(value: int) -> None:
@@ -82,24 +72,15 @@ def test_train_output_is_uint8_224_from_path_or_bytes(paths):
             assert image.dtype == torch.uint8 and image.shape == (3, 224, 224)
 
 
-def test_train_matches_timm_for_the_same_seeds(paths, timm_train):
-    crop, _, rand_augment = timm_train
+def test_train_matches_timm_for_the_same_seeds(paths, timm_crop):
     ours = JpegTrainDecode()
     for k, path in enumerate(paths):
         _seed(k)
-        expected = pil_to_tensor(rand_augment(crop(Image.open(path).convert("RGB"))))
+        expected = pil_to_tensor(timm_crop(Image.open(path).convert("RGB")))
         _seed(k)
-        assert _mean_abs(ours(path), expected) < 0.5  # resize rounding, now and then amplified by an op
-
-
-def test_flip_in_the_worker_matches_timm_exactly_in_distribution(paths, timm_train):
-    crop, flip, rand_augment = timm_train
-    ours = JpegTrainDecode(hflip=0.5)
-    for k, path in enumerate(paths):
-        _seed(k)
-        expected = pil_to_tensor(rand_augment(flip(crop(Image.open(path).convert("RGB")))))
-        _seed(k)
-        assert _mean_abs(ours(path), expected) < 0.5
+        got = ours(path)
+        diff = (got.int() - expected.int()).abs()
+        assert diff.float().mean() < 0.5 and (diff > 1).float().mean() < 0.02  # torch's and PIL's resize rounding
 
 
 def test_eval_matches_timms_eval_transform(paths):
@@ -110,23 +91,6 @@ def test_eval_matches_timms_eval_transform(paths):
         got = ours(path)
         assert got.shape == (3, 224, 224) and got.dtype == torch.uint8
         assert _mean_abs(got, expected) < 0.05 and (got.int() - expected.int()).abs().max() <= 3
-
-
-@pytest.mark.parametrize("fast, reference, magnitude", [
-    (shear_x, aa.shear_x, 0.27), (shear_y, aa.shear_y, -0.27),
-    (translate_x_rel, aa.translate_x_rel, 0.405), (translate_y_rel, aa.translate_y_rel, -0.31)])
-def test_one_dimensional_shears_and_translations_equal_pils(paths, fast, reference, magnitude):
-    image = Image.open(paths[0]).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
-    expected = np.asarray(reference(image, magnitude, **dict(FILL))).astype(int)
-    got = np.asarray(fast(image, magnitude, **dict(FILL)))
-    diff = np.abs(expected - got)
-    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3  # float32 here, float64 in PIL
-
-
-def test_rand_augment_keeps_zero_bit_posterize_black():
-    posterize = next(op for op in make_rand_augment().ops if op.name == "PosterizeIncreasing")
-    image = Image.new("RGB", (8, 8), (200, 100, 50))
-    assert posterize.aug_fn(image, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
 
 
 @pytest.mark.parametrize("mode, fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("RGB", "BMP")])

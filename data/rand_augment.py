@@ -1,0 +1,358 @@
+"""RandAugment on a whole uint8 batch, on the batch's device: timm's ops, magnitudes and draws, per image.
+
+    augment = BatchRandAugment("rand-m9-mstd0.5-inc1", fill=(124, 116, 104))
+    images = augment(images)            # uint8 (N, C, H, W) in, uint8 out, each image with its own ops
+
+timm parses the config string (`rand_augment_transform`), so every option it knows (m, n, p, mstd, mmax, inc, t)
+means the same here. Per image and layer, the op (uniform, or timm's weights), whether it applies (p), the
+magnitude noise and the sign of signed ops are drawn as timm draws them; the arguments follow timm's level
+functions; each op then reproduces its PIL definition (as timm calls it) on every image of the batch that drew it:
+- point ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd): one 256-entry table per image and
+  channel, built from per-image histograms where the op needs them (PIL's ImageOps formulas), applied by one gather;
+- enhance ops (Color, Contrast, Brightness, Sharpness): PIL's blend of the image with its degenerate (greyscale
+  by ITU-R 601-2 in PIL's integer form, the greyscale mean, black, the 3x3 SMOOTH filter), truncated as PIL does;
+- geometric ops (Rotate, ShearX/Y, TranslateX/Y): one affine map per image (PIL's matrices, about the centre for
+  Rotate), resampled with PIL's bicubic kernel (a = -1, edges repeated, truncation) and the fill colour outside.
+Results equal PIL's but for float rounding (the tests bound it per op). The draws come from torch's generator on
+the host (`generator`, default the global one), so which images get which op is known without waiting on the device,
+and a checkpointed generator state replays them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+from timm.data import auto_augment
+from timm.data.auto_augment import rand_augment_transform
+from torch import Tensor
+
+POINT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "PosterizeOriginal",
+             "Solarize", "SolarizeIncreasing", "SolarizeAdd")
+ENHANCE_OPS = ("Color", "ColorIncreasing", "Contrast", "ContrastIncreasing", "Brightness", "BrightnessIncreasing",
+               "Sharpness", "SharpnessIncreasing")
+AFFINE_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "TranslateX", "TranslateY")
+SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "TranslateX", "TranslateY",
+          "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
+_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is an op's full strength
+
+
+def level_args(name: str, magnitude: Tensor, negate: Tensor, translate_pct: float = 0.45) -> Tensor:
+    """timm's level_to_arg of op `name` for a float64 tensor of magnitudes; `negate` where timm negates the level.
+    TranslateX/Y get the signed fraction of their full shift (BatchRandAugment scales it by translate_const)."""
+    level = magnitude / _DENOM
+    sign = torch.where(negate, -1.0, 1.0).double()
+    if name == "Rotate":
+        return level * 30.0 * sign
+    if name in ("ShearX", "ShearY"):
+        return level * 0.3 * sign
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return level * translate_pct * sign
+    if name in ("TranslateX", "TranslateY"):
+        return level * sign
+    if name.endswith("Increasing") and name.split("Increasing")[0] in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return torch.clamp(1.0 + level * 0.9 * sign, min=0.1)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return level * 1.8 + 0.1
+    if name == "Posterize":
+        return torch.floor(level * 4)
+    if name == "PosterizeIncreasing":
+        return 4 - torch.floor(level * 4)
+    if name == "PosterizeOriginal":
+        return torch.floor(level * 4) + 4
+    if name == "Solarize":
+        return torch.clamp(torch.floor(level * 256), max=256)
+    if name == "SolarizeIncreasing":
+        return 256 - torch.clamp(torch.floor(level * 256), max=256)
+    if name == "SolarizeAdd":
+        return torch.clamp(torch.floor(level * 110), max=128)
+    return torch.zeros_like(magnitude)  # AutoContrast, Equalize, Invert take no argument
+
+
+@dataclass
+class Draws:
+    """One batch's RandAugment draws, host tensors of shape (layers, N)."""
+    op: Tensor  # int64 index into the op list
+    applied: Tensor  # bool: the op's probability came up
+    arg: Tensor  # float64: the op's argument (timm's level_to_arg of the noisy magnitude)
+
+
+class BatchRandAugment:
+    """timm's RandAugment over a uint8 NCHW batch on any device.
+
+    Args:
+        config: timm's RandAugment string, e.g. "rand-m9-mstd0.5-inc1".
+        fill: colour (one value per channel, 0-255) of what geometric ops uncover; timm uses the mean's.
+        translate_const: pixels of TranslateX/Y at magnitude 10; default 45% of the image's width, as timm's
+            create_transform sets it.
+    """
+
+    def __init__(self, config: str = "rand-m9-mstd0.5-inc1", fill: Sequence[int] = (124, 116, 104),
+                 translate_const: Optional[float] = None):
+        timm_ra = rand_augment_transform(config, {"img_mean": tuple(fill)})
+        ops = timm_ra.ops
+        unknown = [op.name for op in ops if op.name not in POINT_OPS + ENHANCE_OPS + AFFINE_OPS]
+        if unknown:
+            raise ValueError(f"RandAugment '{config}' uses ops the device version does not have: {unknown}; "
+                             f"choose ops among {POINT_OPS + ENHANCE_OPS + AFFINE_OPS}")
+        self.config, self.names, self.fill = config, [op.name for op in ops], tuple(int(v) for v in fill)
+        self.prob, self.magnitude = ops[0].prob, float(ops[0].magnitude)
+        self.magnitude_std = ops[0].magnitude_std
+        self.magnitude_max = float(ops[0].magnitude_max or _DENOM)
+        self.translate_const, self.translate_pct = translate_const, ops[0].hparams.get("translate_pct", 0.45)
+        self.num_layers = timm_ra.num_layers
+        weights = timm_ra.choice_weights
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r}, fill={self.fill})"
+
+    def draw(self, n: int, generator: Optional[torch.Generator] = None) -> Draws:
+        """Per image and layer: which op, whether it applies, its argument; as timm's RandAugment and AugmentOp."""
+        layers = self.num_layers
+        if self.weights is None:  # timm: uniform choice with replacement
+            op = torch.randint(len(self.names), (layers, n), generator=generator)
+        else:  # timm: weighted choice of distinct ops per image
+            op = torch.multinomial(self.weights.expand(n, -1), layers, replacement=False, generator=generator).t()
+        u = torch.rand(3, layers, n, dtype=torch.float64, generator=generator)
+        applied = u[0] <= self.prob if self.prob < 1 else torch.ones(layers, n, dtype=torch.bool)
+        magnitude = torch.full((layers, n), self.magnitude, dtype=torch.float64)
+        if self.magnitude_std == float("inf"):
+            magnitude = u[1] * self.magnitude
+        elif self.magnitude_std > 0:
+            magnitude = magnitude + self.magnitude_std * torch.randn(layers, n, dtype=torch.float64,
+                                                                     generator=generator)
+        magnitude = magnitude.clamp(0.0, self.magnitude_max)
+        negate = u[2] > 0.5
+        arg = torch.zeros(layers, n, dtype=torch.float64)
+        for k, name in enumerate(self.names):
+            chosen = op == k
+            if chosen.any():
+                arg[chosen] = level_args(name, magnitude[chosen], negate[chosen], self.translate_pct)
+        return Draws(op, applied, arg)
+
+    def __call__(self, images: Tensor, generator: Optional[torch.Generator] = None,
+                 draws: Optional[Draws] = None) -> Tensor:
+        """Args:
+            images: uint8 (N, C, H, W), C 1 or 3, any device and memory format; left untouched.
+            generator: a CPU torch.Generator for the draws; default torch's global one.
+            draws: the draws to apply instead of drawing (tests).
+        Returns: uint8 (N, C, H, W) in the input's memory format.
+        """
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise TypeError(f"expected a uint8 (N, 1 or 3, H, W) batch, got {images.dtype} {tuple(images.shape)}")
+        draws = draws if draws is not None else self.draw(len(images), generator)
+        out = images.contiguous()
+        copied = False
+        for layer in range(self.num_layers):
+            names = [self.names[k] for k in draws.op[layer].tolist()]
+            applied = draws.applied[layer].tolist()
+            for kind, run in ((POINT_OPS, point_ops), (ENHANCE_OPS, enhance_ops), (AFFINE_OPS, self._affine)):
+                rows = [i for i, (name, on) in enumerate(zip(names, applied)) if on and name in kind]
+                if not rows:
+                    continue
+                if not copied:
+                    out, copied = out.clone(), True
+                index = torch.tensor(rows, dtype=torch.long)
+                args = draws.arg[layer][index]
+                result = run(out[index.to(out.device)], [names[i] for i in rows], args)
+                out[index.to(out.device)] = result
+        if copied and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+            return out.contiguous(memory_format=torch.channels_last)
+        return out if copied else images
+
+    def _affine(self, images: Tensor, names: list[str], args: Tensor) -> Tensor:
+        width = images.shape[-1]
+        shift = self.translate_const if self.translate_const is not None else int(0.45 * width)
+        matrices = torch.stack([affine_matrix(name, float(a) * (shift if name in ("TranslateX", "TranslateY") else 1),
+                                              width, images.shape[-2])
+                                for name, a in zip(names, args.tolist())])
+        return pil_affine(images, matrices.to(images.device), self.fill)
+
+
+# --- point ops: a table per image and channel ---------------------------------------------------------------
+
+def histograms(images: Tensor) -> Tensor:
+    """(N, C, 256) int64 pixel counts of uint8 (N, C, H, W) images."""
+    n, c = images.shape[:2]
+    offsets = torch.arange(n * c, device=images.device).view(n, c, 1) * 256
+    flat = (images.reshape(n, c, -1).long() + offsets).view(-1)
+    return torch.bincount(flat, minlength=n * c * 256).view(n, c, 256)
+
+
+def autocontrast_lut(hist: Tensor) -> Tensor:
+    """PIL's ImageOps.autocontrast (no cutoff) per channel: lowest and highest present values to 0 and 255."""
+    present = hist > 0
+    levels = torch.arange(256, device=hist.device)
+    lo = torch.where(present, levels, 256).amin(-1, keepdim=True)
+    hi = torch.where(present, levels, -1).amax(-1, keepdim=True)
+    scale = 255.0 / (hi - lo).clamp(min=1).double()
+    stretched = torch.trunc(levels * scale - lo * scale).clamp(0, 255).long()  # int() of ix * scale + offset
+    return torch.where(hi > lo, stretched, levels)
+
+
+def equalize_lut(hist: Tensor) -> Tensor:
+    """PIL's ImageOps.equalize per channel: each level to (step // 2 + pixels below it) // step."""
+    levels = torch.arange(256, device=hist.device).expand_as(hist)
+    last = torch.where(hist > 0, levels, -1).amax(-1, keepdim=True)  # the highest present level
+    step = (hist.sum(-1, keepdim=True) - hist.gather(-1, last.clamp(min=0))) // 255
+    below = torch.cumsum(hist, -1) - hist
+    mapped = ((step // 2 + below) // step.clamp(min=1)).clamp(max=255)  # PIL clips the table to 8 bits
+    flat = ((hist > 0).sum(-1, keepdim=True) <= 1) | (step == 0)
+    return torch.where(flat, levels, mapped)
+
+
+def point_ops(images: Tensor, names: list[str], args: Tensor) -> Tensor:
+    """Invert, Posterize, Solarize, SolarizeAdd, AutoContrast or Equalize, one per image, as one table lookup."""
+    n, c = images.shape[:2]
+    dev = images.device
+    levels = torch.arange(256, device=dev)
+    arg = args.to(dev).view(n, 1, 1)
+    lut = levels.repeat(n, c, 1)
+    kinds = [name.removesuffix("Increasing").removesuffix("Original") for name in names]
+
+    def rows(kind: str) -> Tensor:
+        return torch.tensor([k == kind for k in kinds], device=dev).view(n, 1, 1)
+
+    bits = arg.clamp(0, 8).long()
+    lut = torch.where(rows("Invert"), 255 - levels, lut)
+    lut = torch.where(rows("Posterize"), levels & (256 - (1 << (8 - bits))), lut)  # keep the top `bits` bits
+    lut = torch.where(rows("Solarize"), torch.where(levels >= arg, 255 - levels, levels), lut)
+    lut = torch.where(rows("SolarizeAdd"), torch.where(levels < 128, (levels + arg.long()).clamp(max=255), levels), lut)
+    stats = [i for i, k in enumerate(kinds) if k in ("AutoContrast", "Equalize")]
+    if stats:
+        index = torch.tensor(stats, device=dev)
+        hist = histograms(images[index])
+        tables = torch.where(rows("AutoContrast")[index], autocontrast_lut(hist), equalize_lut(hist))
+        lut[index] = tables
+    flat = images.reshape(n, c, -1).long()
+    return lut.to(torch.uint8).gather(2, flat).view_as(images)
+
+
+# --- enhance ops: PIL's blend with a degenerate image ----------------------------------------------------------
+
+_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13  # PIL's ImageFilter.SMOOTH
+
+
+def greyscale(images: Tensor) -> Tensor:
+    """(N, 1, H, W) int32: PIL's RGB -> L, (19595 R + 38470 G + 7471 B + 2^15) >> 16; L images as they are."""
+    x = images.int()
+    if images.shape[1] == 1:
+        return x
+    return (x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + 0x8000) >> 16
+
+
+def smooth(images: Tensor) -> Tensor:
+    """PIL's filter(SMOOTH) as float32: the 3x3 kernel rounded to 8 bits inside, the border pixels kept."""
+    n, c, h, w = images.shape
+    x = images.float()
+    kernel = _SMOOTH.to(images.device).expand(c, 1, 3, 3)
+    inner = torch.nn.functional.conv2d(x, kernel, groups=c)
+    out = x.clone()
+    out[:, :, 1:h - 1, 1:w - 1] = torch.floor(inner + 0.5).clamp(0, 255)
+    return out
+
+
+def enhance_ops(images: Tensor, names: list[str], factors: Tensor) -> Tensor:
+    """Color, Contrast, Brightness or Sharpness, one per image: PIL's Image.blend(degenerate, image, factor)."""
+    n = images.shape[0]
+    dev = images.device
+    x = images.float()
+    kinds = [name.removesuffix("Increasing") for name in names]
+    grey = greyscale(images)
+    contrast = torch.floor(grey.double().mean((1, 2, 3)) + 0.5).float().view(n, 1, 1, 1)  # int(mean + 0.5)
+    degenerate = grey.float().expand_as(x).clone()
+    degenerate = torch.where(_rows(kinds, "Contrast", dev), contrast, degenerate)
+    degenerate = torch.where(_rows(kinds, "Brightness", dev), 0.0, degenerate)
+    sharp = [i for i, k in enumerate(kinds) if k == "Sharpness"]
+    if sharp:
+        index = torch.tensor(sharp, device=dev)
+        degenerate[index] = smooth(images[index])
+    f = factors.to(dev, torch.float32).view(n, 1, 1, 1)
+    return torch.floor(degenerate + f * (x - degenerate)).clamp_(0, 255).to(torch.uint8)  # (UINT8) of the float
+
+
+def _rows(kinds: list[str], kind: str, device: torch.device) -> Tensor:
+    return torch.tensor([k == kind for k in kinds], device=device).view(-1, 1, 1, 1)
+
+
+# --- geometric ops: PIL's affine transform with its bicubic kernel ------------------------------------------
+
+def affine_matrix(name: str, arg: float, width: int, height: int) -> Tensor:
+    """The (a, b, c, d, e, f) that timm hands PIL's Image.transform(AFFINE) for op `name` (output -> source);
+    `arg` is timm's argument of the op (TranslateX/Y: pixels)."""
+    if name == "ShearX":
+        m = (1.0, arg, 0.0, 0.0, 1.0, 0.0)
+    elif name == "ShearY":
+        m = (1.0, 0.0, 0.0, arg, 1.0, 0.0)
+    elif name in ("TranslateXRel", "TranslateX"):
+        m = (1.0, 0.0, arg * width if name == "TranslateXRel" else arg, 0.0, 1.0, 0.0)
+    elif name in ("TranslateYRel", "TranslateY"):
+        m = (1.0, 0.0, 0.0, 0.0, 1.0, arg * height if name == "TranslateYRel" else arg)
+    else:  # Rotate: PIL's Image.rotate about the centre, expand=False
+        angle = -math.radians(arg % 360.0)
+        cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+        cx, cy = width / 2, height / 2
+        m = (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
+    return torch.tensor(m, dtype=torch.float64)
+
+
+def _cubic(v1: Tensor, v2: Tensor, v3: Tensor, v4: Tensor, d: Tensor) -> Tensor:
+    """PIL's bicubic in Horner form (a = -1): v2 + d (p2 + d (p3 + d p4))."""
+    p2 = v3 - v1
+    p3 = 2 * (v1 - v2) + v3 - v4
+    p4 = v2 - v1 - v3 + v4
+    return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+def pil_affine(images: Tensor, matrices: Tensor, fill: Sequence[int]) -> Tensor:
+    """PIL's Image.transform(size, AFFINE, matrix, BICUBIC, fillcolor=fill) per image.
+
+    Output pixel (x, y) samples the source at (a (x + .5) + b (y + .5) + c, d (x + .5) + e (y + .5) + f); a source
+    point outside the image leaves the fill colour; inside, the 4 x 4 neighbours (edges repeated) are combined
+    along x, then y, with PIL's kernel, and the result clipped and truncated to 8 bits.
+
+    Args:
+        images: uint8 (N, C, H, W).
+        matrices: (N, 6) float64 on the images' device.
+        fill: C values, 0-255.
+    """
+    n, c, h, w = images.shape
+    dev = images.device
+    ys = torch.arange(h, device=dev, dtype=torch.float64).view(1, h, 1) + 0.5
+    xs = torch.arange(w, device=dev, dtype=torch.float64).view(1, 1, w) + 0.5
+    a, b, cc, d, e, f = (matrices[:, k].view(n, 1, 1) for k in range(6))
+    sx, sy = a * xs + b * ys + cc, d * xs + e * ys + f  # (N, H, W) source points
+    inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    x0, y0 = torch.floor(sx - 0.5), torch.floor(sy - 0.5)
+    dx, dy = (sx - 0.5 - x0).float().unsqueeze(1), (sy - 0.5 - y0).float().unsqueeze(1)
+    x0, y0 = x0.long(), y0.long()
+    flat = images.reshape(n, c, h * w).float()
+    cols = [(x0 + k).clamp(0, w - 1) for k in (-1, 0, 1, 2)]
+    rows = []
+    for k in (-1, 0, 1, 2):
+        row = (y0 + k).clamp(0, h - 1) * w
+        taps = [flat.gather(2, (row + col).view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w) for col in cols]
+        rows.append(_cubic(*taps, dx))
+    value = _cubic(*rows, dy).clamp_(0, 255).to(torch.uint8)  # truncation, as PIL's cast
+    fill_value = torch.tensor(list(fill)[:c], dtype=torch.uint8, device=dev).view(1, c, 1, 1)
+    return torch.where(inside.unsqueeze(1), value, fill_value)
+
+
+def allow_zero_bit_posterize(transform):
+    """timm's own RandAugment (the reference the device version is compared with) can ask posterize for 0 bits,
+    which Pillow >= 13 rejects with a ValueError (about 1 image in 500 with rand-m9-mstd0.5-inc1); route those ops
+    through `_posterize`. Takes a timm RandAugment or a transform pipeline holding one, and returns it."""
+    steps = getattr(transform, "transforms", [transform])
+    for op in [op for step in steps for op in getattr(step, "ops", [])]:
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(image, bits_to_keep: int, **kwargs):
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)  # keeping no bits leaves black, as Pillow < 13 did
+    return auto_augment.posterize(image, bits_to_keep, **kwargs)
