@@ -166,10 +166,19 @@ class BatchRandAugment:
     def _affine(self, images: Tensor, names: list[str], args: Tensor) -> Tensor:
         width = images.shape[-1]
         shift = self.translate_const if self.translate_const is not None else int(0.45 * width)
-        matrices = torch.stack([affine_matrix(name, float(a) * (shift if name in ("TranslateX", "TranslateY") else 1),
-                                              width, images.shape[-2])
-                                for name, a in zip(names, args.tolist())])
-        return pil_affine(images, matrices.to(images.device), self.fill)
+        out = torch.empty_like(images)
+        # x-only maps keep the source row on a pixel centre (PIL's kernel there is 0, 1, 0, 0): 4 taps, not 16
+        for axis, group in (("x", ("ShearX", "TranslateXRel", "TranslateX")),
+                            ("y", ("ShearY", "TranslateYRel", "TranslateY")), (None, ("Rotate",))):
+            rows = [i for i, name in enumerate(names) if name in group]
+            if not rows:
+                continue
+            matrices = torch.stack([affine_matrix(names[i], float(args[i]) * (shift if names[i] in
+                                                  ("TranslateX", "TranslateY") else 1), width, images.shape[-2])
+                                    for i in rows])
+            index = torch.tensor(rows, device=images.device)
+            out[index] = pil_affine(images[index], matrices.to(images.device), self.fill, axis)
+        return out
 
 
 # --- point ops: a table per image and channel ---------------------------------------------------------------
@@ -307,7 +316,7 @@ def _cubic(v1: Tensor, v2: Tensor, v3: Tensor, v4: Tensor, d: Tensor) -> Tensor:
     return v2 + d * (p2 + d * (p3 + d * p4))
 
 
-def pil_affine(images: Tensor, matrices: Tensor, fill: Sequence[int]) -> Tensor:
+def pil_affine(images: Tensor, matrices: Tensor, fill: Sequence[int], axis: Optional[str] = None) -> Tensor:
     """PIL's Image.transform(size, AFFINE, matrix, BICUBIC, fillcolor=fill) per image.
 
     Output pixel (x, y) samples the source at (a (x + .5) + b (y + .5) + c, d (x + .5) + e (y + .5) + f); a source
@@ -318,6 +327,8 @@ def pil_affine(images: Tensor, matrices: Tensor, fill: Sequence[int]) -> Tensor:
         images: uint8 (N, C, H, W).
         matrices: (N, 6) float64 on the images' device.
         fill: C values, 0-255.
+        axis: "x" where every map keeps source rows on pixel centres (shears and shifts along x), "y" where it
+            keeps columns so; the interpolation along the other axis is then skipped.
     """
     n, c, h, w = images.shape
     dev = images.device
@@ -330,13 +341,19 @@ def pil_affine(images: Tensor, matrices: Tensor, fill: Sequence[int]) -> Tensor:
     dx, dy = (sx - 0.5 - x0).float().unsqueeze(1), (sy - 0.5 - y0).float().unsqueeze(1)
     x0, y0 = x0.long(), y0.long()
     flat = images.reshape(n, c, h * w).float()
+
+    def tap(row: Tensor, col: Tensor) -> Tensor:
+        return flat.gather(2, (row * w + col).view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
+
     cols = [(x0 + k).clamp(0, w - 1) for k in (-1, 0, 1, 2)]
-    rows = []
-    for k in (-1, 0, 1, 2):
-        row = (y0 + k).clamp(0, h - 1) * w
-        taps = [flat.gather(2, (row + col).view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w) for col in cols]
-        rows.append(_cubic(*taps, dx))
-    value = _cubic(*rows, dy).clamp_(0, 255).to(torch.uint8)  # truncation, as PIL's cast
+    rows = [(y0 + k).clamp(0, h - 1) for k in (-1, 0, 1, 2)]
+    if axis == "x":
+        value = _cubic(*[tap(rows[1], col) for col in cols], dx)
+    elif axis == "y":
+        value = _cubic(*[tap(row, cols[1]) for row in rows], dy)
+    else:
+        value = _cubic(*[_cubic(*[tap(row, col) for col in cols], dx) for row in rows], dy)
+    value = value.clamp_(0, 255).to(torch.uint8)  # truncation, as PIL's cast
     fill_value = torch.tensor(list(fill)[:c], dtype=torch.uint8, device=dev).view(1, c, 1, 1)
     return torch.where(inside.unsqueeze(1), value, fill_value)
 
