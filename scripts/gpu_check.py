@@ -19,7 +19,11 @@ Each step is reported ok, failed (with the error and its log) or skipped (with t
   profile         train.py on ConvNeXt-T with train.profile: a torch.profiler trace of 5 steps after warm-up and
                   the milliseconds of a step and of its data wait, forward, backward and optimizer (device time);
   checkpoint      scripts/checkpoint_benchmark.py on ConvNeXt-B's state: how long a save holds the ranks, written
-                  inline against in the background (at most a quarter of it: the device-to-host copy alone).
+                  inline against in the background (at most a quarter of it: the device-to-host copy alone);
+  input           can this node's CPUs feed its GPU? ConvNeXt-T's training step on the generated JPEG test bed
+                  (python -m data.testbed) with the real loader, a worker per core but one, against the same step
+                  on a batch held on the device (scripts/benchmark.py, pipeline/trainer), and the loader's
+                  images/s per core.
 The dry run uses the same counts (steps, batch sizes, warm-up, evaluation sizes) with a tiny model at 32 px, in the
 precision the CPU has, so a count that cannot work on the GPU fails there first.
 The correctness steps run a few at a time (the GPU has room); the speed steps run alone afterwards (in the dry run
@@ -55,7 +59,7 @@ AMPS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 RESUME_FROM = 2  # step_000000002.pth: mid epoch 0 (4 steps an epoch of 16 images)
 ORDER = [f"train_{a}{c}" for a in AMPS for c in ("", "_compile")] + [
     "resume_bitwise", "ddp_gloo", "ddp_nccl", "eval_exact", "speed", "speed_compile", "eval_speed", "profile",
-    "checkpoint"]
+    "checkpoint", "input"]
 CONVNEXT_B = os.path.join(ROOT, "configs", "convnext_b.yaml")
 
 
@@ -77,12 +81,18 @@ class Profile:
     bench: tuple[str, ...] = ("--steps", "20", "--warmup", "5", "--repeats", "3")  # benchmark.py's options
     eval_size: int = 5000  # synthetic validation images of eval_speed
     profile_steps: int = 5  # traced training steps of the profile step, after PROFILE_WAIT (+1)
+    bed_images: int = 1000  # training JPEGs of the input step's test bed (the loader goes round them in epochs)
+    # The input step's own counts, smaller in the dry run: decoding at 2 ms an image, the GPU's would take minutes.
+    input_bench: tuple[str, ...] = ("--steps", "20", "--warmup", "5", "--repeats", "3", "--loader-steps", "20")
+    input_batch: int = 128
 
 
 GPU = Profile()
 DRY = Profile(tiny=("model.depths=[1,1,1,1]", "model.dims=[8,16,16,16]"),
               tiny_t=("model.name=convnext_atto", "data.img_size=32"), amp="auto", jobs=2, timeout=600,
-              no_compile="dry run: a compiled debug run took 100-160 s on 2 CPU cores (cold inductor cache)")
+              no_compile="dry run: a compiled debug run took 100-160 s on 2 CPU cores (cold inductor cache)",
+              bed_images=32, input_bench=("--steps", "2", "--warmup", "1", "--repeats", "1", "--loader-steps", "2"),
+              input_batch=8)
 PROFILE_WAIT = 5  # steps before the profile step's trace warms up
 
 
@@ -274,6 +284,24 @@ class Check:
                          f"of an inline save's {r['inline_blocked_s']:.3f} s: {figures}")
         return figures
 
+    def input(self) -> dict:
+        """The trainer's step fed by the real loader from JPEGs against the same step on one batch already on the
+        device: a ratio near 1 says this node's cores keep its GPU busy on the imagenet recipe."""
+        bed = self.dir("input_bed")
+        self.run("input_bed", ["-m", "data.testbed", bed, "--train", str(self.p.bed_images), "--val", "10"])
+        workers = max(1, len(os.sched_getaffinity(0)) - 1)  # one core for the training process itself
+        out = os.path.join(self.out, "input.json")
+        overrides = [*speed_overrides(self.p), "data.name=imagefolder", f"data.root={bed}", "data.recipe=imagenet",
+                     f"data.num_workers={workers}", f"data.batch_size={self.p.input_batch}"]
+        self.run("input", ["scripts/benchmark.py", "--config", CONVNEXT_T, *self.p.input_bench, "--modes",
+                           "trainer,pipeline,loader", "--json", out, *overrides])
+        with open(out) as f:
+            r = json.load(f)
+        return {"model": model_name(self.p), "batch": r["global_batch"], "workers": r["loader_workers"],
+                "cores": r["loader_cores"], "trainer_img_per_s": r["trainer_img_per_s"],
+                "pipeline_img_per_s": r["pipeline_img_per_s"], "pipeline_over_trainer": r["pipeline_over_trainer"],
+                "loader_img_per_s": r["loader_img_per_s"], "loader_img_per_s_per_core": r["loader_img_per_s_per_core"]}
+
     # -- the whole check -------------------------------------------------------------------------------------------
 
     def ddp_then_eval(self) -> None:
@@ -289,7 +317,7 @@ class Check:
         jobs.append(partial(self.step, "ddp_nccl", self.ddp, "ddp_nccl", "nccl"))
         timed = [partial(self.step, name, self.speed, name, compile_)
                  for name, compile_ in (("speed", False), ("speed_compile", True))]
-        timed += [partial(self.step, name, getattr(self, name)) for name in ("eval_speed", "profile", "checkpoint")]
+        timed += [partial(self.step, name, getattr(self, name)) for name in ("eval_speed", "profile", "checkpoint", "input")]
         if self.dry:  # figures that mean nothing: no need to run alone
             self.concurrently(jobs + timed)
         else:

@@ -79,6 +79,8 @@ def test_dry_run_passes_every_step_on_the_cpu(tmp_path):
     checkpoint = steps["checkpoint"]
     assert checkpoint["model"] == "convnext_atto" and checkpoint["background_blocked_s"] > 0
     assert checkpoint["background_write_s"] > 0 and checkpoint["inline_blocked_s"] > 0
+    feed = steps["input"]  # the real loader on generated JPEGs against a batch held on the device
+    assert feed["model"] == "convnext_atto" and feed["pipeline_over_trainer"] > 0 and feed["loader_img_per_s"] > 0
     # The profile step: a trace in Chrome's trace format (what Perfetto, chrome://tracing and TensorBoard's profiler
     # plugin read), holding the 5 traced steps and the loop's phases, and the step's time split in the summary.
     profile = steps["profile"]
