@@ -8,8 +8,8 @@ The train side draws the same crop boxes as timm's
 `create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")`, from
 the same random generator, and leaves the rest (flip, RandAugment, normalisation, erasing) to the device, where it
 runs on the whole uint8 batch (data.batch_aug). It is faster than timm's per-image path because it
-- decodes with libjpeg-turbo into a tensor (torchvision.io.decode_image), with no PIL image and no RGB
-  conversion copy;
+- decodes only the crop's rows and columns, with libjpeg-turbo straight into a tensor (data.jpeg_region: the
+  same pixels as a whole decode's crop), with no PIL image and no RGB conversion copy;
 - crops and resizes a uint8 tensor: torch's antialiased bicubic is PIL's filter to within rounding, and its
   uint8 kernel is several times faster than PIL's;
 - keeps uint8 to the end (no ToTensor/Normalize in float: a quarter of the bytes to move).
@@ -21,19 +21,19 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
-from torchvision.io import ImageReadMode, decode_image
 
+import data.jpeg_region as jpeg_region
 from data.checked import DataError
 
 Source = str | os.PathLike | bytes | torch.Tensor  # a file, its bytes, or an already decoded uint8 (C, H, W) image
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+PILLOW_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what Pillow raises on bad bytes
 
 
 def load(source: Source) -> torch.Tensor:
@@ -43,42 +43,72 @@ def load(source: Source) -> torch.Tensor:
     return decode(*read_source(source))
 
 
-def read_source(source: str | os.PathLike | bytes) -> tuple[torch.Tensor, str]:
-    """The file's bytes as a uint8 tensor, and a name for error messages ("<bytes>" when handed bytes)."""
-    if isinstance(source, (bytes, bytearray)):
-        return torch.frombuffer(bytearray(source), dtype=torch.uint8), "<bytes>"
+def read_source(source: str | os.PathLike | bytes) -> tuple[np.ndarray, str]:
+    """The file's bytes as a uint8 array, and a name for error messages ("<bytes>" when handed bytes)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return np.frombuffer(source, dtype=np.uint8), "<bytes>"
     try:
-        return torch.from_numpy(np.fromfile(source, dtype=np.uint8)), os.fspath(source)
+        return np.fromfile(source, dtype=np.uint8), os.fspath(source)
     except OSError as e:
         raise DataError(f"cannot read image '{os.fspath(source)}' ({e.strerror or e})") from None
 
 
-def decode(data: torch.Tensor, name: str) -> torch.Tensor:
-    """Decode file bytes to uint8 (3, H, W) RGB; greyscale and CMYK JPEGs are converted as PIL would.
+def decode(data: np.ndarray, name: str, box: tuple[int, int, int, int] | None = None,
+           min_side: int = 0) -> torch.Tensor:
+    """File bytes to uint8 (3, H, W) RGB, or only the box (top, left, height, width) of the image; with min_side > 0
+    a JPEG's box may come out at 1/2, 1/4 or 1/8 scale, still at least min_side on both sides (jpeg_region.decode).
 
-    JPEG, PNG, WebP and GIF go through torchvision's decoders (a JPEG comes out laid out HWC in memory);
-    formats only PIL reads take PIL. Raises DataError naming `name` when neither can read the bytes.
+    JPEGs go through libjpeg-turbo (data.jpeg_region), which decodes only the rows and columns the box needs and
+    gives the same pixels as a whole decode's crop; greyscale and CMYK come out as PIL converts them. Other formats,
+    and JPEGs where the library is not built, take Pillow. Raises DataError naming `name` for unreadable bytes.
     """
+    if region_decodable(data):
+        try:
+            whole = box is None or not _ends_whole(data)
+            if whole:  # a file without its end marker is decoded to the end, where a truncation shows
+                width, height = jpeg_region.size(data)
+                full = jpeg_region.decode(data, (0, 0, height, width))
+                return full if box is None else _crop(full, box)
+            return jpeg_region.decode(data, box, min_side)
+        except jpeg_region.RegionError as e:
+            raise DataError(f"cannot decode image '{name}' ({e})") from None
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        reason = _reason(e)
+        with Image.open(io.BytesIO(data)) as image:
+            full = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    except PILLOW_ERRORS as e:
+        raise DataError(f"cannot decode image '{name}' ({_reason(e)})") from None
+    return full if box is None else _crop(full, box)
+
+
+def image_size(data: np.ndarray, name: str) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding it."""
     try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    except Image.UnidentifiedImageError:
-        if reason.startswith("Unsupported image file"):
-            reason = "neither torchvision nor PIL knows its format"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        if reason.startswith("Unsupported image file"):  # a format only PIL knows: PIL's word counts
-            reason = _reason(e)
-    raise DataError(f"cannot decode image '{name}' ({reason})")
+        if region_decodable(data):
+            return jpeg_region.size(data)
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (jpeg_region.RegionError, *PILLOW_ERRORS) as e:
+        raise DataError(f"cannot decode image '{name}' ({_reason(e)})") from None
 
 
 def _reason(e: BaseException) -> str:
-    """The message of a decoder error, without torchvision's "function, file.cpp:line, " prefix."""
-    text = str(e).strip() or type(e).__name__
-    return re.sub(r"^.*?\.cpp:\d+, ", "", text.splitlines()[0])
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not a format libjpeg or Pillow reads"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def region_decodable(data: np.ndarray) -> bool:
+    return jpeg_region.is_jpeg(data) and jpeg_region.available()
+
+
+def _ends_whole(data: np.ndarray) -> bool:
+    """The file ends with JPEG's end-of-image marker (a truncated one does not)."""
+    return len(data) > 2 and data[-2] == 0xFF and data[-1] == 0xD9
+
+
+def _crop(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    top, left, height, width = box
+    return image[:, top:top + height, left:left + width]
 
 
 def sample_crop(width: int, height: int, scale: tuple[float, float] = (0.08, 1.0),
@@ -118,16 +148,23 @@ class JpegTrainDecode:
         scale: range of the crop's area as a fraction of the image's.
         ratio: range of the crop's aspect ratio (width / height).
         interpolation: of the resize: bicubic, bilinear or nearest.
+        dct_scaling: let libjpeg decode a crop of at least twice `size` at 1/2, 1/4 or 1/8 scale; faster, and the
+            pixels differ from a full-scale decode's by that resampling.
     """
 
     def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = "bicubic"):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = "bicubic",
+                 dct_scaling: bool = False):
         self.size, self.scale, self.ratio, self.interpolation = size, scale, ratio, interpolation
+        self.min_side = size if dct_scaling else 0
 
     def __call__(self, source: Source) -> torch.Tensor:
-        image = load(source)
-        box = sample_crop(image.shape[2], image.shape[1], self.scale, self.ratio)
-        return resize_crop(image, box, self.size, self.interpolation)
+        if isinstance(source, torch.Tensor):  # already decoded
+            box = sample_crop(source.shape[2], source.shape[1], self.scale, self.ratio)
+            return resize_crop(source, box, self.size, self.interpolation)
+        data, name = read_source(source)
+        box = sample_crop(*image_size(data, name), self.scale, self.ratio)
+        return resize(decode(data, name, box, self.min_side), [self.size, self.size], self.interpolation)
 
 
 class JpegEvalDecode:

@@ -82,7 +82,8 @@ class Profile:
     eval_size: int = 5000  # synthetic validation images of eval_speed
     profile_steps: int = 5  # traced training steps of the profile step, after PROFILE_WAIT (+1)
     bed_images: int = 1000  # training JPEGs of the input step's test bed (the loader goes round them in epochs)
-    # The input step's own counts, smaller in the dry run: decoding at 2 ms an image, the GPU's would take minutes.
+    # The input step's own counts, smaller in the dry run (decoding costs a CPU the same there: the GPU's counts
+    # would take minutes); both cross an epoch of the test bed.
     input_bench: tuple[str, ...] = ("--steps", "20", "--warmup", "5", "--repeats", "3", "--loader-steps", "20")
     input_batch: int = 128
 
@@ -91,7 +92,7 @@ GPU = Profile()
 DRY = Profile(tiny=("model.depths=[1,1,1,1]", "model.dims=[8,16,16,16]"),
               tiny_t=("model.name=convnext_atto", "data.img_size=32"), amp="auto", jobs=2, timeout=600,
               no_compile="dry run: a compiled debug run took 100-160 s on 2 CPU cores (cold inductor cache)",
-              bed_images=32, input_bench=("--steps", "2", "--warmup", "1", "--repeats", "1", "--loader-steps", "2"),
+              bed_images=32, input_bench=("--steps", "4", "--warmup", "1", "--repeats", "1", "--loader-steps", "4"),
               input_batch=8)
 PROFILE_WAIT = 5  # steps before the profile step's trace warms up
 

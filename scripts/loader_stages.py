@@ -27,9 +27,9 @@ from torch.utils.data import default_collate
 
 from core.config import Config
 from data.batch_aug import BatchAugment
-from data.jpeg import decode, read_source, resize_crop, sample_crop
+from data.jpeg import decode, image_size, read_source, resize, sample_crop
 from data.rand_augment import allow_zero_bit_posterize
-from data.transforms import imagenet_decode, mean_std
+from data.transforms import collate_readable, imagenet_decode, mean_std
 
 # timm's transform steps by class name -> the stage they belong to
 _TIMM_STAGES = {"RandomResizedCropAndInterpolation": "crop+resize", "RandomHorizontalFlip": "flip",
@@ -68,12 +68,13 @@ def _our_pass(files: Sequence[str], recipe, batch: int) -> dict[str, float]:
     outputs = []
     for path in files:
         start = time.perf_counter()
-        image = decode(*read_source(path))
+        data, name = read_source(path)
+        box = sample_crop(*image_size(data, name), recipe.scale, recipe.ratio)
+        region = decode(data, name, box, recipe.min_side)  # only the crop's rows and columns
         now = _add(totals, "decode", start)
-        box = sample_crop(image.shape[2], image.shape[1], recipe.scale, recipe.ratio)
-        outputs.append(resize_crop(image, box, recipe.size, recipe.interpolation))
+        outputs.append(resize(region, [recipe.size, recipe.size], recipe.interpolation))
         _add(totals, "crop+resize", now)
-    _collate(totals, outputs, batch)
+    _collate(totals, outputs, batch, collate_readable)
     return totals
 
 
@@ -83,10 +84,10 @@ def _add(totals: dict[str, float], stage: str, since: float) -> float:
     return now
 
 
-def _collate(totals: dict[str, float], images: list, batch: int) -> None:
+def _collate(totals: dict[str, float], images: list, batch: int, collate: Callable = default_collate) -> None:
     start = time.perf_counter()
     for first in range(0, len(images) - batch + 1, batch):
-        default_collate([(image, 0) for image in images[first:first + batch]])
+        collate([(image, 0) for image in images[first:first + batch]])
     # only whole batches are collated: charge the per-image cost to every image
     collated = max(batch, len(images) // batch * batch)
     totals["collation"] = (time.perf_counter() - start) * len(images) / collated

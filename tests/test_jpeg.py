@@ -12,6 +12,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms.functional import pil_to_tensor
 
 from data.datasets import DataError
+from data import jpeg_region
 from data.jpeg import JpegEvalDecode, JpegTrainDecode, decode, read_source, sample_crop
 from data.testbed import jpeg_bytes, make_jpeg_testbed
 
@@ -109,7 +110,7 @@ def test_unreadable_files_raise_an_error_naming_the_file(tmp_path, paths):
     garbage.write_bytes(b"this is no image" * 100)
     truncated = tmp_path / "truncated.JPEG"
     truncated.write_bytes(open(paths[0], "rb").read()[:20000])
-    for path, reason in [(garbage, "format"), (truncated, "truncated"), (tmp_path / "missing.JPEG", "No such file")]:
+    for path, reason in [(garbage, "format"), (truncated, "Premature end"), (tmp_path / "missing.JPEG", "No such file")]:
         for transform in (JpegTrainDecode(), JpegEvalDecode()):
             with pytest.raises(DataError, match=reason) as caught:
                 transform(str(path))
@@ -119,3 +120,79 @@ def test_unreadable_files_raise_an_error_naming_the_file(tmp_path, paths):
 def test_bytes_in_memory_are_named_as_such():
     with pytest.raises(DataError, match="<bytes>"):
         JpegTrainDecode()(jpeg_bytes(Image.new("RGB", (64, 64)))[:300])
+
+
+# --- decoding only the crop ----------------------------------------------------------------------------------
+
+def _variants(path: str) -> dict[str, bytes]:
+    """The same picture as baseline 4:2:0, progressive, 4:4:4, greyscale and CMYK JPEGs."""
+    image = Image.open(path).convert("RGB")
+    out = {}
+    for name, mode, options in [("baseline", "RGB", {}), ("progressive", "RGB", {"progressive": True}),
+                                ("444", "RGB", {"subsampling": 0}), ("grey", "L", {}), ("cmyk", "CMYK", {})]:
+        buffer = io.BytesIO()
+        image.convert(mode).save(buffer, format="JPEG", quality=90, **options)
+        out[name] = buffer.getvalue()
+    return out
+
+
+needs_region = pytest.mark.skipif(not jpeg_region.available(), reason="data/_jpeg_region.so not built (make setup)")
+
+
+@needs_region
+def test_region_decode_equals_the_whole_decodes_crop(paths):
+    """Random-resized crop boxes, edges and corners included, in every JPEG flavour: the same pixels exactly."""
+    random.seed(0)
+    for name, data in _variants(paths[2]).items():
+        data = np.frombuffer(data, np.uint8)
+        whole = decode(data, name)
+        height, width = whole.shape[1:]
+        boxes = [sample_crop(width, height) for _ in range(30)]
+        boxes += [(0, 0, height, width), (0, 0, 17, 9), (height - 9, width - 17, 9, 17), (5, 8, 16, 16)]
+        for top, left, h, w in boxes:
+            got = jpeg_region.decode(data, (top, left, h, w))
+            assert torch.equal(got, whole[:, top:top + h, left:left + w]), (name, (top, left, h, w))
+        assert whole.shape[0] == 3
+
+
+@needs_region
+def test_libjpeg_and_pillows_decodes_agree(paths, monkeypatch):
+    """Where the library is not built the loader decodes with Pillow: the same pixels to within its IDCT's rounding."""
+    for name, data in _variants(paths[3]).items():
+        ours = decode(np.frombuffer(data, np.uint8), name)
+        theirs = pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert ours.shape == theirs.shape and (ours.int() - theirs.int()).abs().max() <= 1, name
+    monkeypatch.setattr(jpeg_region, "_lib", None)
+    assert not jpeg_region.available()
+    random.seed(1)
+    with_pillow = JpegTrainDecode()(paths[3])
+    monkeypatch.undo()
+    random.seed(1)
+    assert (JpegTrainDecode()(paths[3]).int() - with_pillow.int()).abs().max() <= 1
+
+
+@needs_region
+def test_a_truncated_jpeg_fails_even_where_the_crop_ends_before_the_cut(paths):
+    """The crop's rows decode without reaching the cut, so a file without its end marker is decoded whole."""
+    data = open(paths[0], "rb").read()
+    cut = np.frombuffer(data[:len(data) // 2], np.uint8)
+    assert torch.equal(jpeg_region.decode(cut, (0, 0, 16, 16)), decode(np.frombuffer(data, np.uint8), "x")[:, :16, :16])
+    with pytest.raises(DataError, match="Premature end"):
+        decode(cut, "cut.JPEG", (0, 0, 16, 16))
+
+
+@needs_region
+def test_reduced_scale_decode_keeps_the_crop_at_least_min_side(paths):
+    """At 1/2, 1/4 or 1/8 scale the decoder's output is Pillow's draft mode's (the same libjpeg scaled IDCT)."""
+    encoded = _variants(paths[2])["baseline"]
+    data = np.frombuffer(encoded, np.uint8)
+    width, height = jpeg_region.size(data)
+    for side in (32, 64, 100, 1000):
+        got = jpeg_region.decode(data, (0, 0, height, width), min_side=side)
+        h, w = got.shape[1:]
+        assert (min(h, w) >= side and min(h, w) < 2 * side + 8) or (h, w) == (height, width), (side, h, w)
+        k = next(k for k in (8, 4, 2, 1) if -(-width // k) == w)  # the scale libjpeg used
+        with Image.open(io.BytesIO(encoded)) as image:
+            image.draft("RGB", (width // k, height // k))
+            expected = pil_to_tensor(image.convert("RGB"))
+        assert expected.shape == got.shape and (got.int() - expected.int()).abs().max() <= 1
