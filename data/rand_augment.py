@@ -183,12 +183,22 @@ class BatchRandAugment:
 
 # --- point ops: a table per image and channel ---------------------------------------------------------------
 
-def histograms(images: Tensor) -> Tensor:
-    """(N, C, 256) int64 pixel counts of uint8 (N, C, H, W) images."""
+def histograms(images: Tensor, by_sorting: Optional[bool] = None) -> Tensor:
+    """(N, C, 256) int64 pixel counts of uint8 (N, C, H, W) images.
+
+    On the CPU one bincount; on an accelerator (by_sorting, default there) each channel sorted and cut at every
+    level, because bincount reads its output's size back from the device (a wait) and scatter_add_ is not
+    deterministic on CUDA.
+    """
     n, c = images.shape[:2]
-    offsets = torch.arange(n * c, device=images.device).view(n, c, 1) * 256
-    flat = (images.reshape(n, c, -1).long() + offsets).view(-1)
-    return torch.bincount(flat, minlength=n * c * 256).view(n, c, 256)
+    flat = images.reshape(n * c, -1)
+    if not (by_sorting if by_sorting is not None else images.device.type != "cpu"):
+        offsets = torch.arange(n * c, device=images.device).view(n * c, 1) * 256
+        return torch.bincount((flat.long() + offsets).view(-1), minlength=n * c * 256).view(n, c, 256)
+    ordered = flat.sort(dim=1).values.int()
+    levels = torch.arange(257, device=images.device, dtype=torch.int32).expand(n * c, 257).contiguous()
+    below = torch.searchsorted(ordered, levels)  # pixels under each level
+    return (below[:, 1:] - below[:, :-1]).view(n, c, 256)
 
 
 def autocontrast_lut(hist: Tensor) -> Tensor:

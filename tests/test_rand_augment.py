@@ -11,7 +11,7 @@ from timm.data import auto_augment as aa
 
 from data.batch_aug import BatchAugment
 from data.jpeg import JpegTrainDecode
-from data.rand_augment import BatchRandAugment, Draws, _posterize, level_args
+from data.rand_augment import BatchRandAugment, Draws, _posterize, histograms, level_args
 from data.testbed import make_jpeg_testbed
 
 FILL = (124, 116, 104)
@@ -133,3 +133,9 @@ def test_batch_augment_flips_before_rand_augment_as_timm():
 def test_ops_timm_has_but_the_device_lacks_are_one_line_errors():
     with pytest.raises(ValueError, match="GaussianBlur"):
         BatchRandAugment("rand-m9-t3a")
+
+
+def test_histograms_by_sorting_equal_bincounts(crops):
+    """The accelerator's way (no wait on the device, deterministic) counts what the CPU's bincount counts."""
+    assert torch.equal(histograms(crops, by_sorting=True), histograms(crops, by_sorting=False))
+    assert int(histograms(crops).sum()) == crops.numel()
