@@ -39,6 +39,11 @@ SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Trans
 _DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is an op's full strength
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """float64 for the sums and coordinates PIL computes in double; float32 where the device has no float64 (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def level_args(name: str, magnitude: Tensor, negate: Tensor, translate_pct: float = 0.45) -> Tensor:
     """timm's level_to_arg of op `name` for a float64 tensor of magnitudes; `negate` where timm negates the level.
     TranslateX/Y get the signed fraction of their full shift (BatchRandAugment scales it by translate_const)."""
@@ -177,7 +182,7 @@ class BatchRandAugment:
                                                   ("TranslateX", "TranslateY") else 1), width, images.shape[-2])
                                     for i in rows])
             index = torch.tensor(rows, device=images.device)
-            out[index] = pil_affine(images[index], matrices.to(images.device), self.fill, axis)
+            out[index] = pil_affine(images[index], matrices.to(images.device, _wide(images.device)), self.fill, axis)
         return out
 
 
@@ -207,7 +212,7 @@ def autocontrast_lut(hist: Tensor) -> Tensor:
     levels = torch.arange(256, device=hist.device)
     lo = torch.where(present, levels, 256).amin(-1, keepdim=True)
     hi = torch.where(present, levels, -1).amax(-1, keepdim=True)
-    scale = 255.0 / (hi - lo).clamp(min=1).double()
+    scale = 255.0 / (hi - lo).clamp(min=1).to(_wide(hist.device))
     stretched = torch.trunc(levels * scale - lo * scale).clamp(0, 255).long()  # int() of ix * scale + offset
     return torch.where(hi > lo, stretched, levels)
 
@@ -281,7 +286,7 @@ def enhance_ops(images: Tensor, names: list[str], factors: Tensor) -> Tensor:
     x = images.float()
     kinds = [name.removesuffix("Increasing") for name in names]
     grey = greyscale(images)
-    contrast = torch.floor(grey.double().mean((1, 2, 3)) + 0.5).float().view(n, 1, 1, 1)  # int(mean + 0.5)
+    contrast = torch.floor(grey.to(_wide(dev)).mean((1, 2, 3)) + 0.5).float().view(n, 1, 1, 1)  # int(mean + .5)
     degenerate = grey.float().expand_as(x).clone()
     degenerate = torch.where(_rows(kinds, "Contrast", dev), contrast, degenerate)
     degenerate = torch.where(_rows(kinds, "Brightness", dev), 0.0, degenerate)
@@ -335,15 +340,15 @@ def pil_affine(images: Tensor, matrices: Tensor, fill: Sequence[int], axis: Opti
 
     Args:
         images: uint8 (N, C, H, W).
-        matrices: (N, 6) float64 on the images' device.
+        matrices: (N, 6) float64 (float32 on MPS) on the images' device.
         fill: C values, 0-255.
         axis: "x" where every map keeps source rows on pixel centres (shears and shifts along x), "y" where it
             keeps columns so; the interpolation along the other axis is then skipped.
     """
     n, c, h, w = images.shape
     dev = images.device
-    ys = torch.arange(h, device=dev, dtype=torch.float64).view(1, h, 1) + 0.5
-    xs = torch.arange(w, device=dev, dtype=torch.float64).view(1, 1, w) + 0.5
+    ys = torch.arange(h, device=dev, dtype=_wide(dev)).view(1, h, 1) + 0.5
+    xs = torch.arange(w, device=dev, dtype=_wide(dev)).view(1, 1, w) + 0.5
     a, b, cc, d, e, f = (matrices[:, k].view(n, 1, 1) for k in range(6))
     sx, sy = a * xs + b * ys + cc, d * xs + e * ys + f  # (N, H, W) source points
     inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
