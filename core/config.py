@@ -60,8 +60,7 @@ class DataCfg:
     num_classes: int = 0  # 0 means: what the data set has
     recipe: str = "imagenet"  # imagenet (timm RandAugment recipe) | small (pad-crop + flip, 28-32 px)
     crop_pct: float = 0.875  # eval centre crop for the imagenet recipe
-    dct_scaling: bool = False  # imagenet recipe: decode crops of 2x img_size or more at 1/2-1/8 scale (faster, on
-    #                            large photos; pixels then differ from a full-size decode's by resampling)
+    dct_scaling: bool = False  # imagenet recipe: decode crops >= 2x img_size at 1/2-1/8 scale (faster on big photos)
     classes: list = field(default_factory=list)  # keep only these class indices, relabelled 0..k-1 ([]: all)
     train_limit: int = 0  # train on a fixed random subset of this many images (0: all), for quick experiments
     skip_corrupt: bool = False  # imagefolder, shards: skip unreadable images with a warning instead of stopping
