@@ -88,7 +88,7 @@ def test_benchmark_compares_our_jpeg_loader_with_timms_stage_by_stage(tmp_path):
     stages = record["stages_ms_per_img"]
     assert {"decode", "crop+resize", "flip", "RandAugment", "conversion", "normalisation", "erasing",
             "collation", "total"} == set(stages["timm"])
-    assert {"decode", "crop+resize", "flip+RandAugment", "collation", "total"} == set(stages["ours"])
+    assert {"decode", "crop+resize", "collation", "total"} == set(stages["ours"])  # the rest is on the device
     for name in stages:
         assert all(v > 0 for v in stages[name].values())
         assert stages[name]["total"] == pytest.approx(sum(v for k, v in stages[name].items() if k != "total"))
