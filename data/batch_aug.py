@@ -105,7 +105,8 @@ class BatchAugment(BatchNormalize):
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], hflip: float = 0.5, rand_augment: str = "",
-                 fill: Optional[Sequence[int]] = None, crop_padding: int = 0, reprob: float = 0.25, mode: str = "pixel", min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
+                 fill: Optional[Sequence[int]] = None, crop_padding: int = 0, reprob: float = 0.25,
+                 mode: str = "pixel", min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
                  max_aspect: Optional[float] = None, min_count: int = 1, max_count: Optional[int] = None,
                  host_indexing: Optional[bool] = None):
         super().__init__(mean, std)
@@ -174,8 +175,8 @@ class BatchAugment(BatchNormalize):
         """Each image shifted by its own (dy, dx) in [-p, p], zeros coming in: the window of a zero-padded image."""
         n, c, h, w = images.shape
         p = self.crop_padding
-        top = torch.minimum((u_top * (2 * p + 1)).floor().long(), torch.tensor(2 * p, device=images.device))
-        left = torch.minimum((u_left * (2 * p + 1)).floor().long(), torch.tensor(2 * p, device=images.device))
+        top = (u_top * (2 * p + 1)).floor().long().clamp(max=2 * p)
+        left = (u_left * (2 * p + 1)).floor().long().clamp(max=2 * p)
         padded = torch.nn.functional.pad(images, (p, p, p, p))
         rows = (top.view(n, 1) + torch.arange(h, device=images.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * p)
         cols = (left.view(n, 1) + torch.arange(w, device=images.device)).view(n, 1, 1, w).expand(n, c, h, w)
@@ -189,8 +190,7 @@ class BatchAugment(BatchNormalize):
 
         Args:
             u: (N, 5 + max_count * (2 * attempts + 2)) uniforms in [0, 1): flip, erase, count, crop top, crop left,
-                then per slot
-                area and aspect per attempt, top, left.
+                then per slot area and aspect per attempt, top, left.
             shape: the batch's (N, C, H, W).
         """
         _, _, img_h, img_w = shape

@@ -64,8 +64,7 @@ def decode(data: np.ndarray, name: str, box: tuple[int, int, int, int] | None = 
     """
     if region_decodable(data):
         try:
-            whole = box is None or not _ends_whole(data)
-            if whole:  # a file without its end marker is decoded to the end, where a truncation shows
+            if box is None or not _ends_whole(data):  # without its end marker: decoded to the end, where a cut shows
                 width, height = jpeg_region.size(data)
                 full = jpeg_region.decode(data, (0, 0, height, width))
                 return full if box is None else _crop(full, box)
@@ -133,8 +132,7 @@ def resize(image: torch.Tensor, size: int | list[int], interpolation: str) -> to
 def resize_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int,
                 interpolation: str = "bicubic") -> torch.Tensor:
     """Crop uint8 (C, H, W) to `box` (top, left, height, width) and resize the crop to size x size."""
-    top, left, height, width = box
-    return resize(image[:, top:top + height, left:left + width], [size, size], interpolation)
+    return resize(_crop(image, box), [size, size], interpolation)
 
 
 class JpegTrainDecode:

@@ -34,8 +34,6 @@ POINT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncrea
 ENHANCE_OPS = ("Color", "ColorIncreasing", "Contrast", "ContrastIncreasing", "Brightness", "BrightnessIncreasing",
                "Sharpness", "SharpnessIncreasing")
 AFFINE_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "TranslateX", "TranslateY")
-SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "TranslateX", "TranslateY",
-          "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
 _DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is an op's full strength
 
 
@@ -46,7 +44,7 @@ def _wide(device: torch.device) -> torch.dtype:
 
 def level_args(name: str, magnitude: Tensor, negate: Tensor, translate_pct: float = 0.45) -> Tensor:
     """timm's level_to_arg of op `name` for a float64 tensor of magnitudes; `negate` where timm negates the level.
-    TranslateX/Y get the signed fraction of their full shift (BatchRandAugment scales it by translate_const)."""
+    TranslateX/Y get the signed fraction of their full shift (affine_matrix scales it by translate_const)."""
     level = magnitude / _DENOM
     sign = torch.where(negate, -1.0, 1.0).double()
     if name == "Rotate":
@@ -57,7 +55,7 @@ def level_args(name: str, magnitude: Tensor, negate: Tensor, translate_pct: floa
         return level * translate_pct * sign
     if name in ("TranslateX", "TranslateY"):
         return level * sign
-    if name.endswith("Increasing") and name.split("Increasing")[0] in ("Color", "Contrast", "Brightness", "Sharpness"):
+    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
         return torch.clamp(1.0 + level * 0.9 * sign, min=0.1)
     if name in ("Color", "Contrast", "Brightness", "Sharpness"):
         return level * 1.8 + 0.1
@@ -162,15 +160,14 @@ class BatchRandAugment:
                     out, copied = out.clone(), True
                 index = torch.tensor(rows, dtype=torch.long)
                 args = draws.arg[layer][index]
-                result = run(out[index.to(out.device)], [names[i] for i in rows], args)
-                out[index.to(out.device)] = result
+                index = index.to(out.device)
+                out[index] = run(out[index], [names[i] for i in rows], args)
         if copied and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
             return out.contiguous(memory_format=torch.channels_last)
         return out if copied else images
 
     def _affine(self, images: Tensor, names: list[str], args: Tensor) -> Tensor:
-        width = images.shape[-1]
-        shift = self.translate_const if self.translate_const is not None else int(0.45 * width)
+        height, width = images.shape[-2:]
         out = torch.empty_like(images)
         # x-only maps keep the source row on a pixel centre (PIL's kernel there is 0, 1, 0, 0): 4 taps, not 16
         for axis, group in (("x", ("ShearX", "TranslateXRel", "TranslateX")),
@@ -178,8 +175,7 @@ class BatchRandAugment:
             rows = [i for i, name in enumerate(names) if name in group]
             if not rows:
                 continue
-            matrices = torch.stack([affine_matrix(names[i], float(args[i]) * (shift if names[i] in
-                                                  ("TranslateX", "TranslateY") else 1), width, images.shape[-2])
+            matrices = torch.stack([affine_matrix(names[i], float(args[i]), width, height, self.translate_const)
                                     for i in rows])
             index = torch.tensor(rows, device=images.device)
             out[index] = pil_affine(images[index], matrices.to(images.device, _wide(images.device)), self.fill, axis)
@@ -238,7 +234,7 @@ def point_ops(images: Tensor, names: list[str], args: Tensor) -> Tensor:
     kinds = [name.removesuffix("Increasing").removesuffix("Original") for name in names]
 
     def rows(kind: str) -> Tensor:
-        return torch.tensor([k == kind for k in kinds], device=dev).view(n, 1, 1)
+        return _rows(kinds, kind, lut)
 
     bits = arg.clamp(0, 8).long()
     lut = torch.where(rows("Invert"), 255 - levels, lut)
@@ -288,8 +284,8 @@ def enhance_ops(images: Tensor, names: list[str], factors: Tensor) -> Tensor:
     grey = greyscale(images)
     contrast = torch.floor(grey.to(_wide(dev)).mean((1, 2, 3)) + 0.5).float().view(n, 1, 1, 1)  # int(mean + .5)
     degenerate = grey.float().expand_as(x).clone()
-    degenerate = torch.where(_rows(kinds, "Contrast", dev), contrast, degenerate)
-    degenerate = torch.where(_rows(kinds, "Brightness", dev), 0.0, degenerate)
+    degenerate = torch.where(_rows(kinds, "Contrast", x), contrast, degenerate)
+    degenerate = torch.where(_rows(kinds, "Brightness", x), 0.0, degenerate)
     sharp = [i for i, k in enumerate(kinds) if k == "Sharpness"]
     if sharp:
         index = torch.tensor(sharp, device=dev)
@@ -298,15 +294,19 @@ def enhance_ops(images: Tensor, names: list[str], factors: Tensor) -> Tensor:
     return torch.floor(degenerate + f * (x - degenerate)).clamp_(0, 255).to(torch.uint8)  # (UINT8) of the float
 
 
-def _rows(kinds: list[str], kind: str, device: torch.device) -> Tensor:
-    return torch.tensor([k == kind for k in kinds], device=device).view(-1, 1, 1, 1)
+def _rows(kinds: list[str], kind: str, like: Tensor) -> Tensor:
+    """Which images (per entry of `kinds`) run op `kind`, as a bool mask that broadcasts against `like`."""
+    return torch.tensor([k == kind for k in kinds], device=like.device).view(-1, *[1] * (like.dim() - 1))
 
 
 # --- geometric ops: PIL's affine transform with its bicubic kernel ------------------------------------------
 
-def affine_matrix(name: str, arg: float, width: int, height: int) -> Tensor:
+def affine_matrix(name: str, arg: float, width: int, height: int, translate_const: Optional[float] = None) -> Tensor:
     """The (a, b, c, d, e, f) that timm hands PIL's Image.transform(AFFINE) for op `name` (output -> source);
-    `arg` is timm's argument of the op (TranslateX/Y: pixels)."""
+    `arg` is level_args' (TranslateX/Y: the fraction of translate_const pixels, default 45% of the width, as timm's
+    create_transform sets it)."""
+    if name in ("TranslateX", "TranslateY"):
+        arg *= translate_const if translate_const is not None else int(0.45 * width)
     if name == "ShearX":
         m = (1.0, arg, 0.0, 0.0, 1.0, 0.0)
     elif name == "ShearY":

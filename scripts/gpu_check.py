@@ -318,7 +318,8 @@ class Check:
         jobs.append(partial(self.step, "ddp_nccl", self.ddp, "ddp_nccl", "nccl"))
         timed = [partial(self.step, name, self.speed, name, compile_)
                  for name, compile_ in (("speed", False), ("speed_compile", True))]
-        timed += [partial(self.step, name, getattr(self, name)) for name in ("eval_speed", "profile", "checkpoint", "input")]
+        timed += [partial(self.step, name, getattr(self, name))
+                  for name in ("eval_speed", "profile", "checkpoint", "input")]
         if self.dry:  # figures that mean nothing: no need to run alone
             self.concurrently(jobs + timed)
         else:

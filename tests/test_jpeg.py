@@ -110,7 +110,8 @@ def test_unreadable_files_raise_an_error_naming_the_file(tmp_path, paths):
     garbage.write_bytes(b"this is no image" * 100)
     truncated = tmp_path / "truncated.JPEG"
     truncated.write_bytes(open(paths[0], "rb").read()[:20000])
-    for path, reason in [(garbage, "format"), (truncated, "Premature end"), (tmp_path / "missing.JPEG", "No such file")]:
+    cases = [(garbage, "format"), (truncated, "Premature end"), (tmp_path / "missing.JPEG", "No such file")]
+    for path, reason in cases:
         for transform in (JpegTrainDecode(), JpegEvalDecode()):
             with pytest.raises(DataError, match=reason) as caught:
                 transform(str(path))
