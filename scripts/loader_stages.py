@@ -123,8 +123,8 @@ def stage_times(cfg: Config, files: Sequence[str], repeats: int, batch: int = 32
 
 
 def device_ms_per_image(augment: BatchAugment, batch: torch.Tensor, repeats: int) -> float:
-    """The batch work our recipe leaves to the device (BatchAugment: normalisation, erasing), ms per image, the
-    median of `repeats` calls on a uint8 batch already there."""
+    """The batch work our recipe leaves to the device (BatchAugment: flip, RandAugment, normalise, erase), ms per
+    image, the median of `repeats` calls on a uint8 batch already there."""
     times = []
     for _ in range(repeats):
         if batch.device.type == "cuda":
