@@ -59,11 +59,16 @@ $(WANDB_SITE)/.installed: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --target $(WANDB_SITE) wandb==0.31.0
 	touch $@
 
-test: setup data test-tools $(WANDB_SITE)/.installed
+# The optional `datasets` (data.name=hf) for the tests of Hugging Face data sets; `import timm` does not import it.
+$(VENV)/.hf-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[hf]' datasets==5.2.0
+	touch $@
+
+test: setup data test-tools $(WANDB_SITE)/.installed $(VENV)/.hf-installed
 	WANDB_SITE=$(abspath $(WANDB_SITE)) $(PY) -m pytest -q tests
 
 # Everything but the multi-process runs, for a quick edit-test loop.
-test-fast: setup
+test-fast: setup $(VENV)/.hf-installed
 	$(PY) -m pytest -q -m "not slow" tests
 
 # On a machine with a CUDA GPU: train, resume, DDP, speed and exact evaluation in one call (scripts/gpu_check.py);

@@ -63,9 +63,16 @@ class DataCfg:
     dct_scaling: bool = False  # imagenet recipe: decode crops >= 2x img_size at 1/2-1/8 scale (faster on big photos)
     classes: list = field(default_factory=list)  # keep only these class indices, relabelled 0..k-1 ([]: all)
     train_limit: int = 0  # train on a fixed random subset of this many images (0: all), for quick experiments
-    skip_corrupt: bool = False  # imagefolder, shards: skip unreadable images with a warning instead of stopping
+    skip_corrupt: bool = False  # imagefolder, shards, hf: skip unreadable images with a warning instead of stopping
     cache_file_list: bool = True  # imagefolder: rank 0 lists the files once, cached beside them (data.file_list)
     download: bool = False  # fetch fashion_mnist / cifar with torchvision when missing (needs network)
+    hf_name: str = ""  # data.name=hf: a hub id (ILSVRC/imagenet-1k), or a folder of parquet files or save_to_disk
+    hf_config: str = ""  # the hub data set's configuration ("": its default)
+    hf_revision: str = ""  # a branch, tag or commit of the hub repository ("": main)
+    hf_train_split: str = "train"
+    hf_val_split: str = "validation"
+    hf_image_column: str = ""  # "": the one Image feature
+    hf_label_column: str = ""  # "": the one ClassLabel feature; an integer column when named
     synthetic_train_size: int = 512
     synthetic_val_size: int = 101  # deliberately not a multiple of common world sizes
 
@@ -176,7 +183,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("imagefolder", "shards", "cifar10", "cifar100", "fashion_mnist", "synthetic"),
+    "data.name": ("imagefolder", "shards", "hf", "cifar10", "cifar100", "fashion_mnist", "synthetic"),
     "data.recipe": ("imagenet", "small"),
     "model.stem_init": ("default", "whiten"),
     "aug.interpolation": ("bicubic", "bilinear", "nearest"),
@@ -314,7 +321,10 @@ def validate(cfg: Config) -> None:
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
         raise ConfigError(f"schedule.warmup_epochs ({cfg.schedule.warmup_epochs}) exceeds schedule.epochs "
                           f"({cfg.schedule.epochs}); lower warmup_epochs or raise epochs")
-    if cfg.data.name != "synthetic" and not cfg.data.root:
+    if cfg.data.name == "hf" and not cfg.data.hf_name:
+        raise ConfigError("data.hf_name is empty; set it to a hub id (e.g. data.hf_name=ILSVRC/imagenet-1k) or to a "
+                          "folder of parquet files or of save_to_disk")
+    if cfg.data.name not in ("synthetic", "hf") and not cfg.data.root:
         raise ConfigError(f"data.root is empty; set it to the folder holding the {cfg.data.name} data "
                           f"(e.g. data.root=/path/to/data)")
 

@@ -19,7 +19,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import find_classes
 
+import distributed_utils as du
 from core.config import DataCfg
+from data.hf_sets import HubImages, open_splits
 from data.checked import CheckedReads, DataError, first_line
 from data.file_list import FileList, list_images, scan
 from data.shards import CLASSES, ShardImages, check_labels, read_classes
@@ -269,6 +271,14 @@ def _shards(cfg: DataCfg, train: bool) -> RawSplits:
     return RawSplits(train_set, val, num_classes=num_classes, in_chans=3, class_names=names)
 
 
+# --- Hugging Face data sets: a hub id, or a folder of parquet files or save_to_disk (data.hf_sets) ---------------
+
+def _hf(cfg: DataCfg, train: bool) -> RawSplits:
+    # Rank 0 downloads and converts to Arrow where needed; the others then find the same files in the cache.
+    train_set, val, num_classes, names = du.main_first(lambda main: open_splits(cfg, train, main))
+    return RawSplits(train_set, val, num_classes=num_classes, in_chans=3, class_names=names)
+
+
 # --- synthetic -------------------------------------------------------------------------------------
 
 def _synthetic(cfg: DataCfg, train: bool) -> RawSplits:
@@ -285,6 +295,7 @@ BUILDERS: dict[str, Callable[[DataCfg, bool], RawSplits]] = {
     "cifar100": partial(_cifar, tv_class=CIFAR100, title="CIFAR-100", folder="cifar-100-python"),
     "imagefolder": _imagefolder,
     "shards": _shards,
+    "hf": _hf,
     "synthetic": _synthetic,
 }
 
@@ -301,9 +312,9 @@ def _narrow(ds: Dataset, keep: torch.Tensor, relabel: torch.Tensor | None, what:
         ds.samples = [(path, int(relabel[label])) for path, label in kept] if relabel is not None else kept
         ds.targets = [label for _, label in ds.samples]
         return ds
-    if isinstance(ds, ShardImages):
+    if isinstance(ds, (ShardImages, HubImages)):
         return ds.narrow(keep.numpy(), relabel.numpy() if relabel is not None else None)
-    raise DataError(f"{what} works with fashion_mnist, cifar10/100, imagefolder and shards, not "
+    raise DataError(f"{what} works with fashion_mnist, cifar10/100, imagefolder, shards and hf, not "
                     f"{type(ds).__name__}")
 
 

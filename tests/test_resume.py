@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data.shards import write_shards
-from data.testbed import make_jpeg_testbed
+from data.testbed import folder_as_parquet, make_jpeg_testbed
 from test_train_e2e import DEBUG, ROOT, run
 
 pytestmark = pytest.mark.slow
@@ -92,6 +92,19 @@ def shard_workers(tmp_path_factory, jpeg_workers):
 
 
 @pytest.fixture(scope="module")
+def hf_workers(tmp_path_factory, jpeg_workers):
+    """The same JPEGs as a Hugging Face data set of parquet files, rows in the folder's order, first loaded (and
+    converted to Arrow by rank 0) by the run itself; the run must end equal to the folder's."""
+    pytest.importorskip("datasets", reason="the optional hf extra (make test installs it)")
+    from test_hf_sets import offline_caches
+    root = tmp_path_factory.mktemp("hf")
+    folder_as_parquet(jpeg_workers[1].split("=", 1)[1], str(root / "parquet"), rows_per_file=20)
+    with pytest.MonkeyPatch.context() as patch:
+        offline_caches(patch, str(root))
+        yield ["data.name=hf", f"data.hf_name={root / 'parquet'}", *jpeg_workers[2:]]
+
+
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run the tests compare against."""
     ref = str(tmp_path_factory.mktemp("ref"))
@@ -154,14 +167,15 @@ def command_line(pid: str) -> str:
         return f.read().replace("\0", " ")
 
 
-@pytest.mark.parametrize("variant", ["", "shard_workers"], ids=["2-loader-workers-write-in-flight",
-                                                                 "imagenet-recipe-shards"])
+@pytest.mark.parametrize("variant", ["", "shard_workers", "hf_workers"], ids=["2-loader-workers-write-in-flight",
+                                                                               "imagenet-recipe-shards",
+                                                                               "imagenet-recipe-hub-set"])
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, request, variant):
     """Synthetic images in loader workers, killed while a checkpoint's background write is in flight: the restart
     removes the half-written file and resumes from the checkpoint before it. And the imagenet recipe (its erasing
-    draws on the device come from the checkpointed generator) on tar shards of JPEGs, killed and resumed, which must
-    end equal to the uninterrupted run on the image folder of those JPEGs."""
-    compared_with = {"shard_workers": "jpeg_workers"}.get(variant, variant)
+    draws on the device come from the checkpointed generator) on tar shards of JPEGs, and on the same JPEGs as a
+    Hugging Face data set, killed and resumed, which must end equal to the uninterrupted run on their image folder."""
+    compared_with = {"shard_workers": "jpeg_workers", "hf_workers": "jpeg_workers"}.get(variant, variant)
     reference = request.getfixturevalue(f"reference_with_{compared_with}" if variant else "reference")
     extra = request.getfixturevalue(variant) if variant else []
     out = str(tmp_path / "killed")

@@ -11,7 +11,7 @@ import torch
 import distributed_utils as du
 from core.errors import UserError
 from data.shards import write_shards
-from data.testbed import make_jpeg_testbed
+from data.testbed import folder_as_parquet, make_jpeg_testbed
 from test_data import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,10 +143,12 @@ def test_torchrun_train_then_exact_eval(tmp_path):
 
 
 
-def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(tmp_path):
+def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(tmp_path, monkeypatch):
     """JPEGs decoded and augmented in loader workers, normalised and erased on the device: a 13-image validation
-    set (prime) is counted exactly once on 2 processes during training, and eval.py reproduces that evaluation on 3
-    processes over the folder, and on 1 and 2 over tar shards of the same files."""
+    set (prime) is counted exactly once on 2 processes during training, and eval.py reproduces that evaluation on 2
+    processes over tar shards of the same files, and over the same files as a Hugging Face data set: on 2 processes
+    from a parquet folder (its first load: rank 0 converts it while rank 1 waits), on 1 from the datasets cache by
+    hub id, offline, and on 3 from a save_to_disk folder."""
     root = str(tmp_path / "jpegs")
     make_jpeg_testbed(root, num_images=32, num_classes=4, seed=0)
     make_jpeg_testbed(root, num_images=13, num_classes=4, seed=1, split="val")
@@ -159,8 +161,18 @@ def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(tmp_path
     shards = str(tmp_path / "shards")
     write_shards(root, shards, shard_size=5)
     evaluate = ["eval.py", "--config", DEBUG, "--checkpoint", os.path.join(out, "checkpoints", "last.pth"), *jpeg]
-    for launch, data in ((partial(run, nproc=3), []), (run_here, ["data.name=shards", f"data.root={shards}"]),
-                         (partial(run, nproc=2), ["data.name=shards", f"data.root={shards}"])):
+    launches = [(partial(run, nproc=2), ["data.name=shards", f"data.root={shards}"])]
+    datasets = pytest.importorskip("datasets", reason="the optional hf extra (make test installs it)")
+    from test_hf_sets import datasets_cache_entry, offline_caches
+    parquet, saved = str(tmp_path / "parquet"), str(tmp_path / "saved")
+    folder_as_parquet(root, parquet, rows_per_file=5)
+    caches = offline_caches(monkeypatch, tmp_path)
+    datasets_cache_entry(parquet, "tester/jpegs", caches["HF_DATASETS_CACHE"])
+    datasets.load_dataset(parquet, cache_dir=str(tmp_path / "scratch")).save_to_disk(saved)
+    launches += [(partial(run, nproc=2), ["data.name=hf", f"data.hf_name={parquet}"]),
+                 (run_here, ["data.name=hf", "data.hf_name=tester/jpegs"]),
+                 (partial(run, nproc=3), ["data.name=hf", f"data.hf_name={saved}"])]
+    for launch, data in launches:
         result = eval_json(launch(evaluate + data))
         assert result["samples"] == 13 and (result["top1"], result["top5"]) == (last_eval["top1"], last_eval["top5"])
 
