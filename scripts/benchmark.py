@@ -6,6 +6,9 @@
     python -m data.testbed /tmp/bed    # 1,000 + 100 ImageNet-like JPEGs
     python scripts/benchmark.py --config configs/convnext_t.yaml --modes bare,loader,timm_loader --stages 200 \
         --steps 2 --loader-steps 20 data.root=/tmp/bed data.num_workers=2 data.batch_size=32
+    python -m data.testbed /tmp/bed --parquet /tmp/bed_hf    # the same also as a Hugging Face data set
+    python scripts/benchmark.py --config configs/convnext_t.yaml --modes loader,other_loader \
+        --other-data "data.name=hf data.hf_name=/tmp/bed_hf" data.root=/tmp/bed data.num_workers=2
 
 Three loops with the same model, batch, precision, memory format and optimizer, run in turn repeat after repeat so
 that a machine getting faster or slower shifts all three alike:
@@ -13,11 +16,13 @@ that a machine getting faster or slower shifts all three alike:
   trainer   engine.loop.train_one_epoch on that same batch, with all it does per step: mixup, schedule, EMA, loss
             reduction and logging, the stop-signal check, the DDP wrapper when there are several processes;
   pipeline  the same with the config's real data loader (and its copy to the device).
-Two loader modes fetch batches and drop them, with the config's workers: `loader` ours, `timm_loader` timm's own
-create_loader with the same recipe on the same image folder (imagenet recipe; its GPU prefetcher where there is
-CUDA). With both: images/s per worker and per core, ours/timm, and the cores per GPU at --gpu-img-per-s;
---stages N also times each stage of both pipelines on N files in this process (scripts/loader_stages.py), and the
-batch work ours leaves to the device per image next to the bare step's time per image.
+Three loader modes fetch batches and drop them, with the config's workers: `loader` ours, `other_loader` ours on
+another copy of the images (--other-data, e.g. the same test bed as a Hugging Face data set), `timm_loader` timm's
+own create_loader with the same recipe on the same image folder (imagenet recipe; its GPU prefetcher where there is
+CUDA). Each: images/s per worker and per core, and the cores per GPU at --gpu-img-per-s; other_loader/loader and
+ours/timm as ratios. --stages N also times each stage of both pipelines on N files in this process
+(scripts/loader_stages.py), and the batch work ours leaves to the device per image next to the bare step's time per
+image.
 Each repeat times --steps optimizer steps after --warmup untimed ones; figures are medians over the repeats, ratios
 the median of each repeat's own ratio. --vs-timm also times forward+backward of timm's convnext_<variant>, built
 with the same options, against ours. Model FLOP utilisation (MFU) is against a known GPU's data-sheet peak (bf16/fp16)
@@ -47,10 +52,10 @@ from core.cli import run_main
 from core.config import Config
 from core.errors import UserError
 from core.files import atomic_write
-from data import loader_workers, start_epoch
+from data import build_datasets, build_train_loader, loader_workers, start_epoch
 from data.rand_augment import allow_zero_bit_posterize
 from data.transforms import mean_std
-from engine.build import RunData, build_model, build_parts, seed_everything, set_up, wrap_model
+from engine.build import RunData, build_model, build_parts, load_run_config, seed_everything, set_up, wrap_model
 from engine.checkpointer import RunState
 from engine.logging import RunLogger
 from engine.loop import TrainParts, to_device, train_one_epoch
@@ -59,7 +64,7 @@ from engine.precision import AMP_DTYPES, autocast, cpu_matmul_tflops
 from engine.preemption import StopRequest
 from models import stage_shapes
 
-MODES = ("bare", "trainer", "pipeline", "loader", "timm_loader")
+MODES = ("bare", "trainer", "pipeline", "loader", "other_loader", "timm_loader")
 MATMUL_SIZE = 2048  # the largest square matmul whose best rate is a CPU's yardstick for FLOP utilisation
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets), for model FLOP utilisation; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
@@ -74,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", default="bare,trainer,pipeline,loader",
                         help=f"comma-separated, timed in this order: {', '.join(MODES)}")
+    parser.add_argument("--other-data", default="", metavar="OVERRIDES",
+                        help="other_loader: our loader of the config with these data overrides instead, e.g. "
+                             "'data.name=hf data.hf_name=/tmp/bed_hf' (other_loader_over_loader: the two data sets)")
     parser.add_argument("--vs-timm", action="store_true", help="also time forward+backward of ours against timm's")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak, for FLOP utilisation")
     parser.add_argument("--loader-steps", type=int, default=0, metavar="N",
@@ -92,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = [m for m in args.modes.split(",") if m]
     if not args.modes or not set(args.modes) <= set(MODES):
         parser.error(f"--modes takes a comma-separated list of {', '.join(MODES)}; got {','.join(args.modes)!r}")
+    if ("other_loader" in args.modes) != bool(args.other_data):
+        parser.error("--modes other_loader and --other-data go together")
     return args
 
 
@@ -258,13 +268,20 @@ def timm_loader(cfg: Config, env: du.DistEnv, device: torch.device):
     return loader
 
 
+def other_loader(args: argparse.Namespace, env: du.DistEnv):
+    """Our train loader of the config with --other-data's overrides on top (another copy of the same images)."""
+    cfg = load_run_config(args.config, [*args.overrides, *args.other_data.split()])
+    train_set, _, _ = build_datasets(cfg.data, cfg.aug, seed=cfg.seed)
+    return build_train_loader(train_set, cfg.data, env.rank, env.world_size, cfg.seed)
+
+
 def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: torch.device, data: RunData,
                logger: RunLogger) -> tuple[dict, float, int, torch.Tensor]:
     """{mode: (run(clock), images per clocked unit over all ranks)} for the asked modes, the model's forward FLOPs
     per image, the global batch, and a raw batch on the device (for --stages)."""
     accum, n = cfg.train.accum_steps, args.warmup + args.steps
     loader, transform, info = data.train_loader, data.train_transform, data.info
-    if not args.loader_steps and {"loader", "timm_loader"} & set(args.modes):  # set here, where an epoch's length
+    if not args.loader_steps and {"loader", "other_loader", "timm_loader"} & set(args.modes):  # set here, where an epoch's length
         if len(loader) <= args.warmup:  # is known; the other modes run as many epochs as their steps take
             raise UserError(f"an epoch of {len(loader)} batches leaves none to time after --warmup {args.warmup}")
         args.loader_steps = len(loader) - args.warmup
@@ -292,6 +309,9 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
             "trainer": (trainer(Repeated(raw, n * accum)), per_step),  # the device's batch work included
             "pipeline": (trainer(Batches(loader, n * accum)), per_step),
             "loader": (lambda c: loader_pass(Batches(loader, n_loader), c), cfg.data.batch_size * env.world_size)}
+    if "other_loader" in args.modes:
+        other = Batches(other_loader(args, env), n_loader)
+        runs["other_loader"] = (lambda c: loader_pass(other, c), cfg.data.batch_size * env.world_size)
     if "timm_loader" in args.modes:
         theirs = Batches(timm_loader(cfg, env, device), n_loader, on_epoch=lambda loader, epoch: None)
         runs["timm_loader"] = (lambda c: loader_pass(theirs, c), cfg.data.batch_size * env.world_size)
@@ -373,15 +393,17 @@ def loader_summary(record: dict, cfg: Config, args: argparse.Namespace, env: du.
     workers = max(1, loader_workers(cfg.data)) * env.world_size
     cores = min(workers, len(os.sched_getaffinity(0)))
     out: dict = {"loader_workers": workers, "loader_cores": cores, "gpu_img_per_s": args.gpu_img_per_s}
-    for mode in ("loader", "timm_loader"):
+    for mode in ("loader", "other_loader", "timm_loader"):
         if mode in record["img_per_s_repeats"]:
             rate = record[f"{mode}_img_per_s"]
             out[f"{mode}_img_per_s_per_worker"] = rate / workers
             out[f"{mode}_img_per_s_per_core"] = rate / cores
             out[f"{mode}_cores_per_gpu"] = args.gpu_img_per_s / (rate / cores)
-    if "timm_loader" in record["img_per_s_repeats"] and "loader" in record["img_per_s_repeats"]:
-        pairs = zip(record["img_per_s_repeats"]["loader"], record["img_per_s_repeats"]["timm_loader"])
-        out["loader_over_timm"] = statistics.median(a / b for a, b in pairs)
+    repeats = record["img_per_s_repeats"]
+    for top, bottom, name in (("loader", "timm_loader", "loader_over_timm"),
+                              ("other_loader", "loader", "other_loader_over_loader")):
+        if top in repeats and bottom in repeats:
+            out[name] = statistics.median(a / b for a, b in zip(repeats[top], repeats[bottom]))
     return out
 
 
@@ -440,10 +462,10 @@ def print_table(record: dict) -> None:
         print(line + "   repeats: " + " ".join(f"{v:.0f}" for v in values))
     if record["peak_tflops"]:
         print(f"  MFU: of {record['peak_tflops']:.3f} TFLOP/s ({record['peak_source']})")
-    ratios = [k for k in ("trainer_over_bare", "pipeline_over_trainer", "ours_over_timm", "loader_over_timm")
-              if k in record]
+    ratios = [k for k in ("trainer_over_bare", "pipeline_over_trainer", "ours_over_timm", "loader_over_timm",
+                          "other_loader_over_loader") if k in record]
     print("  " + "   ".join(f"{k.replace('_over_', '/')} {record[k]:.3f}" for k in ratios))
-    for mode in ("loader", "timm_loader"):
+    for mode in ("loader", "other_loader", "timm_loader"):
         if f"{mode}_img_per_s_per_core" in record:
             print(f"  {mode:14s} {record[f'{mode}_img_per_s_per_core']:7.1f} img/s per core ({record['loader_workers']}"
                   f" workers on {record['loader_cores']} cores): {record[f'{mode}_cores_per_gpu']:.1f} cores per GPU "

@@ -74,14 +74,18 @@ def test_benchmark_compares_our_jpeg_loader_with_timms_stage_by_stage(tmp_path):
     root = str(tmp_path / "jpegs")
     make_jpeg_testbed(root, num_images=24, num_classes=2)
     make_jpeg_testbed(root, num_images=2, num_classes=2, split="val")
-    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--modes", "bare,loader,timm_loader", "--stages", "6",
+    write_shards(root, str(tmp_path / "shards"), shard_size=10)
+    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--modes", "bare,loader,other_loader,timm_loader",
+                "--other-data", f"data.name=shards data.root={tmp_path}/shards", "--stages", "6",
                 *QUICK, "data.name=imagefolder", f"data.root={root}", "data.recipe=imagenet", "data.num_workers=1",
                 "--gpu-img-per-s", "1000"])
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     repeats = record["img_per_s_repeats"]
     assert record["loader_over_timm"] == pytest.approx(
         statistics.median(a / b for a, b in zip(repeats["loader"], repeats["timm_loader"])))
-    for mode in ("loader", "timm_loader"):
+    assert record["other_loader_over_loader"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(repeats["other_loader"], repeats["loader"])))
+    for mode in ("loader", "other_loader", "timm_loader"):
         per_core = record[f"{mode}_img_per_s_per_core"]
         assert per_core == pytest.approx(record[f"{mode}_img_per_s"] / record["loader_cores"])
         assert record[f"{mode}_cores_per_gpu"] == pytest.approx(1000 / per_core)

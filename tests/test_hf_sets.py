@@ -37,7 +37,6 @@ def datasets_cache_entry(parquet_folder, name, cache):
     """Data set `name` as `datasets` leaves it in its cache after a first load from the hub
     (<namespace>___<name>/<config>/<version>/<hash>/<name>-<split>.arrow), made by the library's own parquet
     builder; offline, load_dataset(name) then reads it."""
-    import datasets  # noqa: F401  (the caller has made sure it is installed)
     from datasets.data_files import DataFilesDict
     from datasets.packaged_modules.parquet.parquet import Parquet
     files = {split: sorted(glob.glob(os.path.join(parquet_folder, "data", f"{split}-*.parquet")))
