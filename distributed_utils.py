@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Mapping
@@ -370,20 +372,51 @@ def any_rank(flag: bool) -> bool:
     return t.item() > 0
 
 
-def main_first(work: Callable[[bool], Any]) -> Any:
+def main_first(work: Callable[[bool], Any], wait_s: float = 0) -> Any:
     """work(True) on rank 0 (download, scan, write a cache), then work(False) on the other ranks once it is done.
 
     A UserError on rank 0 is agreed over the CPU group, so the other ranks stop with it instead of waiting.
+    wait_s: how long the other ranks wait for rank 0, where its work may outlast dist.timeout_s (a data set's
+    first download); 0: dist.timeout_s.
     """
     result, failure = None, None
     if is_main_process():
         try:
-            result = work(True)
+            result = _outwaited(lambda: work(True), wait_s) if wait_s and _active() else work(True)
         except UserError as e:
             failure = e
+    elif wait_s and _active():
+        _outwaited(lambda: None, wait_s)
     if any_rank(failure is not None):
         raise failure or UserError("rank 0 stopped; its message says why")
     return result if is_main_process() else work(False)
+
+
+POLL_S = 2.0  # how often the ranks waiting in main_first ask whether rank 0 is done
+
+
+def _outwaited(work: Callable[[], Any], wait_s: float) -> Any:
+    """work() in a thread of its own while every rank asks every POLL_S whether rank 0's is done: collectives of a
+    moment each, none near dist.timeout_s, for at most wait_s."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as e:  # handed to the caller's thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + wait_s
+    while not any_rank(is_main_process() and not thread.is_alive()):
+        if time.monotonic() > deadline:
+            raise UserError(f"rank 0 has not finished preparing the data after {wait_s / 3600:.1f} h; prepare it "
+                            f"before the run (see the README for the data set's command)")
+        thread.join(POLL_S)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result")
 
 
 def barrier() -> None:

@@ -273,9 +273,13 @@ def _shards(cfg: DataCfg, train: bool) -> RawSplits:
 
 # --- Hugging Face data sets: a hub id, or a folder of parquet files or save_to_disk (data.hf_sets) ---------------
 
+HF_PREPARE_WAIT_S = 48 * 3600  # a first download of ImageNet (~150 GB) and its conversion can take hours
+
+
 def _hf(cfg: DataCfg, train: bool) -> RawSplits:
     # Rank 0 downloads and converts to Arrow where needed; the others then find the same files in the cache.
-    train_set, val, num_classes, names = du.main_first(lambda main: open_splits(cfg, train, main))
+    train_set, val, num_classes, names = du.main_first(lambda main: open_splits(cfg, train, main),
+                                                       wait_s=HF_PREPARE_WAIT_S)
     return RawSplits(train_set, val, num_classes=num_classes, in_chans=3, class_names=names)
 
 

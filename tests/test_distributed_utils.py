@@ -373,3 +373,27 @@ def test_user_error_single_process_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: data.root '/nope' does not exist; set data.root=...\n"
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_main_first_waits_past_the_collective_timeout_when_told_to(tmp_path):
+    """Rank 0's work (a data set's first download) outlasts dist.timeout_s (5 s here): with wait_s the other rank
+    waits for it, asking every 2 s, and then runs its own part; rank 0's result is rank 0's."""
+    result, _ = _launch(tmp_path, """
+        import time
+        import distributed_utils as du
+        from core.cli import run_main
+
+        def work(main):
+            if main:
+                time.sleep(12)
+            return "prepared" if main else "read"
+
+        def main():
+            rank = du.setup("gloo", timeout_s=5).env.rank
+            print(f"RESULT rank={rank} {du.main_first(work, wait_s=120)}", flush=True)
+
+        run_main(main)
+    """, nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("RESULT rank=0 prepared") == 1 and result.stdout.count("RESULT rank=1 read") == 1
