@@ -361,6 +361,7 @@ def load_splits(cfg: DataCfg, train: bool = True) -> RawSplits:
     if cfg.train_limit:
         splits = limit_train(splits, cfg.train_limit)
     if cfg.num_classes and cfg.num_classes != splits.num_classes:
-        raise DataError(f"data.num_classes={cfg.num_classes} but {cfg.name} in '{cfg.root}' has "
+        where = f"'{cfg.hf_name}'" if cfg.name == "hf" else f"{cfg.name} in '{cfg.root}'"
+        raise DataError(f"data.num_classes={cfg.num_classes} but {where} has "
                         f"{splits.num_classes} classes; set data.num_classes={splits.num_classes} or 0")
     return splits

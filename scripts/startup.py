@@ -37,7 +37,8 @@ def main() -> None:
     next(iter(data.train_loader))
     first_batch = time.perf_counter() - start
     slowest = [max(times) for times in zip(*du.all_gather_object((listed, first_batch)))]
-    record = {"data": cfg.data.name, "root": cfg.data.root, "cache_file_list": cfg.data.cache_file_list,
+    record = {"data": cfg.data.name, "root": cfg.data.hf_name if cfg.data.name == "hf" else cfg.data.root,
+              "cache_file_list": cfg.data.cache_file_list,
               "world_size": env.world_size, "train_images": data.info.train_size, "val_images": data.info.val_size,
               "data_sets_s": round(slowest[0], 3), "first_batch_s": round(slowest[1], 3)}
     du.print0(f"{env.world_size} rank(s): data sets built in {record['data_sets_s']:.2f} s, first batch after "

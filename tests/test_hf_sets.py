@@ -135,6 +135,10 @@ def test_classes_and_train_limit_narrow_a_hub_split(bed):
     train, val, info = build_datasets(cfg.data, cfg.aug, train=True)
     assert info.class_names == ["c0002", "c0000"] and len(train) == 3
     assert set(val.source.targets) == {0, 1} and len(val) == 5  # val rows 0, 2, 3, 5, 6 are classes 0 and 2
+    cfg = hf_cfg(bed["parquet"], num_classes=4)
+    with pytest.raises(DataError, match=f"data.num_classes=4 but '{bed['parquet']}' has 3 classes; set "
+                                        f"data.num_classes=3 or 0"):
+        build_datasets(cfg.data, cfg.aug, train=False)
     assert [int(load(val.source.images[int(r)]).shape[0]) for r in val.source.rows] == [3] * 5
 
 
