@@ -18,6 +18,7 @@ from data.hf_sets import HubImages
 from data.jpeg import load
 from data.shards import ShardImages, write_shards
 from data.testbed import folder_as_parquet, make_jpeg_testbed
+from test_shards import data_config
 
 HUB_ID = "tester/bed"
 
@@ -85,11 +86,7 @@ def bed(tmp_path_factory):
 
 
 def hf_cfg(name, **data):
-    cfg = Config()
-    cfg.data.name, cfg.data.hf_name, cfg.data.img_size, cfg.data.batch_size, cfg.data.num_workers = "hf", name, 32, 4, 0
-    for key, value in data.items():
-        setattr(cfg.data, key, value)
-    return cfg
+    return data_config(name="hf", hf_name=name, **data)
 
 
 def eval_batches(cfg):
@@ -105,9 +102,7 @@ def test_every_source_serves_the_folders_images_by_index(bed, source):
     name = {"parquet": bed["parquet"], "cache": HUB_ID, "snapshot": "tester/snapshot", "saved": bed["saved"]}[source]
     cfg = hf_cfg(name)
     train, val, info = build_datasets(cfg.data, cfg.aug, train=True)
-    folder = Config()
-    folder.data.name, folder.data.root, folder.data.img_size, folder.data.batch_size = "imagefolder", bed["folder"], 32, 4
-    folder.data.num_workers = 0
+    folder = data_config(name="imagefolder", root=bed["folder"])
     f_train, f_val, f_info = build_datasets(folder.data, folder.aug, train=True)
     assert (info.num_classes, info.class_names, info.train_size, info.val_size) == \
         (3, f_info.class_names, 12, 7)
