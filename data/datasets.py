@@ -21,10 +21,8 @@ from torchvision.datasets.folder import find_classes
 
 import distributed_utils as du
 from core.config import DataCfg
-from data.hf_sets import HubImages, open_splits
 from data.checked import CheckedReads, DataError, first_line
 from data.file_list import FileList, list_images, scan
-from data.shards import CLASSES, ShardImages, check_labels, read_classes
 
 FASHION_MNIST_APT_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -256,9 +254,13 @@ def _imagefolder(cfg: DataCfg, train: bool) -> RawSplits:
     return RawSplits(train_set, val, num_classes=len(val.classes), in_chans=3, class_names=list(val.classes))
 
 
+# data.shards and data.hf_sets are imported where used: `python -m data.shards` and `python -m data.hf_sets` run them
+# as scripts, which must not find them already imported by the package.
+
 # --- tar shards: root/train/*.tar, root/val/*.tar, each split with its index (data.shards) ---------------------
 
 def _shards(cfg: DataCfg, train: bool) -> RawSplits:
+    from data.shards import CLASSES, ShardImages, check_labels, read_classes
     val = ShardImages(os.path.join(cfg.root, "val"), cfg.skip_corrupt)
     train_set = ShardImages(os.path.join(cfg.root, "train"), cfg.skip_corrupt) if train else None
     names = read_classes(cfg.root)
@@ -277,6 +279,7 @@ HF_PREPARE_WAIT_S = 48 * 3600  # a first download of ImageNet (~150 GB) and its 
 
 
 def _hf(cfg: DataCfg, train: bool) -> RawSplits:
+    from data.hf_sets import open_splits
     # Rank 0 downloads and converts to Arrow where needed; the others then find the same files in the cache.
     train_set, val, num_classes, names = du.main_first(lambda main: open_splits(cfg, train, main),
                                                        wait_s=HF_PREPARE_WAIT_S)
@@ -316,7 +319,7 @@ def _narrow(ds: Dataset, keep: torch.Tensor, relabel: torch.Tensor | None, what:
         ds.samples = [(path, int(relabel[label])) for path, label in kept] if relabel is not None else kept
         ds.targets = [label for _, label in ds.samples]
         return ds
-    if isinstance(ds, (ShardImages, HubImages)):
+    if hasattr(ds, "narrow"):  # tar shards, hub data sets
         return ds.narrow(keep.numpy(), relabel.numpy() if relabel is not None else None)
     raise DataError(f"{what} works with fashion_mnist, cifar10/100, imagefolder, shards and hf, not "
                     f"{type(ds).__name__}")

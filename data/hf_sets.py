@@ -47,8 +47,8 @@ def import_datasets(quiet: bool = False):
 
 def load_dict(name: str, config: str = "", revision: str = "", quiet: bool = False) -> dict:
     """The splits of data set `name` as `datasets.Dataset`s: a save_to_disk folder as saved; a hub id or a folder
-    of data files through `load_dataset` (which downloads and converts on first use); a hub id that is neither
-    cached nor reachable from its hub-cache snapshot. DataError when none of these finds it."""
+    of data files through `load_dataset` (which downloads and converts on first use); a hub id that `load_dataset`
+    cannot find (offline, never converted) from its snapshot in the hub cache. DataError when none of these does."""
     datasets = import_datasets(quiet)
     if os.path.isfile(os.path.join(name, "state.json")):
         raise DataError(f"'{name}' holds one saved split (a Dataset), not a DatasetDict; save the splits together "
