@@ -233,8 +233,12 @@ def read_split(split, name: str, split_name: str, image_column: str = "", label_
                skip_corrupt: bool = False) -> tuple[HubImages, list[str] | None]:
     """(the split as HubImages, its class names or None) from a `datasets.Dataset`."""
     image, label, names = columns(split, name, image_column, label_column)
-    labels = split.data.column(label).to_numpy(zero_copy_only=False)
     title = f"{name} {split_name}"
+    labels = split.data.column(label)
+    if labels.null_count:
+        raise DataError(f"'{title}' has {labels.null_count} rows without a label in column '{label}'; pick a labelled "
+                        f"split (data.hf_train_split, data.hf_val_split)")
+    labels = labels.to_numpy(zero_copy_only=False)
     return HubImages(ArrowImages(arrow_files(split, name, split_name), image, title), labels, skip_corrupt), names
 
 

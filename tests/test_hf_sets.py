@@ -164,7 +164,8 @@ LABEL = {"_type": "ClassLabel", "names": ["a", "b"]}
 
 
 @pytest.mark.parametrize("case", ["no_image", "two_images", "no_label", "named_missing", "named_text", "range",
-                                  "no_split", "unknown_set", "unknown_folder", "one_saved_split"])
+                                  "unlabelled", "no_split", "unknown_config", "unknown_set", "unknown_folder",
+                                  "one_saved_split"])
 def test_bad_hub_sets_get_one_line_naming_the_problem(bed, jpegs, tmp_path, case):
     import datasets
     folder = str(tmp_path / "set")
@@ -194,6 +195,12 @@ def test_bad_hub_sets_get_one_line_naming_the_problem(bed, jpegs, tmp_path, case
     elif case == "range":
         write_set(folder, {"image": images, "label": [0, 1, 2, 1]}, {"image": IMAGE, "label": LABEL})
         message = f"'{folder} validation row 2' has label 2, outside 0..1 (1 such rows); fix the labels"
+    elif case == "unlabelled":
+        write_set(folder, {"image": images, "label": [0, None, 1, None]}, {"image": IMAGE, "label": LABEL})
+        message = f"'{folder} validation' has 2 rows without a label in column 'label'; pick a labelled split"
+    elif case == "unknown_config":
+        name, options = HUB_ID, {"hf_config": "nope"}
+        message = f"cannot load data set '{HUB_ID}' config 'nope' ("
     elif case == "no_split":
         write_set(folder, {"image": images, "label": labels}, {"image": IMAGE, "label": LABEL})
         options, message = {"hf_val_split": "val"}, "has no split 'val' (it has: train, validation); set " \
