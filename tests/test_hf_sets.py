@@ -80,9 +80,12 @@ def bed(tmp_path_factory):
         env = offline_caches(patch, str(root))
         datasets_cache_entry(parquet, HUB_ID, env["HF_DATASETS_CACHE"])
         hub_layout(parquet, "tester/snapshot", env["HF_HUB_CACHE"])
-        saved = str(root / "saved")
-        datasets.load_dataset(parquet).save_to_disk(saved)
-        yield {"folder": folder, "parquet": parquet, "saved": saved, "root": root}
+        saved, library = str(root / "saved"), str(root / "library")
+        loaded = datasets.load_dataset(parquet)
+        loaded.save_to_disk(saved)
+        for split, rows in loaded.items():  # parquet as the library itself writes it (the hub's parquet export)
+            rows.to_parquet(os.path.join(library, "data", f"{split}-00000-of-00001.parquet"))
+        yield {"folder": folder, "parquet": parquet, "saved": saved, "library": library, "root": root}
 
 
 def hf_cfg(name, **data):
@@ -95,11 +98,12 @@ def eval_batches(cfg):
     return torch.cat(images), torch.cat(labels), info
 
 
-@pytest.mark.parametrize("source", ["parquet", "cache", "snapshot", "saved"])
+@pytest.mark.parametrize("source", ["parquet", "library", "cache", "snapshot", "saved"])
 def test_every_source_serves_the_folders_images_by_index(bed, source):
-    """A parquet folder, the datasets cache by hub id, a hub-cache snapshot by hub id (both offline) and a
-    save_to_disk folder: the same bytes per row as the folder's files, the same evaluation batches, class names."""
-    name = {"parquet": bed["parquet"], "cache": HUB_ID, "snapshot": "tester/snapshot", "saved": bed["saved"]}[source]
+    """Parquet folders (written with pyarrow; with datasets), the datasets cache by hub id, a hub-cache snapshot by
+    hub id (both offline) and a save_to_disk folder: the same bytes per row as the folder's files, the same
+    evaluation batches, class names."""
+    name = {"cache": HUB_ID, "snapshot": "tester/snapshot"}.get(source) or bed[source]
     cfg = hf_cfg(name)
     train, val, info = build_datasets(cfg.data, cfg.aug, train=True)
     folder = data_config(name="imagefolder", root=bed["folder"])
