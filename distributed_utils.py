@@ -392,7 +392,7 @@ def main_first(work: Callable[[bool], Any], wait_s: float = 0) -> Any:
     return result if is_main_process() else work(False)
 
 
-POLL_S = 2.0  # how often the ranks waiting in main_first ask whether rank 0 is done
+POLL_S = 1.0  # how often the ranks waiting in main_first ask whether rank 0 is done
 
 
 def _outwaited(work: Callable[[], Any], wait_s: float) -> Any:

@@ -377,8 +377,8 @@ def test_user_error_single_process_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_main_first_waits_past_the_collective_timeout_when_told_to(tmp_path):
-    """Rank 0's work (a data set's first download) outlasts dist.timeout_s (5 s here): with wait_s the other rank
-    waits for it, asking every 2 s, and then runs its own part; rank 0's result is rank 0's."""
+    """Rank 0's work (a data set's first download) outlasts dist.timeout_s (3 s here): with wait_s the other rank
+    waits for it, asking every second, and then runs its own part; rank 0's result is rank 0's."""
     result, _ = _launch(tmp_path, """
         import time
         import distributed_utils as du
@@ -386,11 +386,11 @@ def test_main_first_waits_past_the_collective_timeout_when_told_to(tmp_path):
 
         def work(main):
             if main:
-                time.sleep(12)
+                time.sleep(8)
             return "prepared" if main else "read"
 
         def main():
-            rank = du.setup("gloo", timeout_s=5).env.rank
+            rank = du.setup("gloo", timeout_s=3).env.rank
             print(f"RESULT rank={rank} {du.main_first(work, wait_s=120)}", flush=True)
 
         run_main(main)
