@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
@@ -25,6 +26,16 @@ def first_line(e: BaseException) -> str:
 
 # What decoders raise on bytes that are not an image they can read.
 UNREADABLE = (DataError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, name: Callable[[int], str], way_out: str,
+                 unit: str = "samples") -> None:
+    """DataError naming (by name(i)) the first of `labels` outside 0..num_classes-1, and how many such there are."""
+    bad = np.nonzero((labels < 0) | (labels >= num_classes))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"'{name(i)}' has label {int(labels[i])}, outside 0..{num_classes - 1} ({len(bad)} such "
+                        f"{unit}); {way_out}")
 
 
 class CheckedReads:

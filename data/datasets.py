@@ -260,7 +260,7 @@ def _imagefolder(cfg: DataCfg, train: bool) -> RawSplits:
 # --- tar shards: root/train/*.tar, root/val/*.tar, each split with its index (data.shards) ---------------------
 
 def _shards(cfg: DataCfg, train: bool) -> RawSplits:
-    from data.shards import CLASSES, ShardImages, check_labels, read_classes
+    from data.shards import CLASSES, ShardImages, check_shard_labels, read_classes
     val = ShardImages(os.path.join(cfg.root, "val"), cfg.skip_corrupt)
     train_set = ShardImages(os.path.join(cfg.root, "train"), cfg.skip_corrupt) if train else None
     names = read_classes(cfg.root)
@@ -269,7 +269,7 @@ def _shards(cfg: DataCfg, train: bool) -> RawSplits:
     way_out = (f"fix the labels, or list the classes in '{os.path.join(cfg.root, CLASSES)}'" if names else
                "fix the labels or raise data.num_classes")
     for split in splits:
-        check_labels(split, num_classes, way_out)
+        check_shard_labels(split, num_classes, way_out)
     return RawSplits(train_set, val, num_classes=num_classes, in_chans=3, class_names=names)
 
 

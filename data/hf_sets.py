@@ -24,7 +24,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from core.config import DataCfg
-from data.checked import CheckedReads, DataError, first_line
+from data.checked import CheckedReads, DataError, check_labels, first_line
 from data.jpeg import load, read_source
 
 INSTALL = "pip install -e '.[hf]' (or pip install datasets)"
@@ -98,10 +98,9 @@ def _not_found(name: str, error: BaseException) -> str:
             f"'python -m data.hf_sets {name}' (or 'hf download --repo-type dataset {name}')")
 
 
-def pick_split(splits: dict, name: str, split: str, key: str):
+def check_split(splits: dict, name: str, split: str, key: str) -> None:
     if split not in splits:
         raise DataError(f"data set '{name}' has no split '{split}' (it has: {', '.join(splits)}); set {key}")
-    return splits[split]
 
 
 def columns(split, name: str, image_column: str = "", label_column: str = "") -> tuple[str, str, list[str] | None]:
@@ -242,36 +241,36 @@ def read_split(split, name: str, split_name: str, image_column: str = "", label_
     return HubImages(ArrowImages(arrow_files(split, name, split_name), image, title), labels, skip_corrupt), names
 
 
+def read_splits(splits: dict, name: str, wanted: dict[str, str], image_column: str = "", label_column: str = "",
+                skip_corrupt: bool = False) -> tuple[dict[str, HubImages], list[str] | None]:
+    """({role: split as HubImages}, class names or None) of the `datasets.Dataset`s named in `wanted` (role -> split
+    name); DataError where their label features name different classes."""
+    found = {role: read_split(splits[split], name, split, image_column, label_column, skip_corrupt)
+             for role, split in wanted.items()}
+    names = [split_names for _, split_names in found.values()]
+    if any(n != names[0] for n in names):
+        raise DataError(f"data set '{name}': the label features of splits "
+                        f"{' and '.join(repr(s) for s in wanted.values())} name different classes; pick splits of "
+                        f"one labelling")
+    return {role: images for role, (images, _) in found.items()}, names[0]
+
+
 def open_splits(cfg: DataCfg, train: bool, main: bool) -> tuple[HubImages | None, HubImages, int, list[str] | None]:
     """(train or None, val, number of classes, class names or None) of data set cfg.hf_name; `main`: the rank that
     prepares it (progress bars) while the others wait to read it."""
     name = cfg.hf_name
     splits = load_dict(name, cfg.hf_config, cfg.hf_revision, quiet=not main)
-    wanted = {"val": pick_split(splits, name, cfg.hf_val_split, "data.hf_val_split")}
-    if train:
-        wanted["train"] = pick_split(splits, name, cfg.hf_train_split, "data.hf_train_split")
-    found = {role: read_split(split, name, cfg.hf_train_split if role == "train" else cfg.hf_val_split,
-                              cfg.hf_image_column, cfg.hf_label_column, cfg.skip_corrupt)
-             for role, split in wanted.items()}
-    names = found["val"][1]
-    if train and found["train"][1] != names:
-        raise DataError(f"data set '{name}': the label features of splits '{cfg.hf_train_split}' and "
-                        f"'{cfg.hf_val_split}' name different classes; pick splits of one labelling")
-    sets = [s for s, _ in found.values()]
-    num_classes = len(names) if names else cfg.num_classes or 1 + max(int(s.labels.max(initial=0)) for s in sets)
-    way_out = ("fix the labels" if names else "fix the labels or raise data.num_classes")
-    for split in sets:
-        check_labels(split, num_classes, way_out)
-    return found["train"][0] if train else None, found["val"][0], num_classes, names
-
-
-def check_labels(split: HubImages, num_classes: int, way_out: str) -> None:
-    """DataError naming a row whose label is outside 0..num_classes-1."""
-    bad = np.nonzero((split.labels < 0) | (split.labels >= num_classes))[0]
-    if len(bad):
-        i = int(bad[0])
-        raise DataError(f"'{split.images.row_name(int(split.rows[i]))}' has label {int(split.labels[i])}, outside "
-                        f"0..{num_classes - 1} ({len(bad)} such rows); {way_out}")
+    wanted = {"val": cfg.hf_val_split, **({"train": cfg.hf_train_split} if train else {})}
+    for role, split in wanted.items():
+        check_split(splits, name, split, f"data.hf_{role}_split")
+    found, names = read_splits(splits, name, wanted, cfg.hf_image_column, cfg.hf_label_column, cfg.skip_corrupt)
+    num_classes = len(names) if names else cfg.num_classes or 1 + max(int(s.labels.max(initial=0))
+                                                                      for s in found.values())
+    way_out = "fix the labels" if names else "fix the labels or raise data.num_classes"
+    for split in found.values():
+        check_labels(split.labels, num_classes, lambda i, split=split: split.images.row_name(int(split.rows[i])),
+                     way_out, unit="rows")
+    return found.get("train"), found["val"], num_classes, names
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,9 +30,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from core.files import atomic_write
-from data.checked import CheckedReads, DataError, first_line
+from data.checked import CheckedReads, DataError, check_labels, first_line
 from data.file_list import scan
-from data.hf_sets import ArrowImages, load_dict, read_split
+from data.hf_sets import ArrowImages, load_dict, read_splits
 from data.jpeg import load
 
 INDEX = "index.npz"
@@ -235,14 +235,11 @@ def read_classes(root: str) -> list[str] | None:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
-def check_labels(split: ShardImages, num_classes: int, way_out: str) -> None:
-    """DataError naming a sample whose label is outside 0..num_classes-1."""
-    bad = np.nonzero((split.index.label < 0) | (split.index.label >= num_classes))[0]
-    if len(bad):
-        i = int(bad[0])
-        name = split.member_name(int(split.index.shard[i]), int(split.index.offset[i]))
-        raise DataError(f"'{name}' has label {int(split.index.label[i])}, outside 0..{num_classes - 1} "
-                        f"({len(bad)} such samples); {way_out}")
+def check_shard_labels(split: ShardImages, num_classes: int, way_out: str) -> None:
+    """DataError naming the member of a sample whose label is outside 0..num_classes-1."""
+    index = split.index
+    check_labels(index.label, num_classes, lambda i: split.member_name(int(index.shard[i]), int(index.offset[i])),
+                 way_out)
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
@@ -291,16 +288,9 @@ def hf_sources(name: str, config: str = "", train_split: str = "train",
     if not present:
         raise DataError(f"data set '{name}' has neither split '{train_split}' nor '{val_split}' (it has: "
                         f"{', '.join(splits)}); name them with --train-split and --val-split")
-    sources, names = {}, []
-    for role, split in present.items():
-        images, split_names = read_split(splits[split], name, split)
-        names.append(split_names)
-        sources[role] = SplitSource([(row, f"{row:09d}", int(label)) for row, label in enumerate(images.labels)],
-                                    partial(_arrow_member, images.images))
-    if names[0] != names[-1]:
-        raise DataError(f"data set '{name}': the label features of '{train_split}' and '{val_split}' name different "
-                        f"classes; pick splits of one labelling")
-    return sources, names[0]
+    read, names = read_splits(splits, name, present)
+    return {role: SplitSource([(row, f"{row:09d}", int(label)) for row, label in enumerate(images.labels)],
+                              partial(_arrow_member, images.images)) for role, images in read.items()}, names
 
 
 def _arrow_member(images: ArrowImages, row: int) -> tuple[bytes, str]:
