@@ -64,7 +64,8 @@ from engine.precision import AMP_DTYPES, autocast, cpu_matmul_tflops
 from engine.preemption import StopRequest
 from models import stage_shapes
 
-MODES = ("bare", "trainer", "pipeline", "loader", "other_loader", "timm_loader")
+LOADER_MODES = ("loader", "other_loader", "timm_loader")  # fetch batches and drop them
+MODES = ("bare", "trainer", "pipeline", *LOADER_MODES)
 MATMUL_SIZE = 2048  # the largest square matmul whose best rate is a CPU's yardstick for FLOP utilisation
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets), for model FLOP utilisation; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
@@ -281,7 +282,7 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
     per image, the global batch, and a raw batch on the device (for --stages)."""
     accum, n = cfg.train.accum_steps, args.warmup + args.steps
     loader, transform, info = data.train_loader, data.train_transform, data.info
-    if not args.loader_steps and {"loader", "other_loader", "timm_loader"} & set(args.modes):  # set here, where an epoch's length
+    if not args.loader_steps and set(LOADER_MODES) & set(args.modes):  # set here, where an epoch's length
         if len(loader) <= args.warmup:  # is known; the other modes run as many epochs as their steps take
             raise UserError(f"an epoch of {len(loader)} batches leaves none to time after --warmup {args.warmup}")
         args.loader_steps = len(loader) - args.warmup
@@ -333,7 +334,7 @@ def measure(runs: dict, args: argparse.Namespace, device: torch.device,
     peaks: list[tuple[float, int]] = []
     for repeat in range(args.repeats):
         for name, (run, images) in runs.items():
-            steps = args.loader_steps if "loader" in name else args.steps
+            steps = args.loader_steps if name in LOADER_MODES else args.steps
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             clock = StepClock(device, args.warmup, steps)
@@ -393,7 +394,7 @@ def loader_summary(record: dict, cfg: Config, args: argparse.Namespace, env: du.
     workers = max(1, loader_workers(cfg.data)) * env.world_size
     cores = min(workers, len(os.sched_getaffinity(0)))
     out: dict = {"loader_workers": workers, "loader_cores": cores, "gpu_img_per_s": args.gpu_img_per_s}
-    for mode in ("loader", "other_loader", "timm_loader"):
+    for mode in LOADER_MODES:
         if mode in record["img_per_s_repeats"]:
             rate = record[f"{mode}_img_per_s"]
             out[f"{mode}_img_per_s_per_worker"] = rate / workers
@@ -465,7 +466,7 @@ def print_table(record: dict) -> None:
     ratios = [k for k in ("trainer_over_bare", "pipeline_over_trainer", "ours_over_timm", "loader_over_timm",
                           "other_loader_over_loader") if k in record]
     print("  " + "   ".join(f"{k.replace('_over_', '/')} {record[k]:.3f}" for k in ratios))
-    for mode in ("loader", "other_loader", "timm_loader"):
+    for mode in LOADER_MODES:
         if f"{mode}_img_per_s_per_core" in record:
             print(f"  {mode:14s} {record[f'{mode}_img_per_s_per_core']:7.1f} img/s per core ({record['loader_workers']}"
                   f" workers on {record['loader_cores']} cores): {record[f'{mode}_cores_per_gpu']:.1f} cores per GPU "

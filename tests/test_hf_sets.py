@@ -281,8 +281,8 @@ def test_shards_written_from_a_hub_set_hold_its_rows(bed, tmp_path):
 def test_train_py_stops_in_one_line_on_a_bad_hub_set_and_writes_nothing(bed, tmp_path):
     from test_train_e2e import DEBUG, run_here
     out = tmp_path / "run"
-    proc = run_here(["train.py", "--config", DEBUG, f"output_dir={out}", "data.name=hf", f"data.hf_name={bed['parquet']}",
-                     "data.hf_val_split=test"], check=False)
+    proc = run_here(["train.py", "--config", DEBUG, f"output_dir={out}", "data.name=hf",
+                     f"data.hf_name={bed['parquet']}", "data.hf_val_split=test"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"error: data set '{bed['parquet']}' has no split 'test' (it has: train, validation); set "
