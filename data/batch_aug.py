@@ -7,7 +7,8 @@ RandAugment (data.rand_augment), ToTensor + Normalize, and RandomErasing with ti
 (`timm.data.random_erasing`). `BatchNormalize` is the eval counterpart.
 
 Random draws come from torch's RNG on the batch's device (or `generator`), so a CUDA batch never waits on the host
-per image, and a saved generator state resumes the same draws; RandAugment's come from the host's (see there).
+per image, and a saved generator state resumes the same draws; RandAugment's come from the host's (see there), and
+its plan reaches the device in one copy that does not wait for it (data.staging).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from data.rand_augment import BatchRandAugment
+from data.staging import Staging, wide_dtype
 
 ERASE_MODES = ("pixel", "rand", "const")
 _ATTEMPTS = 10  # timm's tries at placing a box that fits before giving up on it
@@ -135,22 +137,30 @@ class BatchAugment(BatchNormalize):
     def __call__(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Args:
             images: uint8 (N, C, H, W), any device, contiguous or channels_last; left untouched.
-            generator: a torch.Generator on the batch's device; default that device's global RNG.
+            generator: a torch.Generator on the batch's device, or a CPU one (which then seeds one on the device);
+                default the device's global RNG.
         Returns: float32 (N, C, H, W) in the input's memory format.
         """
         self._check(images)
         host = images.device.type == "cpu" if self.host_indexing is None else self.host_indexing
         n, dev = images.shape[0], images.device
+        on_host = generator if generator is not None and generator.device.type == "cpu" else None
+        if on_host is not None and dev.type != "cpu":  # the host generator governs the device's draws through a seed
+            generator = torch.Generator(dev)
+            generator.manual_seed(int(torch.randint(2**63 - 1, (), generator=on_host)))
         # Every draw but the noise in one call, of a size set by max_count alone (not by hflip or reprob).
         u = torch.rand(n, 5 + self.max_count * (2 * _ATTEMPTS + 2), device=dev, generator=generator,
-                       dtype=torch.float64 if dev.type != "mps" else torch.float32)
+                       dtype=wide_dtype(dev))
+        steps = []
+        if self.rand_augment is not None:  # its parameters reach the device in one copy that does not wait for it
+            stage = Staging(dev)
+            steps = self.rand_augment.plan(images.shape, self.rand_augment.draw(n, on_host), stage)
+            stage.send()
         if self.crop_padding > 0:
             images = self._pad_crop(images, u[:, 3], u[:, 4])
         if self.hflip > 0:
             images = self._flip(images, u[:, 0] < self.hflip)
-        if self.rand_augment is not None:
-            on_host = generator if generator is not None and generator.device.type == "cpu" else None
-            images = self.rand_augment(images, on_host)
+        images = BatchRandAugment.apply(images, steps)
         out = self._normalize(images)
         if self.reprob > 0:
             for top, left, h, w in self._boxes(u, images.shape):

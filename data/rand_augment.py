@@ -15,13 +15,15 @@ functions; each op then reproduces its PIL definition (as timm calls it) on ever
   Rotate), resampled with PIL's bicubic kernel (a = -1, edges repeated, truncation) and the fill colour outside.
 Results equal PIL's but for float rounding (the tests bound it per op). The draws come from torch's generator on
 the host (`generator`, default the global one), so which images get which op is known without waiting on the device,
-and a checkpointed generator state replays them.
+and a checkpointed generator state replays them. `plan` turns them on the host into each step's image indices,
+arguments and matrices, which travel to the device in one copy that does not wait for it (data.staging); `apply`
+then runs the steps there without reading anything back.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -29,17 +31,19 @@ from timm.data import auto_augment
 from timm.data.auto_augment import rand_augment_transform
 from torch import Tensor
 
+from data.staging import Staged, Staging, wide_dtype
+
 POINT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "PosterizeOriginal",
              "Solarize", "SolarizeIncreasing", "SolarizeAdd")
 ENHANCE_OPS = ("Color", "ColorIncreasing", "Contrast", "ContrastIncreasing", "Brightness", "BrightnessIncreasing",
                "Sharpness", "SharpnessIncreasing")
 AFFINE_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "TranslateX", "TranslateY")
+POINT_KINDS = ("Invert", "Posterize", "Solarize", "SolarizeAdd", "AutoContrast", "Equalize")  # ops less suffixes
+ENHANCE_KINDS = ("Color", "Contrast", "Brightness", "Sharpness")
+# The affine ops by the axis their maps keep on pixel centres (pil_affine's `axis`).
+AFFINE_GROUPS = (("x", ("ShearX", "TranslateXRel", "TranslateX")), ("y", ("ShearY", "TranslateYRel", "TranslateY")),
+                 (None, ("Rotate",)))
 _DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is an op's full strength
-
-
-def _wide(device: torch.device) -> torch.dtype:
-    """float64 for the sums and coordinates PIL computes in double; float32 where the device has no float64 (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def level_args(name: str, magnitude: Tensor, negate: Tensor, translate_pct: float = 0.45) -> Tensor:
@@ -146,40 +150,77 @@ class BatchRandAugment:
         """
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
             raise TypeError(f"expected a uint8 (N, 1 or 3, H, W) batch, got {images.dtype} {tuple(images.shape)}")
-        draws = draws if draws is not None else self.draw(len(images), generator)
-        out = images.contiguous()
-        copied = False
+        stage = Staging(images.device)
+        steps = self.plan(images.shape, draws if draws is not None else self.draw(len(images), generator), stage)
+        stage.send()
+        return self.apply(images, steps)
+
+    def plan(self, shape: torch.Size, draws: Draws, stage: Staging) -> list[Step]:
+        """The host's half: per layer and op family, which images run it with which parameters, staged for the
+        device (`stage.send()` before `apply`)."""
+        height, width = shape[-2:]
+        fill = stage.add(list(self.fill)[:shape[1]], torch.uint8)
+        steps = []
         for layer in range(self.num_layers):
             names = [self.names[k] for k in draws.op[layer].tolist()]
-            applied = draws.applied[layer].tolist()
-            for kind, run in ((POINT_OPS, point_ops), (ENHANCE_OPS, enhance_ops), (AFFINE_OPS, self._affine)):
-                rows = [i for i, (name, on) in enumerate(zip(names, applied)) if on and name in kind]
-                if not rows:
-                    continue
-                if not copied:
-                    out, copied = out.clone(), True
-                index = torch.tensor(rows, dtype=torch.long)
-                args = draws.arg[layer][index]
-                index = index.to(out.device)
-                out[index] = run(out[index], [names[i] for i in rows], args)
-        if copied and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
-            return out.contiguous(memory_format=torch.channels_last)
-        return out if copied else images
+            args = draws.arg[layer].tolist()
+            live = [i for i, on in enumerate(draws.applied[layer].tolist()) if on]
 
-    def _affine(self, images: Tensor, names: list[str], args: Tensor) -> Tensor:
-        height, width = images.shape[-2:]
-        out = torch.empty_like(images)
-        # x-only maps keep the source row on a pixel centre (PIL's kernel there is 0, 1, 0, 0): 4 taps, not 16
-        for axis, group in (("x", ("ShearX", "TranslateXRel", "TranslateX")),
-                            ("y", ("ShearY", "TranslateYRel", "TranslateY")), (None, ("Rotate",))):
-            rows = [i for i, name in enumerate(names) if name in group]
-            if not rows:
-                continue
-            matrices = torch.stack([affine_matrix(names[i], float(args[i]), width, height, self.translate_const)
-                                    for i in rows])
-            index = torch.tensor(rows, device=images.device)
-            out[index] = pil_affine(images[index], matrices.to(images.device, _wide(images.device)), self.fill, axis)
+            def rows(family: Sequence[str]) -> list[int]:
+                return [i for i in live if names[i] in family]
+            if point := rows(POINT_OPS):
+                steps.append(_point_step(stage, point, [names[i] for i in point], [args[i] for i in point]))
+            if enhance := rows(ENHANCE_OPS):
+                steps.append(_enhance_step(stage, enhance, [names[i] for i in enhance], [args[i] for i in enhance]))
+            for axis, group in AFFINE_GROUPS:  # x-only maps keep the source row on a pixel centre: 4 taps, not 16
+                if affine := rows(group):
+                    matrices = [affine_matrix(names[i], args[i], width, height, self.translate_const) for i in affine]
+                    steps.append(Step(stage.add(affine, torch.long), pil_affine,
+                                      {"matrices": stage.add(matrices), "fill": fill, "axis": axis}))
+        return steps
+
+    @staticmethod
+    def apply(images: Tensor, steps: list[Step]) -> Tensor:
+        """The device's half: each step on its images, in order; the input is left untouched."""
+        if not steps:
+            return images
+        out = images.contiguous().clone()
+        for step in steps:
+            index = step.rows.get()
+            out[index] = step.run(out[index])
+        if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+            return out.contiguous(memory_format=torch.channels_last)
         return out
+
+
+@dataclass
+class Step:
+    """One layer's op family on the images that drew it: `fn(images, **params)`, the Staged params on the device."""
+    rows: Staged  # the images' indices in the batch
+    fn: Callable[..., Tensor]
+    params: dict[str, Any]
+
+    def run(self, images: Tensor) -> Tensor:
+        return self.fn(images, **{k: v.get() if isinstance(v, Staged) else v for k, v in self.params.items()})
+
+
+def _kind(name: str) -> str:
+    return name.removesuffix("Increasing").removesuffix("Original")
+
+
+def _point_step(stage: Staging, rows: list[int], names: list[str], args: list[float]) -> Step:
+    kinds = [POINT_KINDS.index(_kind(name)) for name in names]
+    stats = [i for i, k in enumerate(kinds) if POINT_KINDS[k] in ("AutoContrast", "Equalize")]
+    return Step(stage.add(rows, torch.long), point_ops, {"kinds": stage.add(kinds, torch.long), "args": stage.add(args),
+                                                         "stats": stage.add(stats, torch.long) if stats else None})
+
+
+def _enhance_step(stage: Staging, rows: list[int], names: list[str], factors: list[float]) -> Step:
+    kinds = [ENHANCE_KINDS.index(_kind(name)) for name in names]
+    sharp = [i for i, k in enumerate(kinds) if ENHANCE_KINDS[k] == "Sharpness"]
+    return Step(stage.add(rows, torch.long), enhance_ops,
+                {"kinds": stage.add(kinds, torch.long), "factors": stage.add(factors, torch.float32),
+                 "sharp": stage.add(sharp, torch.long) if sharp else None})
 
 
 # --- point ops: a table per image and channel ---------------------------------------------------------------
@@ -208,7 +249,7 @@ def autocontrast_lut(hist: Tensor) -> Tensor:
     levels = torch.arange(256, device=hist.device)
     lo = torch.where(present, levels, 256).amin(-1, keepdim=True)
     hi = torch.where(present, levels, -1).amax(-1, keepdim=True)
-    scale = 255.0 / (hi - lo).clamp(min=1).to(_wide(hist.device))
+    scale = 255.0 / (hi - lo).clamp(min=1).to(wide_dtype(hist.device))
     stretched = torch.trunc(levels * scale - lo * scale).clamp(0, 255).long()  # int() of ix * scale + offset
     return torch.where(hi > lo, stretched, levels)
 
@@ -224,37 +265,36 @@ def equalize_lut(hist: Tensor) -> Tensor:
     return torch.where(flat, levels, mapped)
 
 
-def point_ops(images: Tensor, names: list[str], args: Tensor) -> Tensor:
-    """Invert, Posterize, Solarize, SolarizeAdd, AutoContrast or Equalize, one per image, as one table lookup."""
+def point_ops(images: Tensor, kinds: Tensor, args: Tensor, stats: Optional[Tensor]) -> Tensor:
+    """Invert, Posterize, Solarize, SolarizeAdd, AutoContrast or Equalize, one per image, as one table lookup.
+
+    Args:
+        images: uint8 (N, C, H, W).
+        kinds: (N,) int64 indices into POINT_KINDS.
+        args: (N,) float64 arguments (level_args').
+        stats: int64 indices of the images whose op needs their histograms (AutoContrast, Equalize); None: none.
+    """
     n, c = images.shape[:2]
-    dev = images.device
-    levels = torch.arange(256, device=dev)
-    arg = args.to(dev).view(n, 1, 1)
+    levels = torch.arange(256, device=images.device)
+    arg = args.view(n, 1, 1)
     lut = levels.repeat(n, c, 1)
-    kinds = [name.removesuffix("Increasing").removesuffix("Original") for name in names]
 
     def rows(kind: str) -> Tensor:
-        return _rows(kinds, kind, lut)
+        return (kinds == POINT_KINDS.index(kind)).view(n, 1, 1)
 
     bits = arg.clamp(0, 8).long()
     lut = torch.where(rows("Invert"), 255 - levels, lut)
     lut = torch.where(rows("Posterize"), levels & (256 - (1 << (8 - bits))), lut)  # keep the top `bits` bits
     lut = torch.where(rows("Solarize"), torch.where(levels >= arg, 255 - levels, levels), lut)
     lut = torch.where(rows("SolarizeAdd"), torch.where(levels < 128, (levels + arg.long()).clamp(max=255), levels), lut)
-    stats = [i for i, k in enumerate(kinds) if k in ("AutoContrast", "Equalize")]
-    if stats:
-        index = torch.tensor(stats, device=dev)
-        hist = histograms(images[index])
-        tables = torch.where(rows("AutoContrast")[index], autocontrast_lut(hist), equalize_lut(hist))
-        lut[index] = tables
+    if stats is not None:
+        hist = histograms(images[stats])
+        lut[stats] = torch.where(rows("AutoContrast")[stats], autocontrast_lut(hist), equalize_lut(hist))
     flat = images.reshape(n, c, -1).long()
     return lut.to(torch.uint8).gather(2, flat).view_as(images)
 
 
 # --- enhance ops: PIL's blend with a degenerate image ----------------------------------------------------------
-
-_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13  # PIL's ImageFilter.SMOOTH
-
 
 def greyscale(images: Tensor) -> Tensor:
     """(N, 1, H, W) int32: PIL's RGB -> L, (19595 R + 38470 G + 7471 B + 2^15) >> 16; L images as they are."""
@@ -268,40 +308,45 @@ def smooth(images: Tensor) -> Tensor:
     """PIL's filter(SMOOTH) as float32: the 3x3 kernel rounded to 8 bits inside, the border pixels kept."""
     n, c, h, w = images.shape
     x = images.float()
-    kernel = _SMOOTH.to(images.device).expand(c, 1, 3, 3)
+    kernel = torch.ones(c, 1, 3, 3, device=images.device)  # PIL's ImageFilter.SMOOTH, made where it is used
+    kernel[:, :, 1, 1] = 5.0
+    kernel /= 13
     inner = torch.nn.functional.conv2d(x, kernel, groups=c)
     out = x.clone()
     out[:, :, 1:h - 1, 1:w - 1] = torch.floor(inner + 0.5).clamp(0, 255)
     return out
 
 
-def enhance_ops(images: Tensor, names: list[str], factors: Tensor) -> Tensor:
-    """Color, Contrast, Brightness or Sharpness, one per image: PIL's Image.blend(degenerate, image, factor)."""
+def enhance_ops(images: Tensor, kinds: Tensor, factors: Tensor, sharp: Optional[Tensor]) -> Tensor:
+    """Color, Contrast, Brightness or Sharpness, one per image: PIL's Image.blend(degenerate, image, factor).
+
+    Args:
+        images: uint8 (N, C, H, W).
+        kinds: (N,) int64 indices into ENHANCE_KINDS.
+        factors: (N,) float32 blend factors (level_args').
+        sharp: int64 indices of the Sharpness images; None: none.
+    """
     n = images.shape[0]
-    dev = images.device
     x = images.float()
-    kinds = [name.removesuffix("Increasing") for name in names]
     grey = greyscale(images)
-    contrast = torch.floor(grey.to(_wide(dev)).mean((1, 2, 3)) + 0.5).float().view(n, 1, 1, 1)  # int(mean + .5)
+    contrast = torch.floor(grey.to(wide_dtype(images.device)).mean((1, 2, 3)) + 0.5)  # int(mean + .5)
+
+    def rows(kind: str) -> Tensor:
+        return (kinds == ENHANCE_KINDS.index(kind)).view(n, 1, 1, 1)
+
     degenerate = grey.float().expand_as(x).clone()
-    degenerate = torch.where(_rows(kinds, "Contrast", x), contrast, degenerate)
-    degenerate = torch.where(_rows(kinds, "Brightness", x), 0.0, degenerate)
-    sharp = [i for i, k in enumerate(kinds) if k == "Sharpness"]
-    if sharp:
-        index = torch.tensor(sharp, device=dev)
-        degenerate[index] = smooth(images[index])
-    f = factors.to(dev, torch.float32).view(n, 1, 1, 1)
+    degenerate = torch.where(rows("Contrast"), contrast.float().view(n, 1, 1, 1), degenerate)
+    degenerate = torch.where(rows("Brightness"), 0.0, degenerate)
+    if sharp is not None:
+        degenerate[sharp] = smooth(images[sharp])
+    f = factors.view(n, 1, 1, 1)
     return torch.floor(degenerate + f * (x - degenerate)).clamp_(0, 255).to(torch.uint8)  # (UINT8) of the float
-
-
-def _rows(kinds: list[str], kind: str, like: Tensor) -> Tensor:
-    """Which images (per entry of `kinds`) run op `kind`, as a bool mask that broadcasts against `like`."""
-    return torch.tensor([k == kind for k in kinds], device=like.device).view(-1, *[1] * (like.dim() - 1))
 
 
 # --- geometric ops: PIL's affine transform with its bicubic kernel ------------------------------------------
 
-def affine_matrix(name: str, arg: float, width: int, height: int, translate_const: Optional[float] = None) -> Tensor:
+def affine_matrix(name: str, arg: float, width: int, height: int,
+                  translate_const: Optional[float] = None) -> tuple[float, ...]:
     """The (a, b, c, d, e, f) that timm hands PIL's Image.transform(AFFINE) for op `name` (output -> source);
     `arg` is level_args' (TranslateX/Y: the fraction of translate_const pixels, default 45% of the width, as timm's
     create_transform sets it)."""
@@ -320,7 +365,7 @@ def affine_matrix(name: str, arg: float, width: int, height: int, translate_cons
         cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
         cx, cy = width / 2, height / 2
         m = (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
-    return torch.tensor(m, dtype=torch.float64)
+    return m
 
 
 def _cubic(v1: Tensor, v2: Tensor, v3: Tensor, v4: Tensor, d: Tensor) -> Tensor:
@@ -331,7 +376,7 @@ def _cubic(v1: Tensor, v2: Tensor, v3: Tensor, v4: Tensor, d: Tensor) -> Tensor:
     return v2 + d * (p2 + d * (p3 + d * p4))
 
 
-def pil_affine(images: Tensor, matrices: Tensor, fill: Sequence[int], axis: Optional[str] = None) -> Tensor:
+def pil_affine(images: Tensor, matrices: Tensor, fill: Tensor, axis: Optional[str] = None) -> Tensor:
     """PIL's Image.transform(size, AFFINE, matrix, BICUBIC, fillcolor=fill) per image.
 
     Output pixel (x, y) samples the source at (a (x + .5) + b (y + .5) + c, d (x + .5) + e (y + .5) + f); a source
@@ -341,14 +386,14 @@ def pil_affine(images: Tensor, matrices: Tensor, fill: Sequence[int], axis: Opti
     Args:
         images: uint8 (N, C, H, W).
         matrices: (N, 6) float64 (float32 on MPS) on the images' device.
-        fill: C values, 0-255.
+        fill: (C,) uint8 on the images' device.
         axis: "x" where every map keeps source rows on pixel centres (shears and shifts along x), "y" where it
             keeps columns so; the interpolation along the other axis is then skipped.
     """
     n, c, h, w = images.shape
     dev = images.device
-    ys = torch.arange(h, device=dev, dtype=_wide(dev)).view(1, h, 1) + 0.5
-    xs = torch.arange(w, device=dev, dtype=_wide(dev)).view(1, 1, w) + 0.5
+    ys = torch.arange(h, device=dev, dtype=wide_dtype(dev)).view(1, h, 1) + 0.5
+    xs = torch.arange(w, device=dev, dtype=wide_dtype(dev)).view(1, 1, w) + 0.5
     a, b, cc, d, e, f = (matrices[:, k].view(n, 1, 1) for k in range(6))
     sx, sy = a * xs + b * ys + cc, d * xs + e * ys + f  # (N, H, W) source points
     inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
@@ -369,8 +414,7 @@ def pil_affine(images: Tensor, matrices: Tensor, fill: Sequence[int], axis: Opti
     else:
         value = _cubic(*[_cubic(*[tap(row, col) for col in cols], dx) for row in rows], dy)
     value = value.clamp_(0, 255).to(torch.uint8)  # truncation, as PIL's cast
-    fill_value = torch.tensor(list(fill)[:c], dtype=torch.uint8, device=dev).view(1, c, 1, 1)
-    return torch.where(inside.unsqueeze(1), value, fill_value)
+    return torch.where(inside.unsqueeze(1), value, fill.view(1, c, 1, 1))
 
 
 def allow_zero_bit_posterize(transform):

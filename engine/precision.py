@@ -7,6 +7,7 @@ settings such as ONEDNN_MAX_CPU_ISA=AVX2 that keep the kernels off those instruc
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Callable
@@ -20,8 +21,9 @@ PROBE_SIZE = 256  # the matmul whose bf16/fp32 speed ratio tells native from emu
 
 
 def autocast(device: torch.device, amp: str):
+    """Autocast in the run's precision; no context at all in fp32 (any device, also one autocast does not know)."""
     dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def cpu_bf16_flags() -> bool:

@@ -9,6 +9,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD
 from timm.data.random_erasing import RandomErasing
 
 from data.batch_aug import BatchAugment, BatchNormalize
+from simulated_device import SimulatedDevice
 
 CL = torch.channels_last
 
@@ -303,3 +304,24 @@ def test_cuda_batch_stays_on_the_device_without_host_syncs():
     erased = (out != clean).flatten(1).any(1).float().mean().item()
     assert 0.2 < erased < 0.8
     assert torch.equal(BatchNormalize(MEAN, STD)(x).cpu(), BatchNormalize(MEAN, STD)(x.cpu()))
+
+
+def test_on_a_device_the_batch_work_copies_its_parameters_once_and_never_waits():
+    """On an accelerator (simulated: tests/simulated_device.py) flip, RandAugment, normalise and erase make one
+    host-to-device copy for the batch's parameters and read nothing back, with the CPU path's pixels; a CPU
+    generator for a device batch governs all of its draws."""
+    aug = BatchAugment(MEAN, STD, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.5, host_indexing=False)
+    x = _images(16, 24, 24).contiguous(memory_format=CL)
+    torch.manual_seed(0)
+    expected = aug(x)
+    with SimulatedDevice() as sim:
+        batch = sim.put(x)
+        aug(batch)  # the first call per device copies mean/std there
+        sim.clear()
+        torch.manual_seed(0)
+        out = aug(batch)
+        assert len(sim.copies) == 1 and sim.syncs == [], (sim.copies, sim.syncs)
+        seeded = [aug(batch, _gen(seed)).inner for seed in (5, 5, 6)]
+        assert len(sim.copies) == 4 and sim.syncs == [], (sim.copies, sim.syncs)
+    assert torch.equal(out.inner, expected) and out.is_contiguous(memory_format=CL)
+    assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[0], seeded[2])

@@ -1,12 +1,21 @@
 """train_one_epoch and evaluate in one process: accumulation, EMA, precision, clipping, exact metrics."""
 import copy
+import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD
 from torch.utils.data import DataLoader, TensorDataset
+
+from core.config import load_config
+from data import batch_transforms
+from engine.build import build_parts
+from simulated_device import DEVICE, SimulatedDevice
+from test_train_e2e import ROOT
 
 from engine.logging import RunLogger
 from core.errors import NonFiniteLoss
@@ -287,3 +296,41 @@ def test_nan_on_one_rank_is_seen_by_every_rank(tmp_path):
     assert "non-finite loss on 1 of 2 processes at epoch 0, step 3: step skipped" in out
     norms = [re.search(f"RESULT 1 rank={r} steps=4 bad=1 norm=([0-9.e+-]+)", out).group(1) for r in (0, 1)]
     assert norms[0] == norms[1], out
+
+
+def test_on_a_device_a_training_step_of_the_imagenet_recipe_never_waits_for_it():
+    """On an accelerator (simulated: tests/simulated_device.py) each training step of the imagenet recipe (flip,
+    RandAugment, normalise, erase, mixup/cutmix, drop path, channels_last, EMA, the loop's bookkeeping) copies the
+    batch and one buffer of augmentation parameters to the device, none of it waiting there, and reads nothing back
+    but at the log step; evaluation (with the confusion matrix) copies each batch and reads back only at the end.
+    Only the first use of a normalisation copies its mean/std to the device."""
+    cfg = load_config(os.path.join(ROOT, "configs", "convnext_t.yaml"), [
+        "train.amp=none", "data.img_size=32", "data.batch_size=8", "train.global_batch=0", "ema.every=1"])
+    train_transform, eval_transform = batch_transforms(cfg.data, cfg.aug, MEAN, STD)
+    data = SimpleNamespace(steps_per_epoch=5, info=SimpleNamespace(num_classes=10), train_transform=train_transform)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(40) % 10
+    batches = DataLoader(TensorDataset(images, labels), batch_size=8)
+    device, steps = torch.device(DEVICE), []
+    with SimulatedDevice() as sim:
+        model = create_model("convnext_atto", num_classes=10, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16),
+                             drop_path=0.1).to(device)
+        parts = build_parts(cfg, model, data, device, world_size=1)[0]
+        # fused AdamW has no kernel for the simulated device; foreach AdamW steps through the same loop
+        parts.optimizer = torch.optim.AdamW([{k: v for k, v in group.items() if k != "fused"}
+                                             for group in parts.optimizer.param_groups], foreach=True)
+        sim.clear()
+        train_one_epoch(parts, batches, RunState(), logger=RunLogger("", enabled=False), log_every=100,
+                        global_batch=8, on_step=lambda: steps.append((sim.copies[:], sim.syncs[:])) or sim.clear())
+        evaluate(model, batches, device, channels_last=True, num_classes=10, batch_transform=eval_transform)
+        evaluation = (sim.copies[:], sim.syncs[:])
+    assert len(steps) == 5
+    for i, (copies, syncs) in enumerate(steps):
+        batch = [c for c in copies if c[2].startswith("loop.py")]
+        assert len(batch) == 2 and all(non_blocking for _, non_blocking, _ in batch), copies  # images, labels
+        assert len(copies) - 2 == (3 if i == 0 else 1), copies  # the first step copies mean/std there too
+        assert syncs == [] or i == 4 and all(where.startswith("loop.py") for _, where in syncs), (i, syncs)
+    copies, syncs = evaluation
+    batch = [c for c in copies if c[2].startswith("loop.py")]
+    assert len(batch) == 10 and all(non_blocking for _, non_blocking, _ in batch) and len(copies) == 12, copies
+    assert len(syncs) == 2 and all(where.startswith("loop.py") for _, where in syncs), syncs  # totals, confusion
