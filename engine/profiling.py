@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Callable, Optional
+from bisect import bisect_left, bisect_right
+from itertools import accumulate
+from typing import Callable, Iterable, Optional, Protocol
 
 import torch
-from torch.autograd import _profiler_enabled
+from torch.autograd import DeviceType, _profiler_enabled
+from torch.autograd.profiler_util import Interval, Kernel
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
 import distributed_utils as du
@@ -68,22 +71,55 @@ class StepProfiler:
 
 def summarize(prof: profile, device: torch.device) -> dict:
     """Milliseconds per traced step: the whole step and each phase, on the host (and on the device for CUDA)."""
-    events = {e.key: e for e in prof.key_averages()}
-    steps = [e for key, e in events.items() if key.startswith("ProfilerStep")]
-    n = sum(e.count for e in steps) or 1
-    per_step: Callable[[float], float] = lambda us: round(us / n / 1e3, 3)
-    phases = {}
-    for name in PHASES:
-        event = events.get(f"train/{name}")
-        phases[name] = {"host_ms": per_step(event.cpu_time_total if event else 0.0)}
-        if device.type == "cuda":
-            phases[name]["device_ms"] = per_step(event.device_time_total if event else 0.0)
-    summary = {"steps": n, "step_ms": per_step(sum(e.cpu_time_total for e in steps)), "phases": phases,
-               "device": str(device)}
+    summary = {**summarize_events(prof.events(), cuda=device.type == "cuda"), "device": str(device)}
     if device.type == "cuda":
         summary["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         summary["cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
     return summary
+
+
+class ProfilerEvent(Protocol):
+    """What summarize_events reads of a profiler event (torch.autograd.profiler_util.FunctionEvent)."""
+    name: str
+    device_type: DeviceType
+    time_range: Interval  # microseconds
+    kernels: list[Kernel]  # the device work (kernels, copies) this host op launched, with its microseconds
+
+
+def summarize_events(events: Iterable[ProfilerEvent], cuda: bool) -> dict:
+    """Milliseconds per traced step, of the whole step and of each phase: on the host, and with `cuda` on the device.
+
+    Only the host's events count for host time: on CUDA the trace also holds the device side of each named range
+    (gpu_user_annotation events of the same names, with no host time). A phase's device time is that of the work
+    launched while its host range was open, on any thread: autograd runs backward's ops on a device thread of its
+    own, outside the main thread's train/backward range and so outside its children.
+    """
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    steps = [e.time_range for e in host if e.name.startswith("ProfilerStep")]
+    n = len(steps) or 1
+    per_step: Callable[[float], float] = lambda us: round(us / n / 1e3, 3)
+    launches = Launches(host) if cuda else None
+    phases = {}
+    for name in PHASES:
+        windows = [e.time_range for e in host if e.name == f"train/{name}"]
+        phases[name] = {"host_ms": per_step(sum(w.end - w.start for w in windows))}
+        if launches is not None:
+            phases[name]["device_ms"] = per_step(launches.device_us(windows))
+    return {"steps": n, "step_ms": per_step(sum(w.end - w.start for w in steps)), "phases": phases}
+
+
+class Launches:
+    """The device time of the work that host ops launched, by when each op started (its launch, near enough)."""
+
+    def __init__(self, host: Iterable[ProfilerEvent]):
+        launched = sorted((e.time_range.start, sum(k.duration for k in e.kernels)) for e in host if e.kernels)
+        self.starts = [start for start, _ in launched]
+        self.cumulative = [0.0, *accumulate(us for _, us in launched)]
+
+    def device_us(self, windows: Iterable[Interval]) -> float:
+        """Of the work launched inside the windows (which must not overlap)."""
+        total = self.cumulative
+        return sum(total[bisect_right(self.starts, w.end)] - total[bisect_left(self.starts, w.start)] for w in windows)
 
 
 def describe(summary: dict) -> str:
