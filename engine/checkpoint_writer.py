@@ -5,9 +5,9 @@ A process, not a thread: torch.save holds the GIL while it serialises, so a writ
 Python for most of the write. The state reaches the writer through shared memory, an anonymous memfd (not /dev/shm,
 which containers often cap at 64 MB): rank 0 copies every tensor into it, the only part of a save that holds the
 ranks, and sends the rest (the config, the python RNG states), a few kilobytes, through a pipe. On CUDA the memory
-is pinned, so the copies from the device run at full speed. The writer dies with its parent (a killed rank leaves no
-writer behind to rename a file into a folder that a restarted run already uses) and ignores the stop signals, which
-are the rank's to act on.
+is pinned where CUDA allows, so the copies from the device run at full speed. The writer dies with its parent (a
+killed rank leaves no writer behind to rename a file into a folder that a restarted run already uses) and ignores
+the stop signals, which are the rank's to act on.
 
     python -m engine.checkpoint_writer FD    # started by BackgroundWriter, never by hand
 """
@@ -26,10 +26,11 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+import distributed_utils as du
 from core.errors import CheckpointError, UserError
 from engine.checkpoint import save_training_checkpoint, step_file
 
@@ -115,6 +116,29 @@ def unpack(tree: Any, buffer: Any) -> Any:
     return _map_leaves(tree, Slot, view)
 
 
+def to_host(tree: Any) -> Any:
+    """`tree` with its tensors in host memory: a file of device tensors cannot be read without that device (the
+    background writer's files hold host tensors too). One blocking copy a tensor, into pageable memory: the inline
+    writer waits for the whole write anyway, and pinned memory would stay locked after it."""
+    return _map_leaves(tree, torch.Tensor, lambda tensor: tensor.detach().cpu())
+
+
+def _cuda_get_last_error() -> Callable[[], int]:
+    """cudaGetLastError of the CUDA runtime torch calls, which torch.cuda.cudart() does not bind: looked up through
+    libtorch_cuda.so, so that it is the libcudart torch links (torchvision bundles a copy with its own error state)."""
+    return ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cuda.so")).cudaGetLastError
+
+
+def clear_cuda_error(failure: str) -> None:
+    """Reset this thread's last CUDA runtime error, which a failed runtime call (the `failure`) leaves set: torch
+    checks it after the next kernel launch, and would raise it there, at an unrelated op."""
+    try:
+        _cuda_get_last_error()()
+    except (OSError, AttributeError) as e:
+        raise CheckpointError(f"{failure}, and the CUDA error it left cannot be cleared ({e}); "
+                              f"set checkpoint.background=false") from None
+
+
 class SharedMemory:
     """Anonymous shared memory as a uint8 tensor that grows as needed, pinned (with `pin`) for CUDA's asynchronous
     copies; its file descriptor is inherited by the writer, which maps it again when it grows."""
@@ -132,12 +156,27 @@ class SharedMemory:
             os.ftruncate(self.fd, self.nbytes)
             self.map = mmap.mmap(self.fd, self.nbytes)
             self.flat = torch.frombuffer(self.map, dtype=torch.uint8)
-            self.pinned = self.pin and torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), self.nbytes, 0) == 0
+            self.pinned = self.pin and self._register()
         return self.flat
 
+    def _register(self) -> bool:
+        """Pin the mapping. Where CUDA refuses (a cap on locked memory, say), the copies run from unpinned memory,
+        slower, and the run says so once: a refusal is not asked again when the memory grows."""
+        cudart = torch.cuda.cudart()
+        status = cudart.cudaHostRegister(self.flat.data_ptr(), self.nbytes, 0)
+        if status == 0:
+            return True
+        cause = cudart.cudaGetErrorString(status)
+        clear_cuda_error(f"CUDA refused to pin the checkpoint writer's shared memory ({cause})")
+        self.pin = False
+        du.print0(f"warning: CUDA refused to pin the checkpoint writer's shared memory ({cause}); checkpoints are "
+                  f"copied from the GPU unpinned, slower. checkpoint.background=false writes them from the training "
+                  f"process instead")
+        return False
+
     def _unmap(self) -> None:
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
+        if self.pinned and torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr()) != 0:
+            clear_cuda_error("CUDA refused to unpin the checkpoint writer's shared memory")
         if self.map is not None:
             self.flat = None
             self.map.close()
@@ -154,7 +193,7 @@ class InlineWriter:
 
     def submit(self, state: dict, job: WriteJob) -> None:
         start = time.perf_counter()
-        save_training_checkpoint(state, **asdict(job))
+        save_training_checkpoint(to_host(state), **asdict(job))
         self.last_write_s = time.perf_counter() - start
 
     def done(self) -> bool:

@@ -174,3 +174,96 @@ def test_older_checkpoints_restore_the_ranks_entry_or_warn(monkeypatch):
     warnings = []
     set_rng_state(old, warn=warnings.append)
     assert cuda.set_calls == [3] and "8 visible GPUs, this process sees 1" in warnings[0]
+
+
+class RefusingCudart:
+    """torch.cuda.cudart() where pinning is refused (a cap on locked memory, say)."""
+
+    def __init__(self):
+        self.register_calls = 0
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.register_calls += 1
+        return 2  # cudaErrorMemoryAllocation
+
+    def cudaHostUnregister(self, ptr):
+        pytest.fail("unpins memory that was never pinned")
+
+    def cudaGetErrorString(self, status):
+        return "out of memory"
+
+
+def test_a_refused_pin_clears_the_cuda_error_warns_once_and_writes_from_unpinned_memory(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """CUDA keeps a failed call's error until someone reads it, and torch reads it after the next kernel launch:
+    left set, it would fail an unrelated op of the training step."""
+    from engine import checkpoint_writer
+    from engine.checkpoint import step_file
+
+    cudart, cleared = RefusingCudart(), []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(checkpoint_writer, "_cuda_get_last_error", lambda: lambda: cleared.append(1) or 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # the state is on the CPU here
+    writer = checkpoint_writer.BackgroundWriter(cuda=True, expected_bytes=1000)
+    try:
+        state = {"w": torch.arange(5000.0), "step": 3}  # more than expected: the memory grows, unpinned
+        writer.submit(state, checkpoint_writer.WriteJob(str(tmp_path), 3, keep_last=2))
+        writer.wait()
+        assert not writer.memory.pinned and writer.memory.nbytes >= state["w"].nbytes
+    finally:
+        writer.close()
+    assert cudart.register_calls == 1 and cleared == [1]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "refused to pin" in warnings[0] and "(out of memory)" in warnings[0]
+    assert "checkpoint.background=false" in warnings[0]
+    loaded = load_checkpoint(step_file(str(tmp_path), 3))
+    assert torch.equal(loaded["w"], torch.arange(5000.0)) and loaded["step"] == 3
+
+
+def test_a_cuda_error_that_cannot_be_cleared_stops_in_one_line(monkeypatch):
+    from engine import checkpoint_writer
+
+    def missing():
+        raise OSError("libtorch_cuda.so: cannot open shared object file")
+
+    monkeypatch.setattr(torch.cuda, "cudart", RefusingCudart)
+    monkeypatch.setattr(checkpoint_writer, "_cuda_get_last_error", missing)
+    memory = checkpoint_writer.SharedMemory(pin=True)
+    try:
+        with pytest.raises(CheckpointError, match=r"refused to pin .*\(out of memory\), and the CUDA error it left "
+                                                  r"cannot be cleared \(libtorch_cuda.so: .*background=false$"):
+            memory.reserve(1000)
+    finally:
+        memory.close()
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a torch built without CUDA has no CUDA runtime")
+def test_the_cleared_error_is_that_of_the_cuda_runtime_torch_links():
+    """Each copy of libcudart keeps its own error; torchvision's wheel bundles one of its own."""
+    import ctypes
+    from engine.checkpoint_writer import _cuda_get_last_error
+
+    address = ctypes.cast(_cuda_get_last_error(), ctypes.c_void_p).value  # found, not called
+    with open("/proc/self/maps") as f:
+        files = [line.split()[-1] for line in f
+                 if int(line.split("-")[0], 16) <= address < int(line.split()[0].split("-")[1], 16)]
+    assert len(files) == 1 and os.path.basename(files[0]).startswith("libcudart.so"), files
+
+
+def test_the_inline_writer_saves_host_tensors(tmp_path, monkeypatch):
+    """An inline checkpoint of a CUDA run must load on a machine without one, like a background-written one: the
+    state goes through to_host before torch.save."""
+    from engine import checkpoint_writer
+    from engine.checkpoint import step_file
+
+    passed = []
+    real = checkpoint_writer.to_host
+    monkeypatch.setattr(checkpoint_writer, "to_host", lambda tree: passed.append(tree) or real(tree))
+    state = {"model": {"w": torch.ones(3, requires_grad=True)}, "optimizer": {"state": {0: [torch.zeros(2)]}}}
+    checkpoint_writer.InlineWriter().submit(state, checkpoint_writer.WriteJob(str(tmp_path), 1, keep_last=1))
+    assert len(passed) == 1 and passed[0] is state
+    loaded = torch.load(step_file(str(tmp_path), 1), weights_only=True)
+    tensors = checkpoint_writer.tensors_in(loaded)
+    assert len(tensors) == 2 and all(t.device.type == "cpu" for t in tensors)
+    copied = real(state)
+    assert not copied["model"]["w"].requires_grad and torch.equal(copied["optimizer"]["state"][0][0], torch.zeros(2))
