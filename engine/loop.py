@@ -249,6 +249,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
     """
     model.eval()
     sums = torch.zeros(4 + num_classes * num_classes, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    # Counted in int64 by index_add_, whose output size is fixed: bincount reads its size back from the device,
+    # a sync every batch. Integer atomics add exactly in any order.
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format  # shifted views are strided
     count = 0  # on the host: a tensor made from it per batch would be a blocking copy to the GPU every batch
     for images, labels in loader:
@@ -265,8 +268,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
                                  hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
         if num_classes:
             pairs = labels * num_classes + logits.argmax(dim=1)
-            sums[4:] += torch.bincount(pairs, minlength=num_classes * num_classes).double()
+            confusion.index_add_(0, pairs, torch.ones_like(pairs))
     sums[3] = count
+    sums[4:] = confusion  # one all-reduce for all; float64 holds counts exactly up to 2^53
     sums = du.all_reduce_sum(sums)
     loss, top1, top5, n = sums[:4].tolist()
     n = int(n)

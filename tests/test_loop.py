@@ -227,6 +227,20 @@ def test_evaluate_makes_no_tensor_per_batch(monkeypatch):
     assert counts[0] == counts[1], counts
 
 
+def test_evaluate_counts_the_confusion_matrix_without_bincount(monkeypatch):
+    """eval.py --per-class: counts[true][predicted] over the split. Not by bincount, which reads its output size back
+    from the GPU: a sync every batch."""
+    monkeypatch.setattr(torch, "bincount", lambda *a, **kw: pytest.fail("bincount syncs with the GPU"))
+    model, data = tiny_model(), loader(batch_size=7, n=30)
+    images, labels = data.dataset.tensors
+    with torch.no_grad():
+        predicted = model.eval()(images).argmax(1)
+    expected = [[int(((labels == t) & (predicted == p)).sum()) for p in range(4)] for t in range(4)]
+    metrics = evaluate(model, data, torch.device("cpu"), num_classes=4)
+    assert metrics["confusion"] == expected and sum(map(sum, expected)) == 30
+    assert metrics["top1"] == pytest.approx(100.0 * sum(expected[c][c] for c in range(4)) / 30)
+
+
 def test_evaluate_with_tta_averages_the_logits_of_the_flipped_and_shifted_views():
     model, data = tiny_model(), loader(batch_size=8, n=24)
     images, labels = data.dataset.tensors
