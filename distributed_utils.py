@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
+from torch.torch_version import TorchVersion
 
 from core.errors import UserError
 
@@ -223,15 +224,17 @@ def _bracket(body: str, text: str) -> list[str]:
 # Init / teardown and "who am I" anywhere
 
 
-def nccl_fault_env(trace_dir: str) -> dict[str, str]:
+def nccl_fault_env(trace_dir: str, torch_version: str = torch.__version__) -> dict[str, str]:
     """NCCL's watchdog settings for a job that must end, not hang, when a rank fails, and say why:
     async error handling (a failed or timed-out collective tears the process down, so the launcher ends the job),
     and the flight recorder (the last collectives of every rank), dumped to <trace_dir>/nccl_trace_rank_<rank> on a
-    timeout. Both the names of torch >= 2.5 (TORCH_FR_*) and the older ones; unknown names are ignored."""
+    timeout. The recorder's settings go by the names `torch_version` reads: TORCH_FR_* from torch 2.8, which still
+    reads the older TORCH_NCCL_* names, but with a deprecation warning from every rank; those older names before."""
     prefix = os.path.join(trace_dir, "nccl_trace_rank_")
+    new = TorchVersion(torch_version) >= "2.8"
     return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-            "TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
-            "TORCH_FR_DUMP_TEMP_FILE": prefix, "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix}
+            "TORCH_FR_BUFFER_SIZE" if new else "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+            "TORCH_FR_DUMP_TEMP_FILE" if new else "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix}
 
 
 def setup(backend: str = "auto", timeout_s: int = 1800, trace_dir: str = "") -> DistContext:

@@ -223,7 +223,8 @@ def test_nccl_setup_gives_the_gloo_side_group_the_timeout_and_nccl_its_watchdog(
     monkeypatch.setattr(dist, "new_group", lambda **kw: calls.update(side=kw))
     for name, value in {**TORCHRUN_2, "MASTER_ADDR": "127.0.0.1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}.items():
         monkeypatch.setenv(name, value)
-    for name in du.nccl_fault_env("x"):
+    every_name = {**du.nccl_fault_env("x"), **du.nccl_fault_env("x", "2.7.1")}  # either torch's names
+    for name in every_name:
         if name != "TORCH_NCCL_DUMP_ON_TIMEOUT":  # unset here, and unset again after the test
             monkeypatch.setenv(name, "")
             monkeypatch.delenv(name)
@@ -231,9 +232,21 @@ def test_nccl_setup_gives_the_gloo_side_group_the_timeout_and_nccl_its_watchdog(
     monkeypatch.setattr(du, "_ctx", None)  # nothing to tear down: no process group was made
     assert calls["init"] == timedelta(seconds=42)
     assert calls["side"] == {"backend": "gloo", "timeout": timedelta(seconds=42)}
-    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3" and os.environ["TORCH_FR_BUFFER_SIZE"] == "2000"
-    assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "nccl_trace_rank_")
-    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "0"  # the user's choice kept
+    wanted = du.nccl_fault_env(str(tmp_path))
+    assert {name: os.environ[name] for name in wanted} == {**wanted, "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}  # user's kept
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    # only the names this torch reads: it would warn on every rank about the other release's names it still reads
+    assert [name for name in every_name if name in os.environ and name not in wanted] == []
+
+
+def test_the_flight_recorder_settings_go_by_the_names_of_the_torch_release():
+    """torch 2.8 renamed the flight recorder's settings; earlier releases read only the old names."""
+    assert du.nccl_fault_env("/runs/a", "2.14.1+cu130") == {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_FR_BUFFER_SIZE": "2000",
+        "TORCH_FR_DUMP_TEMP_FILE": "/runs/a/nccl_trace_rank_"}
+    old = du.nccl_fault_env("/runs/a", "2.7.1+cu126")
+    assert old["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "2000" and not any(name.startswith("TORCH_FR_") for name in old)
+    assert old["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == "/runs/a/nccl_trace_rank_"
 
 
 def test_cores_per_process_share_the_node_unless_slurm_gave_each_its_own(single, monkeypatch):
