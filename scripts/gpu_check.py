@@ -204,7 +204,7 @@ class Check:
         if backend == "nccl" and (self.dry or torch.cuda.device_count() < 2):
             raise Skipped("dry run: no CUDA" if self.dry else f"NCCL needs 2 GPUs (2 ranks on one GPU: NCCL refuses "
                                                               f"to share it); {torch.cuda.device_count()} visible")
-        # Deterministic (no TF32, fixed algorithms): eval_exact compares its logged evaluation with eval.py's.
+        # Deterministic (fixed algorithms, though cuDNN's convolutions keep TF32): eval_exact compares log and eval.py.
         stdout = self.train(name, *self.p.train, f"dist.backend={backend}", "train.deterministic=true", nproc=2)
         device = self.device if backend == "gloo" else "cuda:"  # nccl: each rank on its own GPU
         expect(stdout, f"torchrun: world 2 on {device}", f"({backend} backend)")
