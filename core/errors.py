@@ -18,3 +18,7 @@ class NonFiniteLoss(UserError, FloatingPointError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class DataError(UserError):
+    """A data set that cannot be found or read; the message names the path and the way out."""

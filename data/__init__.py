@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import distributed_utils as du
 from core.config import AugCfg, DataCfg
-from data.checked import CheckedReads, DataError
-from data.datasets import load_splits
+from data.sources import DataError, load_splits
 from data.samplers import ExactShardSampler, build_train_sampler
 from data.batch_aug import BatchNormalize
 from data.transforms import (BatchTransformed, PerSampleTransformed, apply_recipe, batch_transforms, collate_readable,
@@ -52,11 +51,9 @@ def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool = True,
     return train_set, val_set, info
 
 
-def skipped_images(dataset: Dataset) -> int:
+def skipped_images(dataset: BatchTransformed | PerSampleTransformed) -> int:
     """Unreadable images skipped so far (data.skip_corrupt) by this process's loaders of `dataset`."""
-    while isinstance(dataset, (BatchTransformed, PerSampleTransformed)):
-        dataset = dataset.source
-    return dataset.skipped() if isinstance(dataset, CheckedReads) else 0
+    return dataset.source.skipped()
 
 
 def loader_workers(data_cfg: DataCfg) -> int:

@@ -29,7 +29,7 @@ from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 import data.jpeg_region as jpeg_region
-from data.checked import DataError
+from core.errors import DataError
 
 Source = str | os.PathLike | bytes | torch.Tensor  # a file, its bytes, or an already decoded uint8 (C, H, W) image
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")

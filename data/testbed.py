@@ -97,7 +97,7 @@ def folder_as_parquet(root: str, out: str, rows_per_file: int = 500) -> dict[str
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data.file_list import scan
+    from data.sources.file_list import scan
 
     counts = {}
     for split, hub_split in (("train", "train"), ("val", "validation")):

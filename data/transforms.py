@@ -20,9 +20,8 @@ from torchvision.transforms.functional import InterpolationMode, pil_to_tensor, 
 
 from core.config import AugCfg, DataCfg
 from data.batch_aug import BatchAugment, BatchNormalize
-from data.checked import CheckedReads, DataError
-from data.datasets import TensorImages
 from data.jpeg import JpegEvalDecode, JpegTrainDecode
+from data.sources import DataError, ImageSource
 
 MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
@@ -80,15 +79,11 @@ class EpochSeeding:
 
 
 class PerSampleTransformed(Dataset):
-    """Applies a per-image transform (the imagenet recipe) in the loader, each sample seeded by EpochSeeding.
+    """A source whose decoder is the imagenet recipe's per-image work, in the loader, each sample seeded by
+    EpochSeeding; the source decodes where it reads, so that an unreadable file is caught, and skipped, there."""
 
-    transform=None where the source transforms as it reads (an image folder decodes with the recipe's decoder,
-    so that an unreadable file is caught, and skipped, where it is read).
-    """
-
-    def __init__(self, source: Dataset, transform: Callable[[torch.Tensor], torch.Tensor] | None,
-                 seeding: EpochSeeding | None = None):
-        self.source, self.transform, self.seeding = source, transform, seeding
+    def __init__(self, source: ImageSource, seeding: EpochSeeding | None = None):
+        self.source, self.seeding = source, seeding
 
     def __len__(self) -> int:
         return len(self.source)
@@ -96,11 +91,7 @@ class PerSampleTransformed(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         if self.seeding is not None:
             self.seeding.seed_worker(i)
-        sample = self.source[i]
-        if sample is None:  # an unreadable image skipped by the source; the collate drops it
-            return None
-        image, label = sample
-        return (self.transform(image) if self.transform is not None else image), label
+        return self.source[i]  # None for an unreadable image skipped by the source; the collate drops it
 
 
 class BatchTransformed(Dataset):
@@ -111,20 +102,21 @@ class BatchTransformed(Dataset):
     must use `keep_batch` as its collate_fn.
 
     Args:
-        source: the raw split: TensorImages, or any data set of (image, label).
+        source: the raw split; one held in memory serves a batch with one gather (ImageSource.batch).
         img_size: the side the images are resized to where they differ (antialiased).
         interpolation: of that resize: bicubic, bilinear or nearest.
     """
 
-    def __init__(self, source: Dataset, img_size: int, interpolation: str = "bicubic"):
+    def __init__(self, source: ImageSource, img_size: int, interpolation: str = "bicubic"):
         self.source, self.size, self.interpolation = source, [img_size, img_size], InterpolationMode(interpolation)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(self.source, TensorImages):
-            images, labels = self.source.take(indices)
+        held = self.source.batch(indices)
+        if held is not None:
+            images, labels = held
             return self._resized(images), labels
         samples = readable([self.source[i] for i in indices])
         images = torch.stack([self._as_uint8(image) for image, _ in samples])
@@ -183,14 +175,11 @@ def stack_nhwc(images: list[torch.Tensor]) -> torch.Tensor:
     return out.permute(0, 3, 1, 2)
 
 
-def apply_recipe(source: Dataset, data_cfg: DataCfg, aug_cfg: AugCfg, train: bool, seed: int = 0) -> Dataset:
+def apply_recipe(source: ImageSource, data_cfg: DataCfg, aug_cfg: AugCfg, train: bool,
+                 seed: int = 0) -> BatchTransformed | PerSampleTransformed:
     """Wrap a raw split so it yields (uint8 image, int64 label) at img_size; a train split's random crops in loader
     workers (imagenet recipe) are seeded by (seed, epoch, sample)."""
     if data_cfg.recipe == "small":
         return BatchTransformed(source, data_cfg.img_size, aug_cfg.interpolation)
-    decode = imagenet_decode(data_cfg, aug_cfg, train)
-    seeding = EpochSeeding(seed) if train else None
-    if isinstance(source, CheckedReads):  # an image folder or shards: decode where the file is read, and checked
-        source.loader = decode
-        return PerSampleTransformed(source, None, seeding)
-    return PerSampleTransformed(source, decode, seeding)
+    return PerSampleTransformed(source.with_decoder(imagenet_decode(data_cfg, aug_cfg, train)),
+                                EpochSeeding(seed) if train else None)

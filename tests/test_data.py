@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-import data.datasets as datasets
-import data.file_list as file_list
+import data.sources.memory as memory
+import data.sources.file_list as file_list
 from data import (DataError, ExactShardSampler, build_datasets, build_eval_loader, build_train_loader,
                   skipped_images, start_epoch)
-from data.datasets import FASHION_MNIST_APT_DIR, TensorImages, load_splits, read_idx
-from data.file_list import list_images
+from data.sources import FASHION_MNIST_APT_DIR, TensorImages, load_splits
+from data.sources.memory import read_idx
+from data.sources.file_list import list_images
 from data.batch_aug import BatchAugment
 from data.rand_augment import _posterize, allow_zero_bit_posterize
 from data.transforms import apply_recipe, batch_transforms
@@ -103,7 +104,7 @@ def test_real_fashion_mnist():
     assert splits.train.images.shape == (60000, 1, 28, 28) and len(splits.val) == 10000
     for part in (splits.train, splits.val):
         assert part.labels.min() == 0 and part.labels.max() == 9
-        assert torch.bincount(part.labels).min() == len(part) // 10  # balanced classes
+        assert np.bincount(part.labels).min() == len(part) // 10  # balanced classes
 
 
 def test_missing_fashion_mnist_names_path_and_ways_out(tmp_path):
@@ -119,7 +120,7 @@ def test_missing_fashion_mnist_names_path_and_ways_out(tmp_path):
 def test_failed_fashion_mnist_download_is_a_data_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(datasets, "FashionMNIST", offline)
+    monkeypatch.setattr(memory, "FashionMNIST", offline)
     with pytest.raises(DataError, match="download failed.*apt-get install dataset-fashion-mnist"):
         load_splits(make_cfg(name="fashion_mnist", root=str(tmp_path), download=True).data)
 
@@ -411,10 +412,14 @@ def test_classes_and_train_limit_narrow_a_split(tmp_path):
     write_image_folder(tmp_path, classes=("ant", "bee", "cat"), per_class=4)
     cfg = make_cfg(name="imagefolder", root=str(tmp_path), classes=[2, 0], train_limit=5)
     splits = load_splits(cfg.data)
-    assert splits.num_classes == 2 and splits.val.classes == ["cat", "ant"]
-    assert sorted(label for _, label in splits.val.samples) == [0] * 4 + [1] * 4
-    assert all(("/cat/" in path) == (label == 0) for path, label in splits.val.samples)
-    assert len(splits.train.samples) == 5 and {label for _, label in splits.train.samples} <= {0, 1}
-    assert load_splits(cfg.data).train.samples == splits.train.samples  # the same subset every time
+    assert splits.num_classes == 2 and splits.class_names == ["cat", "ant"]
+    val, train = splits.val, splits.train
+    assert sorted(val.labels) == [0] * 4 + [1] * 4
+    assert all(("/cat/" in val.name(i)) == (label == 0) for i, label in enumerate(val.labels))
+    assert len(train) == 5 and set(train.labels) <= {0, 1}
+    again = load_splits(cfg.data).train  # the same subset every time, and the source it came from unchanged
+    assert [again.name(i) for i in range(5)] == [train.name(i) for i in range(5)]
+    whole = load_splits(make_cfg(name="imagefolder", root=str(tmp_path)).data)
+    assert len(whole.val) == 12 and whole.val.subset(np.arange(3)).name(2) == whole.val.name(2)
     with pytest.raises(DataError, match=r"data.classes=\[0, 3\] must list distinct class indices in 0..2"):
         load_splits(make_cfg(name="imagefolder", root=str(tmp_path), classes=[0, 3]).data)

@@ -13,10 +13,11 @@ import torch
 
 from core.config import Config
 from data import build_datasets, build_eval_loader, skipped_images
-from data.checked import DataError
-from data.hf_sets import HubImages
+from data.sources import DataError
+from data.sources import HubImages
 from data.jpeg import load
-from data.shards import ShardImages, write_shards
+from data.shards import write_shards
+from data.sources import ShardImages
 from data.testbed import folder_as_parquet, make_jpeg_testbed
 from test_shards import data_config
 
@@ -111,10 +112,10 @@ def test_every_source_serves_the_folders_images_by_index(bed, source):
     assert (info.num_classes, info.class_names, info.train_size, info.val_size) == \
         (3, f_info.class_names, 12, 7)
     raw = train.source
-    assert isinstance(raw, HubImages) and raw.targets == f_train.source.targets
-    for row, (path, _) in enumerate(f_train.source.samples):
-        with open(path, "rb") as f:
-            assert bytes(raw.images[row]) == f.read()
+    assert isinstance(raw, HubImages) and np.array_equal(raw.labels, f_train.source.labels)
+    for row in range(len(f_train)):
+        with open(f_train.source.read(row), "rb") as f:
+            assert bytes(raw.read(row)) == f.read()
     images, labels, _ = eval_batches(cfg)
     f_images, f_labels, _ = eval_batches(folder)
     assert torch.equal(images, f_images) and torch.equal(labels, f_labels)
@@ -133,7 +134,7 @@ def test_classes_and_train_limit_narrow_a_hub_split(bed):
     cfg = hf_cfg(bed["parquet"], classes=[2, 0], train_limit=3)
     train, val, info = build_datasets(cfg.data, cfg.aug, train=True)
     assert info.class_names == ["c0002", "c0000"] and len(train) == 3
-    assert set(val.source.targets) == {0, 1} and len(val) == 5  # val rows 0, 2, 3, 5, 6 are classes 0 and 2
+    assert set(val.source.labels) == {0, 1} and len(val) == 5  # val rows 0, 2, 3, 5, 6 are classes 0 and 2
     cfg = hf_cfg(bed["parquet"], num_classes=4)
     with pytest.raises(DataError, match=f"data.num_classes=4 but '{bed['parquet']}' has 3 classes; set "
                                         f"data.num_classes=3 or 0"):
@@ -270,7 +271,7 @@ def test_shards_written_from_a_hub_set_hold_its_rows(bed, tmp_path):
     sources, _ = hf_sources(bed["parquet"])
     for split, count in (("train", 12), ("val", 7)):
         shards = ShardImages(os.path.join(out, split))
-        assert len(shards) == count and shards.targets == [label for _, _, label in sources[split].samples]
+        assert len(shards) == count and shards.labels.tolist() == [label for _, _, label in sources[split].samples]
         for i in (0, count - 1):
             assert torch.equal(shards[i][0], load(bytes(sources[split].read(i)[0])))
     assert write_shards(hf_sources(bed["parquet"]), str(tmp_path / "again"), shard_size=5) == {"train": 12, "val": 7}

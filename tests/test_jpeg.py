@@ -11,7 +11,7 @@ from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms.functional import pil_to_tensor
 
-from data.datasets import DataError
+from data.sources import DataError
 from data import jpeg_region
 from data.jpeg import JpegEvalDecode, JpegTrainDecode, decode, read_source, sample_crop
 from data.testbed import jpeg_bytes, make_jpeg_testbed

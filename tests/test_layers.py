@@ -94,3 +94,30 @@ def test_nothing_edits_sys_path():
     offenders = [str(p.relative_to(REPO)) for p in [*project_files(), *sorted((REPO / "tests").glob("*.py"))]
                  if edit.search(p.read_text())]
     assert not offenders, offenders
+
+
+# The rooms of data/, from the bottom up: a data module may import from its own room and the rooms below.
+DATA_ROOMS = {"data.jpeg": 0, "data.jpeg_region": 0,  # decoding
+              "data.staging": 0, "data.rand_augment": 0, "data.batch_aug": 0,  # the device's batch work
+              "data.sources": 1,  # image sources: the interface, one module per storage, the table
+              "data.samplers": 2, "data.transforms": 2, "data": 2,  # recipes and loaders: the API above them
+              "data.shards": 3, "data.hf_sets": 3, "data.testbed": 3}  # command-line tools that write data
+
+
+def data_room(module: str) -> int | None:
+    """The room of a data module (of its package's, for data.sources.*); None for one in no room."""
+    room = module if module == "data" else existing(module, set(DATA_ROOMS) - {"data"})
+    return DATA_ROOMS.get(room)
+
+
+def test_data_rooms_import_down_and_augmentation_stands_alone():
+    graph = {a: {b for b in targets if b.split(".")[0] == "data"} for a, targets in import_graph().items()
+             if a.split(".")[0] == "data"}
+    unplaced = sorted(m for m in graph if data_room(m) is None)
+    assert not unplaced, f"modules of data/ in no room: {unplaced}"
+    wrong = [f"{a} imports {b}" for a, targets in graph.items() for b in targets if data_room(b) > data_room(a)]
+    assert not wrong, "\n".join(wrong)
+    augment, decoding = {"data.staging", "data.rand_augment", "data.batch_aug"}, {"data.jpeg", "data.jpeg_region"}
+    crossing = [f"{a} imports {b}" for a, targets in graph.items() for b in targets
+                if (a in augment) != (b in augment) and (a in augment or a in decoding)]
+    assert not crossing, "\n".join(crossing)

@@ -4,6 +4,8 @@ import glob
 import io
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -11,10 +13,13 @@ import torch
 
 from core.config import Config
 from data import build_datasets, build_eval_loader, skipped_images
-from data.checked import DataError
+from data.sources import DataError
 from data.jpeg import load
-from data.shards import INDEX, ShardImages, build_index, main, write_shards
+from data.shards import main, write_shards
+from data.sources.shards import INDEX, ShardImages, build_index
 from data.testbed import make_jpeg_testbed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +73,7 @@ def test_the_writer_writes_identical_shards_twice_and_the_reader_serves_the_fold
     source = {split: sorted((os.path.join(d, f), d.rsplit("/", 1)[1]) for d, _, fs in os.walk(os.path.join(folder, split))
                             for f in fs) for split in ("train", "val")}
     for split in ("train", "val"):
-        ds = ShardImages(os.path.join(shards, split))
-        ds.loader = lambda data: data
+        ds = ShardImages(os.path.join(shards, split)).with_decoder(lambda data: data)
         got = [(ds[i][0], ds[i][1]) for i in range(len(ds))]
         want = [(open(path, "rb").read(), int(name[1:])) for path, name in source[split]]
         assert (got == want) if split == "val" else (sorted(got) == sorted(want) and got != want)
@@ -104,8 +108,7 @@ def test_shards_build_like_the_image_folder_and_evaluate_every_image_once(folder
 
 
 def test_a_reader_keeps_few_shards_open(shards):
-    ds = ShardImages(os.path.join(shards, "train"), max_open=2)
-    ds.loader = len
+    ds = ShardImages(os.path.join(shards, "train"), max_open=2).with_decoder(len)
     before = len(os.listdir("/proc/self/fd"))
     assert [ds[i][0] for i in list(range(len(ds))) * 2] and len(ds._files) == 2
     assert len(os.listdir("/proc/self/fd")) == before + 2
@@ -120,7 +123,7 @@ def test_a_corrupt_member_is_named_or_skipped_and_counted(shards):
     with pytest.raises(DataError, match=r"'.*val-000001.tar:a/broken.jpg' .*data.skip_corrupt=true"):
         ds[5]
     skipping = ShardImages(folder, skip_corrupt=True)
-    assert skipping[5] is None and skipped_images(skipping) == 1
+    assert skipping[5] is None and skipping.skipped() == 1
 
 
 def bad(shards, name, members):
@@ -196,5 +199,23 @@ def test_the_writer_refuses_a_folder_holding_other_shards(folder, shards):
         shutil.rmtree(extra_class)
     assert {n: os.stat(os.path.join(shards, "train", n)).st_mtime_ns
             for n in os.listdir(os.path.join(shards, "train"))} == before
-    with pytest.raises(SystemExit, match=r"error: '.*' has neither train/ nor val/"):
+    with pytest.raises(DataError, match=r"'.*' has neither train/ nor val/"):
         main(["write", os.path.join(folder, "train"), os.path.join(shards, "elsewhere")])
+
+
+def test_the_data_tools_end_a_user_error_with_one_line_and_exit_code_2(folder, tmp_path):
+    """The shard writer and indexer and the hub prefetch, on a folder that is not an image folder's root, a folder
+    without shards, and a data set that is not there: one line each, exit code 2, nothing written."""
+    commands = {"write": ["-m", "data.shards", "write", os.path.join(folder, "train"), str(tmp_path / "out")],
+                "index": ["-m", "data.shards", "index", str(tmp_path)],
+                "prefetch": ["-m", "data.hf_sets", str(tmp_path / "no-such-set")]}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    runs = {name: subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
+    errors = {}
+    for name, run in runs.items():
+        errors[name] = run.communicate(timeout=120)[1]
+        assert run.returncode == 2 and errors[name].count("\n") == 1 and errors[name].startswith("error: "), \
+            (name, errors[name])
+    assert "has neither train/ nor val/" in errors["write"] and "no .tar shards" in errors["index"]
+    assert "no-such-set" in errors["prefetch"] and not os.path.exists(tmp_path / "out")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import distributed_utils as du
 from core.files import atomic_write
-from data.checked import DataError
+from data.sources.base import DataError
 
 FORMAT = 2
 
@@ -43,13 +43,14 @@ def scan(folder: str, progress: bool = False) -> FileList:
     if not classes:
         raise DataError(f"no class folders in '{folder}'; give it one sub-folder of images (.jpg, .png, ...) per "
                         f"class")
-    folders = {".": os.stat(folder).st_mtime_ns}
+    root = os.path.abspath(folder)  # absolute paths, as the cache gives them
+    folders = {".": os.stat(root).st_mtime_ns}
     samples: list[tuple[str, int]] = []
     # delay: a folder listed within 2 s shows no bar (and a bad-input message stays the one line on stderr)
     for label, name in enumerate(tqdm(classes, desc=f"listing {folder}", unit="class", disable=not progress, delay=2)):
         found = len(samples)
-        for path, _, files in sorted(os.walk(os.path.join(folder, name), followlinks=True)):
-            folders[os.path.relpath(path, folder)] = os.stat(path).st_mtime_ns
+        for path, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            folders[os.path.relpath(path, root)] = os.stat(path).st_mtime_ns
             samples += [(os.path.join(path, f), label) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
         if len(samples) == found:
             raise DataError(f"no usable images in '{os.path.join(folder, name)}' (extensions "
