@@ -183,7 +183,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("imagefolder", "shards", "hf", "cifar10", "cifar100", "fashion_mnist", "synthetic"),
+    "data.name": ("imagefolder", "csv", "shards", "hf", "cifar10", "cifar100", "fashion_mnist", "synthetic"),
     "data.recipe": ("imagenet", "small"),
     "model.stem_init": ("default", "whiten"),
     "aug.interpolation": ("bicubic", "bilinear", "nearest"),

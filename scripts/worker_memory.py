@@ -16,8 +16,7 @@ import json
 import os
 from typing import Callable
 
-from data.sources.file_list import FileList
-from data.sources.folder import FolderImages
+from data.sources.folder import FileImages
 
 ROOT = "/datasets/imagenet/train"
 
@@ -49,8 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     samples = [(f"{ROOT}/n{i % args.classes:08d}/n{i % args.classes:08d}_{i}.JPEG", i % args.classes)
                for i in range(args.samples)]
-    listing = FileList([f"n{c:08d}" for c in range(args.classes)], samples, {})
-    source = FolderImages(ROOT, listing)
+    start = len(ROOT) + 1
+    source = FileImages(ROOT, [path[start:] for path, _ in samples], [label for _, label in samples])
     figures = {"samples": args.samples, "share": args.share,
                "tuples_mb": growth_in_child(lambda i: samples[i], args.samples, args.share),
                "folder_source_mb": growth_in_child(lambda i: (source.read(i), int(source.labels[i])), args.samples,

@@ -142,6 +142,34 @@ def write_image_folder(root, classes=("cat", "dog"), val_classes=None, per_class
                 Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
 
 
+def test_a_csv_list_reads_as_the_folder_it_lists(tmp_path):
+    """data.name=csv: train.csv and val.csv of (path, label) rows, by class name (relative paths) or by index
+    (absolute paths), give the folder's samples, class names and evaluation batches; bad lists are one line."""
+    write_image_folder(tmp_path, classes=("ant", "bee", "cat"))
+    folder = load_splits(make_cfg(name="imagefolder", root=str(tmp_path)).data)
+    for split in ("train", "val"):
+        source = getattr(folder, split)
+        rows = [f"{os.path.relpath(source.read(i), tmp_path)},{('ant', 'bee', 'cat')[label]}"
+                for i, label in enumerate(source.labels)]
+        (tmp_path / f"{split}.csv").write_text("path,label\n" + "\n".join(rows[::-1]) + "\n")  # any order
+    by_name = load_splits(make_cfg(name="csv", root=str(tmp_path)).data)
+    assert by_name.class_names == ["ant", "bee", "cat"] and by_name.num_classes == 3
+    assert sorted(zip(map(by_name.val.read, range(9)), by_name.val.labels)) == \
+        sorted(zip(map(folder.val.read, range(9)), folder.val.labels))
+    (tmp_path / "val.csv").write_text("path,label\n" + "".join(f"{folder.val.read(i)},{label}\n"
+                                                                for i, label in enumerate(folder.val.labels)))
+    cfg = make_cfg(name="csv", root=str(tmp_path), img_size=32)
+    _, val_set, info = build_datasets(cfg.data, cfg.aug, train=False)
+    f_cfg = make_cfg(name="imagefolder", root=str(tmp_path), img_size=32)
+    _, f_val, _ = build_datasets(f_cfg.data, f_cfg.aug, train=False)
+    assert info.class_names == ["0", "1", "2"] and info.num_classes == 3
+    batch, f_batch = (next(iter(build_eval_loader(ds, cfg.data, 0, 1))) for ds in (val_set, f_val))
+    assert torch.equal(batch[0], f_batch[0]) and torch.equal(batch[1], f_batch[1])
+    (tmp_path / "val.csv").write_text("file,class\nx.png,0\n")
+    with pytest.raises(DataError, match=r"val.csv' has columns \['file', 'class'\], not 'path' and 'label'"):
+        load_splits(make_cfg(name="csv", root=str(tmp_path)).data)
+
+
 @pytest.mark.parametrize("recipe", ["imagenet", "small"])
 def test_imagefolder_with_either_recipe(tmp_path, recipe):
     write_image_folder(tmp_path)

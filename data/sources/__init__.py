@@ -19,7 +19,8 @@ from typing import Callable
 
 from core.config import DataCfg
 from data.sources.base import DataChanged, DataError, ImageSource, PackedStrings, check_labels, first_line
-from data.sources.folder import FolderImages, imagefolder
+from data.sources.csv_list import csv_list
+from data.sources.folder import FileImages, imagefolder
 from data.sources.hub import HubImages, hf
 from data.sources.memory import (FASHION_MNIST_APT_DIR, SyntheticImages, TensorImages, cifar10, cifar100,
                                  fashion_mnist, synthetic)
@@ -32,6 +33,7 @@ SOURCES: dict[str, Callable[[DataCfg, bool], Splits]] = {
     "cifar10": cifar10,
     "cifar100": cifar100,
     "imagefolder": imagefolder,
+    "csv": csv_list,
     "shards": shards,
     "hf": hf,  # the optional `datasets` is imported only when a hub set is opened
     "synthetic": synthetic,
@@ -53,6 +55,6 @@ def load_splits(cfg: DataCfg, train: bool = True) -> Splits:
     return splits
 
 
-__all__ = ["DataChanged", "DataError", "FASHION_MNIST_APT_DIR", "FolderImages", "HubImages", "ImageSource",
+__all__ = ["DataChanged", "DataError", "FASHION_MNIST_APT_DIR", "FileImages", "HubImages", "ImageSource",
            "PackedStrings", "SOURCES", "ShardImages", "Splits", "SyntheticImages", "TensorImages", "check_labels",
            "first_line", "load_splits"]
