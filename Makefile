@@ -71,10 +71,11 @@ test: setup data test-tools $(WANDB_SITE)/.installed $(VENV)/.hf-installed
 test-fast: setup $(VENV)/.hf-installed
 	$(PY) -m pytest -q -m "not slow" tests
 
-# On a machine with a CUDA GPU: train, resume, DDP, speed and exact evaluation in one call (scripts/gpu_check.py);
-# the last line is a JSON summary. Without CUDA it says so in one line.
+# On a machine with a CUDA GPU: train, resume, DDP, speed and exact evaluation in one call (scripts/gpu_check.py)
+# within a budget (GPU_CHECK_ARGS="--budget-s 300", say); the last line is a JSON summary. Without CUDA it says so in
+# one line. A machine without this venv: PYTHON=python3 bash scripts/gpu_check.sh (README, Tests).
 gpu-check: setup
-	PYTHON=$(PY) bash scripts/gpu_check.sh
+	PYTHON=$(PY) bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -3,6 +3,8 @@
     python scripts/benchmark.py --config configs/fashion_mnist.yaml [--json OUT] [key=value ...]
     torchrun --nproc_per_node=2 scripts/benchmark.py --config configs/debug.yaml
     python scripts/benchmark.py --config configs/convnext_t.yaml data.name=synthetic train.amp=bf16 --vs-timm
+    python scripts/benchmark.py --config configs/convnext_t.yaml --modes eval data.name=synthetic \
+        data.synthetic_val_size=6400    # evaluation img/s at steady state: 25 batches of 256 a pass
     python -m data.testbed /tmp/bed    # 1,000 + 100 ImageNet-like JPEGs
     python scripts/benchmark.py --config configs/convnext_t.yaml --modes bare,loader,timm_loader --stages 200 \
         --steps 2 --loader-steps 20 data.root=/tmp/bed data.num_workers=2 data.batch_size=32
@@ -15,7 +17,9 @@ that a machine getting faster or slower shifts all three alike:
   bare      forward, backward and optimizer step on one batch held on the device: the ceiling;
   trainer   engine.loop.train_one_epoch on that same batch, with all it does per step: mixup, schedule, EMA, loss
             reduction and logging, the stop-signal check, the DDP wrapper when there are several processes;
-  pipeline  the same with the config's real data loader (and its copy to the device).
+  pipeline  the same with the config's real data loader (and its copy to the device);
+  eval      engine.loop.evaluate (eval.py's loop) over the real evaluation loader at steady state: its workers
+            started and cuDNN tuned in --warmup untimed batches, then the rest of the split's full batches timed.
 Three loader modes fetch batches and drop them, with the config's workers: `loader` ours, `other_loader` ours on
 another copy of the images (--other-data, e.g. the same test bed as a Hugging Face data set), `timm_loader` timm's
 own create_loader with the same recipe on the same image folder (imagenet recipe; its GPU prefetcher where there is
@@ -27,7 +31,9 @@ Each repeat times --steps optimizer steps after --warmup untimed ones; figures a
 the median of each repeat's own ratio. --vs-timm also times forward+backward of timm's convnext_<variant>, built
 with the same options, against ours. Model FLOP utilisation (MFU) is against a known GPU's data-sheet peak (bf16/fp16)
 or --peak-tflops, times the GPUs in use; on a CPU against the best matmul in the training dtype (2048^3, smaller
-where the dtype is emulated), timed after every repeat. The last
+where the dtype is emulated), timed after every repeat. --forbid-syncs (CUDA only) runs the timed steps of bare and
+trainer under torch.cuda.set_sync_debug_mode("error"), the trainer's log steps excepted (they read the loss back on
+purpose): a host-device sync that creeps into a training step fails the run, naming the line that made it. The last
 stdout line is the JSON record (also written to --json).
 """
 from __future__ import annotations
@@ -40,7 +46,8 @@ import resource
 import statistics
 import tempfile
 import time
-from typing import Callable, Optional
+import traceback
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,20 +59,24 @@ from core.cli import run_main
 from core.config import Config
 from core.errors import UserError
 from core.files import atomic_write
+import data.jpeg_region as jpeg_region
 from data import build_datasets, build_train_loader, loader_workers, start_epoch
 from data.rand_augment import allow_zero_bit_posterize
 from data.transforms import mean_std
 from engine.build import RunData, build_model, build_parts, load_run_config, seed_everything, set_up, wrap_model
 from engine.checkpointer import RunState
 from engine.logging import RunLogger
-from engine.loop import TrainParts, to_device, train_one_epoch
+from engine.loop import TrainParts, evaluate, to_device, train_one_epoch
 from engine.optim import create_optimizer
 from engine.precision import AMP_DTYPES, autocast, cpu_matmul_tflops
 from engine.preemption import StopRequest
 from models import stage_shapes
 
 LOADER_MODES = ("loader", "other_loader", "timm_loader")  # fetch batches and drop them
-MODES = ("bare", "trainer", "pipeline", *LOADER_MODES)
+MODES = ("bare", "trainer", "pipeline", *LOADER_MODES, "eval")
+NOT_TRAINING = (*LOADER_MODES, "eval")  # modes without a training step: no training FLOPs
+SYNC_ERROR = "called a synchronizing CUDA operation"  # torch's message under set_sync_debug_mode("error")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATMUL_SIZE = 2048  # the largest square matmul whose best rate is a CPU's yardstick for FLOP utilisation
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets), for model FLOP utilisation; --peak-tflops overrides.
 PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
@@ -93,12 +104,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpu-img-per-s", type=float, default=2400.0,
                         help="a GPU's training rate, for the loader cores it needs (default: ConvNeXt-T, bf16, "
                              "about 3x timm's published RTX 3090 figure)")
+    parser.add_argument("--forbid-syncs", action="store_true",
+                        help="on CUDA, a host-device sync in a timed step of bare or trainer (log steps excepted) "
+                             "fails the run, naming the line (torch.cuda.set_sync_debug_mode); nothing on a CPU")
     parser.add_argument("--json", default="", help="also write the JSON record here")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1 or args.loader_steps < 0:
         parser.error("--warmup, --steps and --repeats must be at least 1")
     args.modes = [m for m in args.modes.split(",") if m]
+    args.eval_steps = 0  # the eval mode's timed batches, set where the evaluation split's length is known
     if not args.modes or not set(args.modes) <= set(MODES):
         parser.error(f"--modes takes a comma-separated list of {', '.join(MODES)}; got {','.join(args.modes)!r}")
     if ("other_loader" in args.modes) != bool(args.other_data):
@@ -107,22 +122,50 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class StepClock:
-    """Times steps warmup+1 .. warmup+steps of a pass; on a GPU it waits for the queued work at both ends."""
+    """Times steps warmup+1 .. warmup+steps of a pass; on a GPU it waits for the queued work at both ends.
 
-    def __init__(self, device: torch.device, warmup: int, steps: int):
-        self.device, self.ends = device, (warmup, warmup + steps)
+    guarded(k) says whether step k of the pass runs under the sync guard (torch.cuda.set_sync_debug_mode("error");
+    given on CUDA only): only timed steps can, and the clock's own waits stay outside it.
+    """
+
+    def __init__(self, device: torch.device, warmup: int, steps: int,
+                 guarded: Optional[Callable[[int], bool]] = None):
+        self.device, self.ends, self.guarded = device, (warmup, warmup + steps), guarded
         self.marks: list[float] = []
         self.done = 0  # optimizer steps of the pass so far
+        self.guarding = False
 
     def __call__(self) -> None:  # after each optimizer step of the pass
         self.done += 1
+        self.guard(False)
         if self.done in self.ends:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.marks.append(time.perf_counter())
+        first, last = self.ends
+        self.guard(self.guarded is not None and first <= self.done < last and self.guarded(self.done + 1))
+
+    def guard(self, on: bool) -> None:
+        """The sync guard on or off for what runs next (the step after this one)."""
+        if on != self.guarding:
+            set_sync_guard(on)
+            self.guarding = on
 
     def seconds(self) -> float:
         return self.marks[1] - self.marks[0]
+
+
+def set_sync_guard(on: bool) -> None:
+    torch.cuda.set_sync_debug_mode("error" if on else "default")
+
+
+class Mode(NamedTuple):
+    """One timed loop: run(clock) does --warmup + `steps` units of `images` images (all ranks); guarded(k): step k
+    may run under the sync guard (None: no step may)."""
+    run: Callable[[StepClock], None]
+    images: int
+    steps: int
+    guarded: Optional[Callable[[int], bool]] = None
 
 
 class Repeated:
@@ -171,6 +214,29 @@ def bare_pass(model, optimizer, batch, amp: str, accum: int, n: int, clock: Step
             optimizer.step()
         model.zero_grad(set_to_none=True)
         clock()
+
+
+class Ticking:
+    """The batches of `batches`, calling clock() after each one's work: when the consumer asks for the next."""
+
+    def __init__(self, batches, clock: StepClock):
+        self.batches, self.clock = batches, clock
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch
+            self.clock()
+
+
+def eval_pass(model, batches, cfg: Config, device: torch.device, transform, clock: StepClock) -> None:
+    """eval.py's loop, engine.loop.evaluate, over the evaluation loader's batches, one clock tick a batch."""
+    evaluate(model, Ticking(batches, clock), device, cfg.train.amp, cfg.train.channels_last, tta=cfg.aug.tta,
+             batch_transform=transform)
+
+
+def full_batches(loader) -> int:
+    """The evaluation loader's batches of its full size (its last may be short: another shape, tuned anew)."""
+    return len(loader.sampler) // loader.batch_size
 
 
 def trainer_pass(parts: TrainParts, loader, cfg: Config, batch_size: int, logger: RunLogger,
@@ -277,15 +343,14 @@ def other_loader(args: argparse.Namespace, env: du.DistEnv):
 
 
 def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: torch.device, data: RunData,
-               logger: RunLogger) -> tuple[dict, float, int, torch.Tensor]:
-    """{mode: (run(clock), images per clocked unit over all ranks)} for the asked modes, the model's forward FLOPs
-    per image, the global batch, and a raw batch on the device (for --stages)."""
+               logger: RunLogger) -> tuple[dict[str, Mode], float, int, torch.Tensor]:
+    """{mode: Mode} for the asked modes, the model's forward FLOPs per image, the global batch, and a raw batch on
+    the device (for --stages)."""
     accum, n = cfg.train.accum_steps, args.warmup + args.steps
     loader, transform, info = data.train_loader, data.train_transform, data.info
-    if not args.loader_steps and set(LOADER_MODES) & set(args.modes):  # set here, where an epoch's length
-        if len(loader) <= args.warmup:  # is known; the other modes run as many epochs as their steps take
-            raise UserError(f"an epoch of {len(loader)} batches leaves none to time after --warmup {args.warmup}")
-        args.loader_steps = len(loader) - args.warmup
+    # Set here, where an epoch's length is known; the other modes run as many epochs as their steps take.
+    if not args.loader_steps and set(LOADER_MODES) & set(args.modes):
+        args.loader_steps = timed_rest(len(loader), args.warmup, "an epoch")
     n_loader = args.warmup + args.loader_steps
     start_epoch(loader, 0)
     raw = to_device(*next(iter(loader)), device, cfg.train.channels_last)  # the in-memory batch, as loaded
@@ -306,26 +371,54 @@ def build_runs(cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: t
     def trainer(batches):
         return lambda c: trainer_pass(parts, batches, cfg, per_step, logger, stop, c)
 
-    runs = {"bare": (lambda c: bare_pass(bare, bare_opt, batch, cfg.train.amp, accum, n, c), per_step),
-            "trainer": (trainer(Repeated(raw, n * accum)), per_step),  # the device's batch work included
-            "pipeline": (trainer(Batches(loader, n * accum)), per_step),
-            "loader": (lambda c: loader_pass(Batches(loader, n_loader), c), cfg.data.batch_size * env.world_size)}
+    # The sync guard's steps: every one of the bare loop; the trainer's but those that read the loss back to log it
+    # (every log_every-th and the pass's last, which ends its epoch) or to check it (train.max_bad_steps).
+    guard = args.forbid_syncs and device.type == "cuda"
+    every_step = (lambda k: True) if guard else None
+    unlogged = (lambda k: k % cfg.train.log_every != 0 and k != n and not cfg.train.max_bad_steps) if guard else None
+    per_load = cfg.data.batch_size * env.world_size
+    runs = {"bare": Mode(lambda c: bare_pass(bare, bare_opt, batch, cfg.train.amp, accum, n, c), per_step,
+                         args.steps, every_step),
+            "trainer": Mode(trainer(Repeated(raw, n * accum)), per_step, args.steps, unlogged),  # batch work included
+            "pipeline": Mode(trainer(Batches(loader, n * accum)), per_step, args.steps),
+            "loader": Mode(lambda c: loader_pass(Batches(loader, n_loader), c), per_load, args.loader_steps)}
     if "other_loader" in args.modes:
         other = Batches(other_loader(args, env), n_loader)
-        runs["other_loader"] = (lambda c: loader_pass(other, c), cfg.data.batch_size * env.world_size)
+        runs["other_loader"] = Mode(lambda c: loader_pass(other, c), per_load, args.loader_steps)
     if "timm_loader" in args.modes:
         theirs = Batches(timm_loader(cfg, env, device), n_loader, on_epoch=lambda loader, epoch: None)
-        runs["timm_loader"] = (lambda c: loader_pass(theirs, c), cfg.data.batch_size * env.world_size)
+        runs["timm_loader"] = Mode(lambda c: loader_pass(theirs, c), per_load, args.loader_steps)
+    if "eval" in args.modes:
+        runs["eval"] = eval_mode(bare_model, cfg, args, env, device, data)
     runs = {k: runs[k] for k in args.modes}
     if args.vs_timm:
         our_params = sum(p.numel() for p in bare_model.parameters())
         timm_model = timm_twin(cfg, info.num_classes, info.in_chans, device, our_params)
         for name, m in (("ours", bare), ("timm", torch.compile(timm_model) if cfg.train.compile else timm_model)):
-            runs[f"{name}_fwd_bwd"] = (lambda c, m=m: bare_pass(m, None, batch, cfg.train.amp, accum, n, c), per_step)
+            runs[f"{name}_fwd_bwd"] = Mode(lambda c, m=m: bare_pass(m, None, batch, cfg.train.amp, accum, n, c),
+                                           per_step, args.steps, every_step)
     return runs, flops, per_step, raw[0]
 
 
-def measure(runs: dict, args: argparse.Namespace, device: torch.device,
+def timed_rest(batches: int, warmup: int, what: str) -> int:
+    """The batches left to time after the warm-up; refused where none are."""
+    if batches <= warmup:
+        raise UserError(f"{what} of {batches} batches leaves none to time after --warmup {warmup}")
+    return batches - warmup
+
+
+def eval_mode(model, cfg: Config, args: argparse.Namespace, env: du.DistEnv, device: torch.device,
+              data: RunData) -> Mode:
+    """The evaluation loop on the model as eval.py runs it (uncompiled): each repeat one pass over the split's full
+    batches, so every repeat starts its epoch in the warm-up and leaves no worker prefetching past its end."""
+    loader = data.val_loader
+    args.eval_steps = timed_rest(full_batches(loader), args.warmup, "a pass over the evaluation split's full batches")
+    batches = Batches(loader, args.warmup + args.eval_steps, on_epoch=lambda loader, epoch: None)  # no shuffle
+    return Mode(lambda c: eval_pass(model, batches, cfg, device, data.eval_transform, c),
+                loader.batch_size * env.world_size, args.eval_steps)
+
+
+def measure(runs: dict[str, Mode], args: argparse.Namespace, device: torch.device,
             yardstick: Optional[Callable[[], tuple[float, int]]] = None) -> tuple[dict, dict, list]:
     """Every mode once per repeat, in turn, then the yardstick if given; returns ({mode: [img/s per repeat]},
     {mode: peak memory MB}, [(yardstick TFLOP/s, matmul size) per repeat])."""
@@ -333,19 +426,40 @@ def measure(runs: dict, args: argparse.Namespace, device: torch.device,
     memory: dict[str, float] = {}
     peaks: list[tuple[float, int]] = []
     for repeat in range(args.repeats):
-        for name, (run, images) in runs.items():
-            steps = args.loader_steps if name in LOADER_MODES else args.steps
+        for name, mode in runs.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            clock = StepClock(device, args.warmup, steps)
-            run(clock)
-            rates.setdefault(name, []).append(steps * images / clock.seconds())
+            clock = StepClock(device, args.warmup, mode.steps, mode.guarded)
+            timed(name, mode.run, clock)
+            rates.setdefault(name, []).append(mode.steps * mode.images / clock.seconds())
             memory[name] = max(memory.get(name, 0.0), peak_memory_mb(device))
         if yardstick:
             peaks.append(yardstick())
         du.print0(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
                   + " img/s" + (f", {peaks[-1][1]}^3 matmul {peaks[-1][0]:.3f} TFLOP/s" if peaks else ""))
     return rates, memory, peaks
+
+
+def timed(name: str, run: Callable[[StepClock], None], clock: StepClock) -> None:
+    """run(clock); a sync the guard caught becomes one line naming the mode, the step and the line that synced."""
+    try:
+        run(clock)
+    except RuntimeError as e:
+        if not (clock.guarding and SYNC_ERROR in str(e)):
+            raise
+        raise UserError(f"--forbid-syncs: a host-device sync in {name}'s timed step {clock.done + 1}: "
+                        f"{str(e).splitlines()[0]} at {sync_site(e)}") from e
+    finally:
+        clock.guard(False)  # the rest of the process is not a timed step
+
+
+def sync_site(error: BaseException) -> str:
+    """Where the guard caught a sync: the innermost line of this project's code, and the innermost line of all
+    (inside torch, say) where that is another."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if f.filename.startswith(ROOT + os.sep) and "site-packages" not in f.filename]
+    sites = ours[-1:] + [f for f in frames[-1:] if not ours or f is not ours[-1]]
+    return ", in ".join(f"{os.path.relpath(f.filename, ROOT)}:{f.lineno} `{f.line}`" for f in sites)
 
 
 def main() -> int:
@@ -357,8 +471,9 @@ def main() -> int:
         runs, flops, global_batch, raw_images = build_runs(cfg, args, env, device, data, logger)
         peak, peak_source = known_peak_tflops(device, cfg.train.amp, args.peak_tflops)
         # On a CPU the yardstick is measured at every repeat, as the machine's speed drifts; its best is the peak.
+        # Only for a training mode: the others have no FLOP utilisation.
         yardstick = (lambda: matmul_tflops(AMP_DTYPES[cfg.train.amp] or torch.float32)) \
-            if device.type == "cpu" and not peak else None
+            if device.type == "cpu" and not peak and set(runs) - set(NOT_TRAINING) else None
         rates, memory, peaks = measure(runs, args, device, yardstick)
         logger.close()
     if peaks:
@@ -375,8 +490,9 @@ def main() -> int:
                   overrides=args.overrides, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
                   compile=cfg.train.compile, grad_checkpointing=cfg.train.grad_checkpointing,
                   num_workers=loader_workers(cfg.data), steps=args.steps, loader_steps=args.loader_steps,
-                  warmup=args.warmup, repeats=args.repeats,
-                  torch=torch.__version__)
+                  eval_steps=args.eval_steps, eval_batch=data.val_loader.batch_size, warmup=args.warmup,
+                  repeats=args.repeats, sync_guard=args.forbid_syncs and device.type == "cuda",
+                  jpeg_decoder=jpeg_decoder(), torch=torch.__version__)
     record.update(loader_summary(record, cfg, args, env))
     if args.stages:
         record.update(stages_summary(record, cfg, args, data.train_transform, raw_images))
@@ -386,6 +502,11 @@ def main() -> int:
             atomic_write(args.json, lambda f: f.write(json.dumps(record, indent=1) + "\n"), binary=False)
         print(json.dumps(record))
     return 0
+
+
+def jpeg_decoder() -> str:
+    """What the loader decodes JPEGs with here (data.jpeg.region_decodable; its workers load the same library)."""
+    return "region (libjpeg-turbo)" if jpeg_region.available() else "pillow"
 
 
 def loader_summary(record: dict, cfg: Config, args: argparse.Namespace, env: du.DistEnv) -> dict:
@@ -439,7 +560,7 @@ def summarize(rates: dict[str, list[float]], memory: dict[str, float], flops: fl
     record["forward_gflops_per_img"] = flops / 1e9
     # Training costs about 3 forwards (the backward computes gradients for inputs and for weights).
     record["train_tflops_per_s"] = {k: 3 * flops * statistics.median(v) / 1e12 for k, v in rates.items()
-                                    if "loader" not in k}
+                                    if k not in NOT_TRAINING}
     if peak:
         record["mfu"] = {k: v / peak for k, v in record["train_tflops_per_s"].items()}
     return record
