@@ -32,7 +32,6 @@ import data.jpeg_region as jpeg_region
 from core.errors import DataError
 
 Source = str | os.PathLike | bytes | torch.Tensor  # a file, its bytes, or an already decoded uint8 (C, H, W) image
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 PILLOW_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what Pillow raises on bad bytes
 
 

@@ -25,7 +25,7 @@ VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
 }
 
-EPS = 1e-6  # the paper's LayerNorm epsilon; released weights were trained with it
+LN_EPS = 1e-6  # the paper's LayerNorm epsilon; released weights were trained with it
 
 
 class Block(nn.Module):
@@ -34,7 +34,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init: float = 1e-6):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=EPS)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         # Linear layers on NHWC are the official 1x1 convs; the names must stay for checkpoint keys.
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
@@ -73,9 +73,9 @@ class ConvNeXt(nn.Module):
         # Index 0 is the stem, 1..3 the downsamplers: the official layout keeps them in one list. LayerNorm2d
         # normalises the channels of NCHW maps (F.layer_norm on an NHWC view).
         stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=patch_size, stride=patch_size),
-                             LayerNorm2d(dims[0], eps=EPS))
+                             LayerNorm2d(dims[0], eps=LN_EPS))
         self.downsample_layers = nn.ModuleList([stem] + [
-            nn.Sequential(LayerNorm2d(dims[i - 1], eps=EPS), nn.Conv2d(dims[i - 1], dims[i], kernel_size=2, stride=2))
+            nn.Sequential(LayerNorm2d(dims[i - 1], eps=LN_EPS), nn.Conv2d(dims[i - 1], dims[i], kernel_size=2, stride=2))
             for i in range(1, 4)
         ])
 
@@ -86,7 +86,7 @@ class ConvNeXt(nn.Module):
             nn.Sequential(*[Block(dim, next(rates), layer_scale_init) for _ in range(depth)])
             for depth, dim in zip(depths, dims)
         )
-        self.norm = nn.LayerNorm(dims[-1], eps=EPS)
+        self.norm = nn.LayerNorm(dims[-1], eps=LN_EPS)
         self.apply(_init_weights)
         self.head = self._new_head(num_classes)
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from .convnext import ConvNeXt
 
-EPS = 5e-4  # added to the eigenvalues: the flattest directions are not blown up without bound
+EIGEN_EPS = 5e-4  # added to the eigenvalues: the flattest directions are not blown up without bound
 
 
-def patch_whitening(images: torch.Tensor, patch_size: int, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_whitening(images: torch.Tensor, patch_size: int, eps: float = EIGEN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """(filters, mean) of the non-overlapping patch_size x patch_size patches of `images` (N, C, H, W).
 
     filters: (C * patch_size^2, C, patch_size, patch_size), the whitening directions, largest eigenvalue first;

@@ -100,8 +100,6 @@ except ImportError:  # a Python without torch: preflight() refuses it in one lin
     torch = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the project's packages, for a Python it is not installed into (a GPU machine's own)
-    sys.path.insert(0, ROOT)
 DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
 CONVNEXT_T = os.path.join(ROOT, "configs", "convnext_t.yaml")
 CONVNEXT_B = os.path.join(ROOT, "configs", "convnext_b.yaml")

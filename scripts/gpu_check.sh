@@ -23,4 +23,6 @@ if [ ! -f "$lib" ] || [ data/jpeg_region.c -nt "$lib" ]; then
     echo "gpu_check: no C compiler or no libjpeg headers here: the loader decodes JPEGs with Pillow" >&2
   fi
 fi
+# The project's packages for a Python it is not installed into (a GPU machine's own), ahead of anything installed.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "$py" scripts/gpu_check.py "$@"

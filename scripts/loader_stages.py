@@ -5,9 +5,9 @@ does, interleaved pass after pass over the same files; each stage is timed on it
 
     timm   decode (PIL open + RGB) | crop+resize | flip | RandAugment | conversion (ToTensor) | normalisation |
            erasing | collation (float32)
-    ours   decode (libjpeg-turbo to a tensor) | crop+resize (uint8 tensor) | flip + RandAugment (PIL, its round
-           trip included) | collation (uint8); normalisation and erasing run on the device over the batch
-           (`device`: BatchAugment's time per image, next to the training step's).
+    ours   decode (libjpeg-turbo to a tensor) | crop+resize (uint8 tensor) | collation (uint8); flip, RandAugment,
+           normalisation and erasing run on the device over the batch (`device`: BatchAugment's time per image,
+           next to the training step's).
 
 The bytes per image that are pinned and copied to the device follow from the dtype: 4 x 224^2 x 3 in float32 for
 timm's workers, a quarter of that in uint8 for ours.
