@@ -13,6 +13,7 @@ from typing import Callable, NoReturn, Optional
 import torch.distributed as dist
 
 from core.errors import UserError
+from core.launch import DistError, detect_env
 
 
 def run_main(main: Callable[[], Optional[int]]) -> None:
@@ -48,12 +49,17 @@ def _group_up() -> bool:
 
 def _rank_tag() -> str:
     """"[rank r] " where there are several ranks: their stderr is interleaved by the launcher. Read from the
-    process group, else from torchrun's variables (distributed_utils.setup exports them for SLURM too)."""
+    process group, else from the launch environment (core.launch, as distributed_utils reads it); none where that
+    environment is itself what failed."""
     if _group_up():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
-        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    return f"[rank {rank}] " if str(world) not in ("", "0", "1") else ""
+        try:
+            env = detect_env()
+        except DistError:
+            return ""
+        rank, world = env.rank, env.world_size
+    return f"[rank {rank}] " if world > 1 else ""
 
 
 def _exit(code: int, hard: bool = False) -> NoReturn:
