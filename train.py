@@ -19,8 +19,7 @@ from core.cli import run_main
 from core.config import Config, to_dict
 from data import sample_images, skipped_images, start_epoch
 from engine.build import RunData, build_model, build_parts, seed_everything, set_up, wrap_model
-from engine.checkpoint import checkpoint_dir
-from engine.checkpointer import Checkpointer, RunState, will_resume
+from engine.checkpointing import Checkpointer, RunState, checkpoint_dir, will_resume
 from engine.logging import RunLogger, new_wandb_id, wandb_options
 from engine.loop import EpochEnd, TrainParts, evaluate, train_one_epoch
 from engine.optim import describe_groups

@@ -20,7 +20,7 @@ from torch import nn
 
 import distributed_utils as du
 from core.errors import NonFiniteLoss
-from engine.checkpointer import Checkpointer, RunState
+from engine.checkpointing import Checkpointer, RunState
 from engine.ema import Ema
 from engine.logging import RunLogger
 from engine.optim import set_lr

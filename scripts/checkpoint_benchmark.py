@@ -31,8 +31,8 @@ from benchmark import Repeated  # scripts/, beside this file
 from core.cli import run_main
 from core.config import CheckpointCfg, to_dict
 from engine.build import build_model, build_parts, set_up, wrap_model
-from engine.checkpoint_writer import tensors_in
-from engine.checkpointer import Checkpointer, RunState
+from engine.checkpointing import Checkpointer, RunState
+from engine.checkpointing.writer import tensors_in
 from engine.logging import RunLogger
 from engine.loop import to_device, train_one_epoch
 

@@ -8,7 +8,7 @@ import torch
 
 from core.errors import CheckpointError
 from core.files import load_checkpoint, save_checkpoint
-from engine.checkpoint import best_files, load_latest, resume_candidates, save_training_checkpoint
+from engine.checkpointing.files import best_files, load_latest, resume_candidates, save_training_checkpoint
 
 
 def test_save_and_load(tmp_path):
@@ -152,7 +152,7 @@ class FakeCuda:
 
 
 def test_rng_state_keeps_only_the_ranks_own_gpu_and_restores_it_there(monkeypatch):
-    from engine.checkpoint import rng_state, set_rng_state
+    from engine.checkpointing.state import rng_state, set_rng_state
 
     cuda = FakeCuda(monkeypatch, count=8, current=5)  # torchrun: rank 5 of a node sees 8 GPUs, uses cuda:5
     state = rng_state()
@@ -163,7 +163,7 @@ def test_rng_state_keeps_only_the_ranks_own_gpu_and_restores_it_there(monkeypatc
 
 
 def test_older_checkpoints_restore_the_ranks_entry_or_warn(monkeypatch):
-    from engine.checkpoint import rng_state, set_rng_state
+    from engine.checkpointing.state import rng_state, set_rng_state
 
     cuda = FakeCuda(monkeypatch, count=8, current=3)
     old = {**rng_state(), "cuda": torch.cuda.get_rng_state_all()}
@@ -197,8 +197,8 @@ def test_a_refused_pin_clears_the_cuda_error_warns_once_and_writes_from_unpinned
                                                                                          capsys):
     """CUDA keeps a failed call's error until someone reads it, and torch reads it after the next kernel launch:
     left set, it would fail an unrelated op of the training step."""
-    from engine import checkpoint_writer
-    from engine.checkpoint import step_file
+    from engine.checkpointing import writer as checkpoint_writer
+    from engine.checkpointing.files import step_file
 
     cudart, cleared = RefusingCudart(), []
     monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
@@ -221,7 +221,7 @@ def test_a_refused_pin_clears_the_cuda_error_warns_once_and_writes_from_unpinned
 
 
 def test_a_cuda_error_that_cannot_be_cleared_stops_in_one_line(monkeypatch):
-    from engine import checkpoint_writer
+    from engine.checkpointing import writer as checkpoint_writer
 
     def missing():
         raise OSError("libtorch_cuda.so: cannot open shared object file")
@@ -241,7 +241,7 @@ def test_a_cuda_error_that_cannot_be_cleared_stops_in_one_line(monkeypatch):
 def test_the_cleared_error_is_that_of_the_cuda_runtime_torch_links():
     """Each copy of libcudart keeps its own error; torchvision's wheel bundles one of its own."""
     import ctypes
-    from engine.checkpoint_writer import _cuda_get_last_error
+    from engine.checkpointing.writer import _cuda_get_last_error
 
     address = ctypes.cast(_cuda_get_last_error(), ctypes.c_void_p).value  # found, not called
     with open("/proc/self/maps") as f:
@@ -253,8 +253,8 @@ def test_the_cleared_error_is_that_of_the_cuda_runtime_torch_links():
 def test_the_inline_writer_saves_host_tensors(tmp_path, monkeypatch):
     """An inline checkpoint of a CUDA run must load on a machine without one, like a background-written one: the
     state goes through to_host before torch.save."""
-    from engine import checkpoint_writer
-    from engine.checkpoint import step_file
+    from engine.checkpointing import writer as checkpoint_writer
+    from engine.checkpointing.files import step_file
 
     passed = []
     real = checkpoint_writer.to_host

@@ -19,7 +19,7 @@ from test_train_e2e import ROOT
 
 from engine.logging import RunLogger
 from core.errors import NonFiniteLoss
-from engine.checkpointer import RunState
+from engine.checkpointing import RunState
 from engine.loop import EpochEnd, TrainParts, evaluate, train_one_epoch, tta_views
 from engine.optim import create_optimizer
 from engine import precision

@@ -131,7 +131,7 @@ def kill_run(out, held=None):
             time.sleep(0.02)
         tracer.kill()
         tracer.wait()
-    while subprocess.run(["pgrep", "-f", "engine.checkpoint_writer"], capture_output=True).returncode == 0:
+    while subprocess.run(["pgrep", "-f", "engine[.]checkpointing [0-9]"], capture_output=True).returncode == 0:
         time.sleep(0.05)
 
 
@@ -140,7 +140,8 @@ def hold_the_writers_fsync(out):
     the next checkpoint stays a half-done temporary file for as long as the test needs."""
     if shutil.which("strace") is None:
         pytest.skip("needs strace (Debian: strace; make test installs it)")
-    writers = subprocess.run(["pgrep", "-f", "engine.checkpoint_writer"], capture_output=True, text=True).stdout.split()
+    writers = subprocess.run(["pgrep", "-f", "engine[.]checkpointing [0-9]"], capture_output=True,
+                             text=True).stdout.split()
     ours = [pid for pid in writers if f"output_dir={out}" in command_line(parent_of(pid))]
     assert len(ours) == 1, (writers, ours)
     tracer = subprocess.Popen(["strace", "-qq", "-f", "-e", "trace=fsync", "-e", "inject=fsync:delay_enter=600000000",

@@ -9,11 +9,11 @@ import weakref
 import pytest
 import torch
 
-import engine.checkpointer as checkpointer_module
+import engine.checkpointing.checkpointer as checkpointer_module
 from core.config import CheckpointCfg, Config, to_dict
 from core.errors import CheckpointError, NonFiniteLoss
 from core.files import load_checkpoint
-from engine.checkpointer import Checkpointer, RunState
+from engine.checkpointing import Checkpointer, RunState
 from test_checkpoint import tmpfs
 from test_loop import loader, parts_for, run_epoch, tiny_model
 

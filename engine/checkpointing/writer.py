@@ -1,5 +1,5 @@
 """Writing checkpoint files off the training path: a process of rank 0's own serialises, writes, fsyncs, renames and
-prunes (engine.checkpoint.save_training_checkpoint) while the ranks train on.
+prunes (engine.checkpointing.files.save_training_checkpoint) while the ranks train on.
 
 A process, not a thread: torch.save holds the GIL while it serialises, so a writer thread stalls the training loop's
 Python for most of the write. The state reaches the writer through shared memory, an anonymous memfd (not /dev/shm,
@@ -9,7 +9,7 @@ is pinned where CUDA allows, so the copies from the device run at full speed. Th
 killed rank leaves no writer behind to rename a file into a folder that a restarted run already uses) and ignores
 the stop signals, which are the rank's to act on.
 
-    python -m engine.checkpoint_writer FD    # started by BackgroundWriter, never by hand
+    python -m engine.checkpointing FD    # started by BackgroundWriter, never by hand (main here, by __main__.py)
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ import torch
 
 import distributed_utils as du
 from core.errors import CheckpointError, UserError
-from engine.checkpoint import save_training_checkpoint, step_file
+from engine.checkpointing.files import save_training_checkpoint, step_file
 
 ALIGN = 64  # byte alignment of each tensor in the shared memory
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ class BackgroundWriter:
         self.touching.start()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")])),
                "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.checkpoint_writer", str(self.memory.fd)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.checkpointing", str(self.memory.fd)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.memory.fd,),
                                      env=env, start_new_session=True)
         try:  # room for a whole request (the ranks' python RNG states are most of it), so that the first save
@@ -327,9 +327,3 @@ def main(argv: list[str]) -> int:
             reply = ("error", f"{type(e).__name__}: {e}")
         pickle.dump(reply, replies)
         replies.flush()
-
-
-if __name__ == "__main__":
-    from engine import checkpoint_writer  # this file under its own name, whose Slot is the one the rank pickles
-
-    sys.exit(checkpoint_writer.main(sys.argv[1:]))

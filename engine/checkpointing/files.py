@@ -1,18 +1,15 @@
-"""Training checkpoints: step files with last/best links, where to resume from, and the RNG states they keep.
+"""Checkpoint files: step files with last/best links, retention, the leftovers of a killed write, and reading back
+the newest readable one.
 
-A checkpoint is a plain dict of tensors and builtins, written atomically and read weights-only (core.files), so a
-crafted file cannot run code. Model weights are stored in the official ConvNeXt key layout.
+A checkpoint is a plain dict of tensors and builtins (engine.checkpointing.state says which), written atomically and
+read weights-only (core.files), so a crafted file cannot run code.
 """
 from __future__ import annotations
 
 import glob
 import os
-import random
 import re
 from typing import Callable
-
-import numpy as np
-import torch
 
 from core.errors import CheckpointError
 from core.files import load_checkpoint, save_checkpoint
@@ -111,31 +108,3 @@ def load_latest(output_dir: str, warn: Callable[[str], None]) -> tuple[str, dict
         raise CheckpointError(f"none of the checkpoints in {checkpoint_dir(output_dir)} can be read; move the folder "
                               f"away to start afresh, or pass --resume PATH")
     return None
-
-
-def rng_state() -> dict:
-    """This process's random generators, as tensors and builtins so the checkpoint stays weights_only. Of the CUDA
-    generators only the one of this rank's own device (the current one): indices of visible devices differ between
-    launches (8 visible under torchrun, one per task under srun), the rank's device is the same GPU role."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state(),
-            "cuda_device": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict, warn: Callable[[str], None] = print) -> None:
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if not torch.cuda.is_available():
-        return
-    if state.get("cuda_device") is not None:
-        torch.cuda.set_rng_state(state["cuda_device"])
-    elif state.get("cuda"):  # older checkpoints: every visible device's, by index; this rank's is the current one
-        mine = torch.cuda.current_device()
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state(state["cuda"][mine])
-        else:
-            warn(f"warning: the checkpoint holds the CUDA random state of {len(state['cuda'])} visible GPUs, this "
-                 f"process sees {torch.cuda.device_count()}: its CUDA random stream starts afresh")
