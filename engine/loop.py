@@ -1,7 +1,7 @@
 """train_one_epoch and evaluate: the two loops, shared by train.py, eval.py and the benchmark.
 
-How one batch travels: loader -> device (channels_last) -> batch_transform (uint8 -> normalised float, random
-erasing; imagenet recipe) -> mixup/cutmix -> model under autocast -> loss ->
+How one batch travels: loader -> device (channels_last) -> batch_transform (uint8 -> flipped, RandAugmented or
+pad-cropped, normalised, erased float; every recipe) -> mixup/cutmix -> model under autocast -> loss ->
 backward (no_sync on accumulation micro-steps) -> unscale + clip -> optimizer step -> EMA update ->
 loss kept on the device and reduced across ranks only at the log interval.
 """

@@ -64,7 +64,7 @@ from data import build_datasets, build_train_loader, loader_workers, start_epoch
 from data.rand_augment import allow_zero_bit_posterize
 from data.transforms import mean_std
 from engine.build import RunData, build_model, build_parts, load_run_config, seed_everything, set_up, wrap_model
-from engine.checkpointer import RunState
+from engine.checkpointing import RunState
 from engine.logging import RunLogger
 from engine.loop import TrainParts, evaluate, to_device, train_one_epoch
 from engine.optim import create_optimizer
