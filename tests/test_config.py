@@ -90,7 +90,7 @@ def test_file_then_overrides(tmp_path):
     ("dist.backend=mpi", "'dist.backend' is 'mpi'; allowed: auto, nccl, gloo"),
     ("data.num_workers=-2", "data.num_workers is a number of loader processes, 0 to load in the training process"),
     ("aug.rand_augment=original", "aug.rand_augment='original' is not a timm RandAugment string"),
-    ("data.name=imagenet", "'data.name' is 'imagenet'; allowed: imagefolder, shards, hf, cifar10"),
+    ("data.name=imagenet", "'data.name' is 'imagenet'; allowed: imagefolder, csv, shards, hf, cifar10"),
     ("model.pretrained=w.pth model.stem_init=whiten", "would overwrite the stem that model.pretrained loads"),
 ])
 def test_errors_name_the_key_and_the_way_out(override, expected):
