@@ -95,7 +95,7 @@ class _Constructors(TorchFunctionMode):
             self.sim.syncs.append((f"Tensor.{func.__name__}", _where()))
             return func(args[0].inner, *args[1:], **kwargs)
         if not _simulated_generator(kwargs.get("generator")) and (  # the dispatcher sees a copy of the generator
-                _on_device(kwargs.get("device")) or any(isinstance(a, OnDevice) for a in tree_leaves(args))):
+                _on_device(kwargs.get("device")) or any(isinstance(a, OnDevice) for a in _leaves(args))):
             raise RuntimeError(f"{func.__name__}: Expected a 'meta' device type for generator but found 'cpu'")
         return func(*args, **kwargs)
 
@@ -132,7 +132,7 @@ class SimulatedDevice(TorchDispatchMode):
         return self.dispatch(func, args, kwargs or {})
 
     def dispatch(self, func, args, kwargs):
-        leaves = tree_leaves((args, kwargs))
+        leaves = _leaves((args, kwargs))
         device_in = any(isinstance(a, OnDevice) for a in leaves)
         to_device = _on_device(kwargs.get("device"))
         if func in (aten._to_copy.default, aten.copy_.default):
@@ -178,10 +178,6 @@ def _leaves(value) -> list:
     if isinstance(value, dict):
         return _leaves(list(value.values()))
     return [value]
-
-
-def tree_leaves(value) -> list:
-    return _leaves(value)
 
 
 def tree_map(fn, value):
