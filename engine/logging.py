@@ -13,6 +13,12 @@ from tqdm import tqdm
 from core.config import Config, LogCfg, to_dict
 
 
+def read_metrics(output_dir: str, kind: str) -> list[dict[str, Any]]:
+    """The records of one kind ("train", "eval", ...) that a run wrote to its metrics.jsonl, in order."""
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
 def new_wandb_id() -> str:
     """An id for a new W&B run; the checkpoint keeps it, so a resumed or requeued run continues that run."""
     return secrets.token_hex(6)

@@ -5,7 +5,7 @@ process (writer).
     from engine.checkpointing import Checkpointer, RunState
 """
 from engine.checkpointing.checkpointer import Checkpointer, will_resume
-from engine.checkpointing.files import checkpoint_dir, load_latest, step_file
+from engine.checkpointing.files import checkpoint_dir, last_checkpoint, load_latest, step_file
 from engine.checkpointing.state import RunState
 
-__all__ = ["Checkpointer", "RunState", "checkpoint_dir", "load_latest", "step_file", "will_resume"]
+__all__ = ["Checkpointer", "RunState", "checkpoint_dir", "last_checkpoint", "load_latest", "step_file", "will_resume"]

@@ -19,6 +19,11 @@ def checkpoint_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
+def last_checkpoint(output_dir: str) -> dict:
+    """The content of a run's last.pth (its newest checkpoint)."""
+    return load_checkpoint(os.path.join(checkpoint_dir(output_dir), "last.pth"))
+
+
 def step_file(output_dir: str, step: int) -> str:
     """The checkpoint of optimizer step `step`."""
     return os.path.join(checkpoint_dir(output_dir), f"step_{step:09d}.pth")
