@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: setup data test-tools slurm demo test test-fast gpu-check clean-runs
 
-setup: $(VENV)/.installed data/_jpeg_region.so
+setup: $(VENV)/.installed data/decoding/_jpeg_region.so
 
 # Re-installs only when the requirements change; torch/torchvision are pinned to builds on local disk. The project
 # itself goes in editable (pyproject.toml), so its packages import from anywhere and edits take effect at once.
@@ -20,10 +20,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test]' pytest==9.2.0
 	touch $@
 
-# The loader's JPEG region decoder (data/jpeg_region.c) against libjpeg-turbo; without it the loader decodes whole
-# images with Pillow (its decode measured 1.7x slower). Headers: Debian's libjpeg62-turbo-dev (elsewhere
+# The loader's JPEG region decoder (data/decoding/jpeg_region.c) against libjpeg-turbo; without it the loader decodes
+# whole images with Pillow (its decode measured 1.7x slower). Headers: Debian's libjpeg62-turbo-dev (elsewhere
 # libjpeg-turbo-devel).
-data/_jpeg_region.so: data/jpeg_region.c
+data/decoding/_jpeg_region.so: data/decoding/jpeg_region.c
 	@if [ ! -f /usr/include/jpeglib.h ] && [ ! -f /usr/local/include/jpeglib.h ]; then \
 	  $(call apt_install,libjpeg62-turbo-dev) || echo "warning: no libjpeg headers; JPEGs will be decoded with Pillow" >&2; fi
 	$(CC) -O2 -shared -fPIC -o $@ $< -ljpeg || echo "warning: could not build $@; JPEGs will be decoded with Pillow" >&2

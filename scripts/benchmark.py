@@ -5,10 +5,10 @@
     python scripts/benchmark.py --config configs/convnext_t.yaml data.name=synthetic train.amp=bf16 --vs-timm
     python scripts/benchmark.py --config configs/convnext_t.yaml --modes eval data.name=synthetic \
         data.synthetic_val_size=6400    # evaluation img/s at steady state: 25 batches of 256 a pass
-    python -m data.testbed /tmp/bed    # 1,000 + 100 ImageNet-like JPEGs
+    python scripts/testbed.py /tmp/bed    # 1,000 + 100 ImageNet-like JPEGs
     python scripts/benchmark.py --config configs/convnext_t.yaml --modes bare,loader,timm_loader --stages 200 \
         --steps 2 --loader-steps 20 data.root=/tmp/bed data.num_workers=2 data.batch_size=32
-    python -m data.testbed /tmp/bed --parquet /tmp/bed_hf    # the same also as a Hugging Face data set
+    python scripts/testbed.py /tmp/bed --parquet /tmp/bed_hf    # the same also as a Hugging Face data set
     python scripts/benchmark.py --config configs/convnext_t.yaml --modes loader,other_loader \
         --other-data "data.name=hf data.hf_name=/tmp/bed_hf" data.root=/tmp/bed data.num_workers=2
 
@@ -59,10 +59,10 @@ from core.cli import run_main
 from core.config import Config
 from core.errors import UserError
 from core.files import atomic_write
-import data.jpeg_region as jpeg_region
+import data.decoding.jpeg_region as jpeg_region
 from data import build_datasets, build_train_loader, loader_workers, start_epoch
-from data.rand_augment import allow_zero_bit_posterize
-from data.transforms import mean_std
+from data.augment.timm_reference import allow_zero_bit_posterize
+from data.loaders.recipes import mean_std
 from engine.build import RunData, build_model, build_parts, load_run_config, seed_everything, set_up, wrap_model
 from engine.checkpointing import RunState
 from engine.logging import RunLogger
@@ -505,7 +505,8 @@ def main() -> int:
 
 
 def jpeg_decoder() -> str:
-    """What the loader decodes JPEGs with here (data.jpeg.region_decodable; its workers load the same library)."""
+    """What the loader decodes JPEGs with here (data.decoding.jpeg.region_decodable; its workers load the same
+    library)."""
     return "region (libjpeg-turbo)" if jpeg_region.available() else "pillow"
 
 

@@ -24,7 +24,7 @@ by the budget's end or a signal); in the order of what matters most, which is th
   checkpoint      scripts/checkpoint_benchmark.py on ConvNeXt-B's state: how long a save holds the ranks, written
                   inline against in the background (at most a quarter of it: the device-to-host copy alone);
   input           can this node's CPUs feed its GPU? ConvNeXt-T's training step on the generated JPEG test bed
-                  (python -m data.testbed) with the real loader, a worker per core but one, against the same step
+                  (python scripts/testbed.py) with the real loader, a worker per core but one, against the same step
                   on a batch held on the device (scripts/benchmark.py, pipeline/trainer), the loader's images/s per
                   core, and its JPEG decoder: "region (libjpeg-turbo)" or "pillow";
   eval_speed      eval.py's loop (engine.loop.evaluate) on ConvNeXt-T (random weights) over the real evaluation
@@ -47,7 +47,7 @@ torchvision missing or older than its floor there, is refused in one line (exit 
 CUDA, never from here. The other dependencies it lacks (timm, PyYAML, tqdm, tensorboard, ...) it installs at
 requirements.txt's versions with `pip install --user` (into the venv, where the Python is a venv's) and says so; with
 --no-install, or where pip fails (offline), it refuses in one line that names them and the pip command. gpu_check.sh
-builds the loader's JPEG region decoder (data/_jpeg_region.so) where a C compiler and libjpeg's headers exist.
+builds the loader's JPEG region decoder (data/decoding/_jpeg_region.so) where a C compiler and libjpeg's headers exist.
 The dry run uses the same counts (steps, batch sizes, warm-up, evaluation sizes) with a tiny model at 32 px, in the
 precision the CPU has, so a count that cannot work on the GPU fails there first.
 """
@@ -490,7 +490,7 @@ class Check:
         """The trainer's step fed by the real loader from JPEGs against the same step on one batch already on the
         device: a ratio near 1 says this node's cores keep its GPU busy on the imagenet recipe."""
         bed = self.dir("input_bed")
-        self.run("input_bed", ["-m", "data.testbed", bed, "--train", str(self.p.bed_images), "--val", "10"])
+        self.run("input_bed", ["scripts/testbed.py", bed, "--train", str(self.p.bed_images), "--val", "10"])
         workers = max(1, len(os.sched_getaffinity(0)) - 1)  # one core for the training process itself
         r = self.benchmark("input", *self.p.input_bench, "--modes", "trainer,pipeline,loader", *speed_overrides(self.p),
                            "data.name=imagefolder", f"data.root={bed}", "data.recipe=imagenet",

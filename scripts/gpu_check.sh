@@ -13,10 +13,10 @@ if ! command -v "$py" >/dev/null; then
   echo "gpu_check: no Python '$py' here; set PYTHON to one with a CUDA torch" >&2
   exit 2
 fi
-lib=data/_jpeg_region.so
-if [ ! -f "$lib" ] || [ data/jpeg_region.c -nt "$lib" ]; then
+lib=data/decoding/_jpeg_region.so
+if [ ! -f "$lib" ] || [ data/decoding/jpeg_region.c -nt "$lib" ]; then
   # Built aside and moved in whole: a process loading the library meanwhile never reads half of one.
-  if "${CC:-cc}" -O2 -shared -fPIC -o "$lib.$$" data/jpeg_region.c -ljpeg 2>/dev/null; then
+  if "${CC:-cc}" -O2 -shared -fPIC -o "$lib.$$" data/decoding/jpeg_region.c -ljpeg 2>/dev/null; then
     mv "$lib.$$" "$lib"
   else
     rm -f "$lib.$$"

@@ -26,10 +26,11 @@ from timm.data import create_transform
 from torch.utils.data import default_collate
 
 from core.config import Config
-from data.batch_aug import BatchAugment
-from data.jpeg import decode, image_size, read_source, resize, sample_crop
-from data.rand_augment import allow_zero_bit_posterize
-from data.transforms import collate_readable, imagenet_decode, mean_std
+from data.augment.batch import BatchAugment
+from data.decoding.jpeg import decode, image_size, read_source, resize, sample_crop
+from data.augment.timm_reference import allow_zero_bit_posterize
+from data.loaders.collate import collate_readable
+from data.loaders.recipes import imagenet_decode, mean_std
 
 # timm's transform steps by class name -> the stage they belong to
 _TIMM_STAGES = {"RandomResizedCropAndInterpolation": "crop+resize", "RandomHorizontalFlip": "flip",

@@ -8,7 +8,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD
 from timm.data.random_erasing import RandomErasing
 
-from data.batch_aug import BatchAugment, BatchNormalize
+from data.augment.batch import BatchAugment, BatchNormalize
 from simulated_device import SimulatedDevice
 
 CL = torch.channels_last

@@ -9,8 +9,8 @@ import torch
 
 from core.config import load_config
 from core.errors import UserError
-from data.shards import write_shards
-from data.testbed import make_jpeg_testbed
+from shards import write_shards
+from testbed import make_jpeg_testbed
 from models import create_model
 from test_train_e2e import DEBUG, run, script_module
 

@@ -19,9 +19,9 @@ from data import (DataError, ExactShardSampler, build_datasets, build_eval_loade
 from data.sources import FASHION_MNIST_APT_DIR, TensorImages, load_splits
 from data.sources.memory import read_idx
 from data.sources.file_list import list_images
-from data.batch_aug import BatchAugment
-from data.rand_augment import _posterize, allow_zero_bit_posterize
-from data.transforms import apply_recipe, batch_transforms
+from data.augment.batch import BatchAugment
+from data.augment.timm_reference import _posterize, allow_zero_bit_posterize
+from data.loaders.recipes import apply_recipe, batch_transforms
 from core.config import Config
 from core.errors import UserError
 
@@ -410,7 +410,7 @@ def test_train_loader_rejects_a_set_smaller_than_one_batch():
 
 def test_resumable_sampler_matches_distributed_sampler_and_resumes():
     from torch.utils.data import DistributedSampler
-    from data.samplers import ResumableDistributedSampler
+    from data.loaders.samplers import ResumableDistributedSampler
     data = list(range(103))
     for world in (1, 2, 3):
         for rank in range(world):

@@ -143,8 +143,9 @@ def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                                                        "MASTER_ADDR", "MASTER_PORT")}
-    # The project is installed in the venv; the tests folder is on the path for job scripts that reuse test helpers.
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")]),
+    # The project is installed in the venv; tests/ and scripts/ go on the path for job scripts that reuse test helpers.
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO / "scripts"),
+                                                                   env.get("PYTHONPATH", "")]),
                CUDA_VISIBLE_DEVICES="")
     return env
 

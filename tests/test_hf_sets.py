@@ -15,10 +15,10 @@ from core.config import Config
 from data import build_datasets, build_eval_loader, skipped_images
 from data.sources import DataError
 from data.sources import HubImages
-from data.jpeg import load
-from data.shards import write_shards
+from data.decoding.jpeg import load
+from shards import write_shards
 from data.sources import ShardImages
-from data.testbed import folder_as_parquet, make_jpeg_testbed
+from testbed import folder_as_parquet, make_jpeg_testbed
 from test_shards import data_config
 
 HUB_ID = "tester/bed"
@@ -222,7 +222,8 @@ def test_bad_hub_sets_get_one_line_naming_the_problem(bed, jpegs, tmp_path, case
         build_datasets(cfg.data, cfg.aug, train=True)
     assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
     if case == "unknown_set":
-        assert bed["root"].name in str(error.value) and "'python -m data.hf_sets tester/nothing'" in str(error.value)
+        assert bed["root"].name in str(error.value)
+        assert "'python scripts/hub_prefetch.py tester/nothing'" in str(error.value)
 
 
 def test_named_integer_labels_and_binary_images_need_no_features(bed, jpegs, tmp_path):
@@ -261,9 +262,9 @@ def test_the_optional_dependency_missing_is_one_line(bed, monkeypatch):
 
 
 def test_shards_written_from_a_hub_set_hold_its_rows(bed, tmp_path):
-    """`python -m data.shards write --hf`: the rows' bytes and labels, in row order (with --keep-order), classes.txt
+    """`python scripts/shards.py write --hf`: the rows' bytes and labels, in row order (with --keep-order), classes.txt
     from the label feature; the shards then read like the folder."""
-    from data.shards import hf_sources, main
+    from shards import hf_sources, main
     out = str(tmp_path / "shards")
     main(["write", "--hf", HUB_ID, out, "--shard-size", "5", "--workers", "2", "--keep-order"])
     with open(os.path.join(out, "classes.txt")) as f:

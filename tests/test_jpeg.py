@@ -1,4 +1,4 @@
-"""data/jpeg.py: the worker-side decode + random-resized crop, held against timm's transforms."""
+"""data/decoding/jpeg.py: the worker-side decode + random-resized crop, held against timm's transforms."""
 import io
 import math
 import random
@@ -12,9 +12,9 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms.functional import pil_to_tensor
 
 from data.sources import DataError
-from data import jpeg_region
-from data.jpeg import JpegEvalDecode, JpegTrainDecode, decode, read_source, sample_crop
-from data.testbed import jpeg_bytes, make_jpeg_testbed
+from data.decoding import jpeg_region
+from data.decoding.jpeg import JpegEvalDecode, JpegTrainDecode, decode, read_source, sample_crop
+from testbed import jpeg_bytes, make_jpeg_testbed
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory) -> list[str]:
@@ -137,7 +137,8 @@ def _variants(path: str) -> dict[str, bytes]:
     return out
 
 
-needs_region = pytest.mark.skipif(not jpeg_region.available(), reason="data/_jpeg_region.so not built (make setup)")
+needs_region = pytest.mark.skipif(not jpeg_region.available(),
+                                  reason="data/decoding/_jpeg_region.so not built (make setup)")
 
 
 @needs_region
@@ -197,3 +198,4 @@ def test_reduced_scale_decode_keeps_the_crop_at_least_min_side(paths):
             image.draft("RGB", (width // k, height // k))
             expected = pil_to_tensor(image.convert("RGB"))
         assert expected.shape == got.shape and (got.int() - expected.int()).abs().max() <= 1
+

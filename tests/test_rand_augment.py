@@ -1,4 +1,4 @@
-"""data/rand_augment.py: the device's RandAugment, op by op against timm's PIL ops and draw by draw against timm's."""
+"""data/augment/: the device's RandAugment, op by op against timm's PIL ops and draw by draw against timm's."""
 import math
 import random
 from collections import defaultdict
@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 from timm.data import auto_augment as aa
 
-from data.batch_aug import BatchAugment
-from data.jpeg import JpegTrainDecode
-from data.rand_augment import BatchRandAugment, Draws, _posterize, histograms, level_args
-from data.testbed import make_jpeg_testbed
+from data.augment.batch import BatchAugment
+from data.decoding.jpeg import JpegTrainDecode
+from data.augment.pixel_ops import histograms
+from data.augment.rand_augment import BatchRandAugment, Draws, level_args
+from data.augment.timm_reference import _posterize
+from testbed import make_jpeg_testbed
 
 FILL = (124, 116, 104)
 CONFIG = "rand-m9-mstd0.5-inc1"

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from data.shards import write_shards
-from data.testbed import folder_as_parquet, make_jpeg_testbed
+from shards import write_shards
+from testbed import folder_as_parquet, make_jpeg_testbed
 from test_train_e2e import DEBUG, ROOT, run
 
 pytestmark = pytest.mark.slow

@@ -14,10 +14,10 @@ import torch
 from core.config import Config
 from data import build_datasets, build_eval_loader, skipped_images
 from data.sources import DataError
-from data.jpeg import load
-from data.shards import main, write_shards
+from data.decoding.jpeg import load
+from shards import main, write_shards
 from data.sources.shards import INDEX, ShardImages, build_index
-from data.testbed import make_jpeg_testbed
+from testbed import make_jpeg_testbed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,14 +155,14 @@ def test_bad_shards_get_one_line_naming_the_file(shards):
     assert open(os.path.join(train, INDEX), "rb").read() == index  # a failed build leaves the index as it was
     open(shard, "wb").write(data)
     os.utime(shard, ns=(0, 0))
-    with pytest.raises(DataError, match=r"stale: 'train-000002.tar' changed since it was built \(modified\); rebuild it with 'python -m data.shards index"):
+    with pytest.raises(DataError, match=r"stale: 'train-000002.tar' changed since it was built \(modified\); rebuild it with 'python scripts/shards.py index"):
         ShardImages(train)
     build_index(train, progress=False)
     write_tar(os.path.join(train, "train-000003.tar"), [])
     with pytest.raises(DataError, match=r"stale: shards added \['train-000003.tar'\], gone \[\]"):
         ShardImages(train)
     os.remove(os.path.join(train, INDEX))
-    with pytest.raises(DataError, match=r"^no index '.*index.npz' in '.*train'; .*python -m data.shards index"):
+    with pytest.raises(DataError, match=r"^no index '.*index.npz' in '.*train'; .*python scripts/shards.py index"):
         ShardImages(train)
     with pytest.raises(DataError, match=r"^no .tar shards in '.*nothing'"):
         ShardImages(os.path.join(shards, "nothing"))
@@ -204,11 +204,13 @@ def test_the_writer_refuses_a_folder_holding_other_shards(folder, shards):
 
 
 def test_the_data_tools_end_a_user_error_with_one_line_and_exit_code_2(folder, tmp_path):
-    """The shard writer and indexer and the hub prefetch, on a folder that is not an image folder's root, a folder
-    without shards, and a data set that is not there: one line each, exit code 2, nothing written."""
-    commands = {"write": ["-m", "data.shards", "write", os.path.join(folder, "train"), str(tmp_path / "out")],
-                "index": ["-m", "data.shards", "index", str(tmp_path)],
-                "prefetch": ["-m", "data.hf_sets", str(tmp_path / "no-such-set")]}
+    """The shard writer and indexer, the hub prefetch and the test bed, on a folder that is not an image folder's root,
+    a folder without shards, a data set that is not there and more classes than images: one line each, exit code 2,
+    nothing written."""
+    commands = {"write": ["scripts/shards.py", "write", os.path.join(folder, "train"), str(tmp_path / "out")],
+                "index": ["scripts/shards.py", "index", str(tmp_path)],
+                "prefetch": ["scripts/hub_prefetch.py", str(tmp_path / "no-such-set")],
+                "testbed": ["scripts/testbed.py", str(tmp_path / "bed"), "--train", "1", "--classes", "2"]}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     runs = {name: subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
@@ -218,4 +220,5 @@ def test_the_data_tools_end_a_user_error_with_one_line_and_exit_code_2(folder, t
         assert run.returncode == 2 and errors[name].count("\n") == 1 and errors[name].startswith("error: "), \
             (name, errors[name])
     assert "has neither train/ nor val/" in errors["write"] and "no .tar shards" in errors["index"]
-    assert "no-such-set" in errors["prefetch"] and not os.path.exists(tmp_path / "out")
+    assert "no-such-set" in errors["prefetch"] and "2 classes for 1 images" in errors["testbed"]
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "bed")

@@ -1,4 +1,4 @@
-"""data/testbed.py: the generated ImageNet-like JPEG ImageFolder."""
+"""scripts/testbed.py: the generated ImageNet-like JPEG ImageFolder."""
 import os
 
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from data.testbed import _image_size, make_jpeg_testbed
+from core.errors import UserError
+from testbed import _image_size, make_jpeg_testbed
 
 
 def _read_all(paths: list[str]) -> list[bytes]:
@@ -69,5 +70,5 @@ def test_size_distribution_resembles_imagenets():
 
 
 def test_rejects_more_classes_than_images(tmp_path):
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(UserError, match="classes"):
         make_jpeg_testbed(str(tmp_path), num_images=2, num_classes=3)

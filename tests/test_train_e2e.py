@@ -10,8 +10,8 @@ import torch
 
 import distributed_utils as du
 from core.errors import UserError
-from data.shards import write_shards
-from data.testbed import folder_as_parquet, make_jpeg_testbed
+from shards import write_shards
+from testbed import folder_as_parquet, make_jpeg_testbed
 from test_data import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

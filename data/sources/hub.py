@@ -2,7 +2,7 @@
 
     data.name=hf data.hf_name=ILSVRC/imagenet-1k                # a hub id: its cache, or a download
     data.name=hf data.hf_name=/data/my-set                       # a folder of parquet files, or of save_to_disk
-    python -m data.hf_sets ILSVRC/imagenet-1k                    # fill the cache once and show splits and columns
+    python scripts/hub_prefetch.py ILSVRC/imagenet-1k    # fill the cache once and show splits and columns
 
 The `datasets` library (an optional dependency: `pip install -e '.[hf]'`) finds the data set and, the first time,
 downloads it and converts it to Arrow files in its cache (HF_DATASETS_CACHE, under HF_HOME); rank 0 does that while
@@ -23,7 +23,7 @@ import numpy as np
 
 import distributed_utils as du
 from core.config import DataCfg
-from data.jpeg import load, read_source
+from data.decoding.jpeg import load, read_source
 from data.sources.base import DataError, ImageSource, check_labels, first_line
 from data.sources.splits import Splits
 
@@ -95,7 +95,7 @@ def _not_found(name: str, error: BaseException) -> str:
     return (f"data set '{name}' is not in the datasets cache '{config.HF_DATASETS_CACHE}' nor in the hub cache "
             f"'{constants.HF_HUB_CACHE}', and the hub does not have it or cannot be reached "
             f"({first_line(error)}); check data.hf_name, or fill the cache where there is network: "
-            f"'python -m data.hf_sets {name}' (or 'hf download --repo-type dataset {name}')")
+            f"'python scripts/hub_prefetch.py {name}' (or 'hf download --repo-type dataset {name}')")
 
 
 def check_split(splits: dict, name: str, split: str, key: str) -> None:

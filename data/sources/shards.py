@@ -1,7 +1,7 @@
 """Tar shards in the WebDataset layout, read by sample index, so exact evaluation and exact resume hold on them.
 
-    python -m data.shards write /data/imagenet /data/imagenet-shards     # train/ and val/ of an image folder
-    python -m data.shards index /data/some-webdataset                     # shards written by other tools
+    python scripts/shards.py write /data/imagenet /data/imagenet-shards     # train/ and val/ of an image folder
+    python scripts/shards.py index /data/some-webdataset                     # shards written by other tools
 
 Layout: ROOT/train/*.tar and ROOT/val/*.tar, each sample two members, `<key>.jpg` (or .png, .webp, ...) and
 `<key>.cls` (its label as decimal text), as WebDataset and timm write them; ROOT/classes.txt (optional) names the
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from core.config import DataCfg
 from core.files import atomic_write
-from data.jpeg import load
+from data.decoding.jpeg import load
 from data.sources.base import DataChanged, DataError, ImageSource, check_labels, first_line
 from data.sources.splits import Splits
 
@@ -36,7 +36,7 @@ IMAGE_EXTS = tuple(ext.lstrip(".") for ext in IMG_EXTENSIONS)  # member extensio
 
 def rebuild_hint(split_folder: str) -> str:
     """The way out of a missing or stale index of `split_folder`."""
-    return f"rebuild it with 'python -m data.shards index {os.path.dirname(os.path.abspath(split_folder))}'"
+    return f"rebuild it with 'python scripts/shards.py index {os.path.dirname(os.path.abspath(split_folder))}'"
 
 
 @dataclass
@@ -112,7 +112,7 @@ def build_index(folder: str, workers: int = 1, progress: bool = True) -> ShardIn
     """Index every shard of a split folder (in parallel) and save it as `folder`/index.npz."""
     names = shard_files(folder)
     if not names:
-        raise DataError(f"no .tar shards in '{folder}'; write them with 'python -m data.shards write SRC DST'")
+        raise DataError(f"no .tar shards in '{folder}'; write them with 'python scripts/shards.py write SRC DST'")
     paths = [os.path.join(folder, name) for name in names]
     with Pool(max(1, workers)) as pool:
         results = list(tqdm(pool.imap(index_shard, paths), total=len(paths), desc=f"indexing {folder}",

@@ -1,4 +1,4 @@
-"""Decode only a box of a JPEG (data/jpeg_region.c, built by `make setup`), through ctypes.
+"""Decode only a box of a JPEG (data/decoding/jpeg_region.c, built by `make setup`), through ctypes.
 
     if jpeg_region.available():
         width, height = jpeg_region.size(data)                  # data: the file's bytes, a uint8 numpy array

@@ -1,7 +1,7 @@
 """Filling the Hugging Face cache with a data set before training, and showing its splits and columns
 (data.sources.hub reads it).
 
-    python -m data.hf_sets ILSVRC/imagenet-1k                    # fill the cache once and show splits and columns
+    python scripts/hub_prefetch.py ILSVRC/imagenet-1k    # fill the cache once and show splits and columns
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from data.sources.hub import columns, load_dict
 
 def main(argv: list[str] | None = None) -> None:
     """The command line; a DataError (no such data set, no `datasets`) ends it with one line and exit code 2."""
-    parser = argparse.ArgumentParser(prog="python -m data.hf_sets", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python scripts/hub_prefetch.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="hub id (e.g. ILSVRC/imagenet-1k), or a folder of parquet files or save_to_disk")
     parser.add_argument("--config", default="", help="the data set's configuration (data.hf_config)")
     parser.add_argument("--revision", default="", help="a branch, tag or commit of the hub repository")

@@ -3,12 +3,12 @@
 The loader hands over uint8 NCHW images (the imagenet recipe: the random-resized crop; the small one: the images as
 they are); `BatchAugment` then does what timm's `create_transform(is_training=True, ...)` does after the crop, in
 its order, image by image but vectorised over the batch: [the small recipe's pad-crop], horizontal flip,
-RandAugment (data.rand_augment), ToTensor + Normalize, and RandomErasing with timm's definition
+RandAugment (data.augment.rand_augment), ToTensor + Normalize, and RandomErasing with timm's definition
 (`timm.data.random_erasing`). `BatchNormalize` is the eval counterpart.
 
 Random draws come from torch's RNG on the batch's device (or `generator`), so a CUDA batch never waits on the host
 per image, and a saved generator state resumes the same draws; RandAugment's come from the host's (see there), and
-its plan reaches the device in one copy that does not wait for it (data.staging).
+its plan reaches the device in one copy that does not wait for it (data.augment.staging).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from data.rand_augment import BatchRandAugment
-from data.staging import Staging, wide_dtype
+from data.augment.rand_augment import BatchRandAugment
+from data.augment.staging import Staging, wide_dtype
 
 ERASE_MODES = ("pixel", "rand", "const")
 _ATTEMPTS = 10  # timm's tries at placing a box that fits before giving up on it

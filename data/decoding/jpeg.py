@@ -7,8 +7,8 @@
 The train side draws the same crop boxes as timm's
 `create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")`, from
 the same random generator, and leaves the rest (flip, RandAugment, normalisation, erasing) to the device, where it
-runs on the whole uint8 batch (data.batch_aug). It is faster than timm's per-image path because it
-- decodes only the crop's rows and columns, with libjpeg-turbo straight into a tensor (data.jpeg_region: the
+runs on the whole uint8 batch (data.augment.batch). It is faster than timm's per-image path because it
+- decodes only the crop's rows and columns, with libjpeg-turbo straight into a tensor (data.decoding.jpeg_region: the
   same pixels as a whole decode's crop), with no PIL image and no RGB conversion copy;
 - crops and resizes a uint8 tensor: torch's antialiased bicubic is PIL's filter to within rounding, and its
   uint8 kernel is several times faster than PIL's;
@@ -28,7 +28,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-import data.jpeg_region as jpeg_region
+import data.decoding.jpeg_region as jpeg_region
 from core.errors import DataError
 
 Source = str | os.PathLike | bytes | torch.Tensor  # a file, its bytes, or an already decoded uint8 (C, H, W) image
@@ -57,7 +57,7 @@ def decode(data: np.ndarray, name: str, box: tuple[int, int, int, int] | None = 
     """File bytes to uint8 (3, H, W) RGB, or only the box (top, left, height, width) of the image; with min_side > 0
     a JPEG's box may come out at 1/2, 1/4 or 1/8 scale, still at least min_side on both sides (jpeg_region.decode).
 
-    JPEGs go through libjpeg-turbo (data.jpeg_region), which decodes only the rows and columns the box needs and
+    JPEGs go through libjpeg-turbo (data.decoding.jpeg_region), which decodes only the rows and columns the box needs and
     gives the same pixels as a whole decode's crop; greyscale and CMYK come out as PIL converts them. Other formats,
     and JPEGs where the library is not built, take Pillow. Raises DataError naming `name` for unreadable bytes.
     """

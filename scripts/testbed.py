@@ -24,6 +24,9 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from core.cli import run_main
+from core.errors import UserError
+
 # Chroma fields are weaker than luminance: RGB channels of photos correlate at about 0.9.
 _OPPONENT_TO_RGB = np.array([[1.0, 0.8, 0.4],
                              [1.0, -0.2, 0.4],
@@ -54,7 +57,8 @@ def make_jpeg_testbed(root: str, num_images: int, num_classes: int, seed: int = 
         The paths written, in index order.
     """
     if not 1 <= num_classes <= num_images:
-        raise ValueError(f"need 1 <= num_classes <= num_images, got {num_classes} classes for {num_images} images")
+        raise UserError(f"need 1 <= classes <= images, got {num_classes} classes for {num_images} images; ask "
+                        f"for fewer classes or more images")
     folder = os.path.join(root, split)
     for label in range(num_classes):
         os.makedirs(os.path.join(folder, _class_name(label)), exist_ok=True)
@@ -232,9 +236,8 @@ def _lighting(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m data.testbed ROOT [--train N] [--val N] [--classes K]: write a test bed with train/ and val/."""
+    """python scripts/testbed.py ROOT [--train N] [--val N] [--classes K]: write a test bed with train/ and val/."""
     import argparse
-    import itertools
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", help="folder to write train/ and val/ into")
@@ -248,6 +251,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parquet", default="",
                         help="also write the test bed as a Hugging Face data set of parquet files in this folder")
     args = parser.parse_args(argv)
+    try:
+        write_testbed(args)
+    except OSError as e:
+        raise UserError(f"cannot write the test bed under '{args.root}' ({e.strerror or e}); choose a folder you can "
+                        f"write to") from None
+
+
+def write_testbed(args) -> None:
+    """The images main's arguments ask for, each split's count and size printed."""
+    import itertools
+
     for split, count, seed in (("train", args.train, args.seed), ("val", args.val, args.seed + 1)):
         paths = make_jpeg_testbed(args.root, count, args.classes, seed=seed, split=split)
         if split == "train":
@@ -263,4 +277,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,8 +1,8 @@
 """Writing tar shards in the WebDataset layout (data.sources.shards reads them), and indexing shards from elsewhere.
 
-    python -m data.shards write /data/imagenet /data/imagenet-shards     # train/ and val/ of an image folder
-    python -m data.shards write --hf ILSVRC/imagenet-1k /data/in1k-shards  # the splits of a Hugging Face data set
-    python -m data.shards index /data/some-webdataset                     # shards written by other tools
+    python scripts/shards.py write /data/imagenet /data/imagenet-shards     # train/ and val/ of an image folder
+    python scripts/shards.py write --hf ILSVRC/imagenet-1k /data/in1k-shards  # the splits of a Hugging Face data set
+    python scripts/shards.py index /data/some-webdataset                     # shards written by other tools
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def folder_sources(src: str) -> tuple[dict[str, SplitSource], list[str]]:
 
 def hf_sources(name: str, config: str = "", train_split: str = "train",
                val_split: str = "validation") -> tuple[dict[str, SplitSource], list[str] | None]:
-    """The two splits of a Hugging Face data set (data.hf_sets) that become train/ and val/ (whichever it has), and
+    """The two splits of a Hugging Face data set (data.sources.hub) that become train/ and val/ (whichever it has), and
     its class names (None where its labels are plain integers). Members are keyed by row."""
     splits = load_dict(name, config)
     present = {role: split for role, split in (("train", train_split), ("val", val_split)) if split in splits}
@@ -179,7 +179,7 @@ def write_shards(src: str | tuple[dict[str, SplitSource], list[str] | None], dst
 
 def main(argv: list[str] | None = None) -> None:
     """The command line; a DataError (a missing folder, an unknown split) ends it with one line and exit code 2."""
-    parser = argparse.ArgumentParser(prog="python -m data.shards", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python scripts/shards.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     write = commands.add_parser("write", help="shard an image folder (train/, val/), or a Hugging Face data set "
