@@ -199,3 +199,29 @@ def test_reduced_scale_decode_keeps_the_crop_at_least_min_side(paths):
             expected = pil_to_tensor(image.convert("RGB"))
         assert expected.shape == got.shape and (got.int() - expected.int()).abs().max() <= 1
 
+
+def _claiming(side: int) -> bytes:
+    """A 64 x 64 JPEG of a few KB whose header claims side x side pixels (a decompression bomb, or a corrupt header)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"\xff\xc0") + 5  # the baseline frame header: length (2), precision (1), height (2), width (2)
+    data[at:at + 4] = side.to_bytes(2, "big") * 2
+    return bytes(data)
+
+
+@pytest.mark.parametrize("decoder", ["region", "pillow"])
+def test_a_header_claiming_too_many_pixels_is_refused_before_decoding(decoder, monkeypatch):
+    """Without the limit, libjpeg allocates and writes the 65500 x 65500 rows the header claims before finding the
+    data gone: the train and eval decodes both refuse it from the header, on either decoder, with one DataError that
+    data.skip_corrupt can skip. An image just under the limit's side still decodes its few real rows' error."""
+    if decoder == "pillow":
+        monkeypatch.setattr(jpeg_region, "_lib", None)
+    elif not jpeg_region.available():
+        pytest.skip("data/decoding/_jpeg_region.so not built (make setup)")
+    for decode_one in (JpegEvalDecode(), JpegTrainDecode()):
+        with pytest.raises(DataError, match=r"claims 65500 x 65500 pixels|exceeds limit of 178956970 pixels"):
+            decode_one(_claiming(65500))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's setting moves the limit for both decoders
+    with pytest.raises(DataError, match=r"claims 64 x 64 pixels|exceeds limit of 2000 pixels"):
+        JpegEvalDecode()(_claiming(64))

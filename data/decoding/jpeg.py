@@ -57,14 +57,14 @@ def decode(data: np.ndarray, name: str, box: tuple[int, int, int, int] | None = 
     """File bytes to uint8 (3, H, W) RGB, or only the box (top, left, height, width) of the image; with min_side > 0
     a JPEG's box may come out at 1/2, 1/4 or 1/8 scale, still at least min_side on both sides (jpeg_region.decode).
 
-    JPEGs go through libjpeg-turbo (data.decoding.jpeg_region), which decodes only the rows and columns the box needs and
-    gives the same pixels as a whole decode's crop; greyscale and CMYK come out as PIL converts them. Other formats,
-    and JPEGs where the library is not built, take Pillow. Raises DataError naming `name` for unreadable bytes.
+    JPEGs go through libjpeg-turbo (data.decoding.jpeg_region), which decodes only the rows and columns the box
+    needs and gives the same pixels as a whole decode's crop; greyscale and CMYK come out as PIL converts them. Other
+    formats, and JPEGs where the library is not built, take Pillow. Raises DataError naming `name` for unreadable bytes.
     """
     if region_decodable(data):
         try:
             if box is None or not _ends_whole(data):  # without its end marker: decoded to the end, where a cut shows
-                width, height = jpeg_region.size(data)
+                width, height = within_limit(jpeg_region.size(data), name)
                 full = jpeg_region.decode(data, (0, 0, height, width))
                 return full if box is None else _crop(full, box)
             return jpeg_region.decode(data, box, min_side)
@@ -82,11 +82,25 @@ def image_size(data: np.ndarray, name: str) -> tuple[int, int]:
     """(width, height) from the file's header, without decoding it."""
     try:
         if region_decodable(data):
-            return jpeg_region.size(data)
+            return within_limit(jpeg_region.size(data), name)
         with Image.open(io.BytesIO(data)) as image:
             return image.size
     except (jpeg_region.RegionError, *PILLOW_ERRORS) as e:
         raise DataError(f"cannot decode image '{name}' ({_reason(e)})") from None
+
+
+def within_limit(size: tuple[int, int], name: str) -> tuple[int, int]:
+    """`size` (width, height), or DataError when it is over Pillow's limit, at which Pillow refuses to decode
+    (DecompressionBombError, twice Image.MAX_IMAGE_PIXELS): a header claiming more is corrupt or a decompression bomb,
+    and libjpeg would allocate and write every row of it before finding the data gone. The same limit for both
+    decoders; a larger Image.MAX_IMAGE_PIXELS (None: none) raises it for both."""
+    width, height = size
+    limit = Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise DataError(f"image '{name}' claims {width} x {height} pixels, over the {limit:,} a decode may allocate "
+                        f"(Pillow's limit): a corrupt header or a decompression bomb; remove the file, or skip such "
+                        f"files with data.skip_corrupt=true")
+    return size
 
 
 def _reason(e: BaseException) -> str:
