@@ -30,11 +30,12 @@ by the budget's end or a signal); in the order of what matters most, which is th
   eval_speed      eval.py's loop (engine.loop.evaluate) on ConvNeXt-T (random weights) over the real evaluation
                   loader of synthetic images at steady state: img/s after the loader's workers started and cuDNN
                   tuned in untimed warm-up batches (scripts/benchmark.py --modes eval).
-The budget: STEPS holds each step's expected seconds on the GPU and in the dry run. A step starts only while the
-budget's remaining time holds it, else it is skipped ("budget: N s left, step needs about M s"; a later, shorter
-step may still run). Every command's timeout is clipped to the budget: one still running at its end is stopped, and
-so is its step (a hang, or a step slower than STEPS says), so the check ends within the budget. The correctness steps
-run a few at a time (the GPU has room); the timed steps then run alone (in the dry run with the others).
+The budget: STEPS (gpu_check_plan.py) holds each step's expected seconds on the GPU and in the dry run. A step
+starts only while the budget's remaining time holds it, else it is skipped ("budget: N s left, step needs about
+M s"; a later, shorter step may still run). Every command's timeout is clipped to the budget: one still running at
+its end is stopped, and so is its step (a hang, or a step slower than STEPS says), so the check ends within the
+budget. The correctness steps run a few at a time (the GPU has room); the timed steps then run alone (in the dry run
+with the others).
 Output: under --out (default: a new temporary folder) one <step>.out/.err log per command, and summary.json,
 rewritten after every step. The last stdout line is that JSON: its state (ok, failed, cut short by the budget or by
 a signal), each step's result with its seconds and expected_s, the steps ran, failed, stopped and skipped_for_budget,
