@@ -20,5 +20,9 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config file or override that cannot be used; the message is meant for the user as is."""
+
+
 class DataError(UserError):
     """A data set that cannot be found or read; the message names the path and the way out."""

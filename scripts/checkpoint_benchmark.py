@@ -27,7 +27,7 @@ import time
 import torch
 
 import distributed_utils as du
-from benchmark import Repeated  # scripts/, beside this file
+from benchmark_modes import Repeated  # scripts/, beside this file
 from core.cli import run_main
 from core.config import CheckpointCfg, to_dict
 from engine.build import build_model, build_parts, set_up, wrap_model

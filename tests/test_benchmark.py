@@ -55,10 +55,13 @@ def test_benchmark_under_torchrun_counts_both_processes(tmp_path):
     assert len(record["matmul_tflops_repeats"]) == 3 and record["peak_tflops"] > 0  # both ranks' matmuls, summed
 
 
-def benchmark_module():
-    """scripts/benchmark.py in this process, with its sibling loader_stages."""
-    script_module("loader_stages")
-    return script_module("benchmark")
+def benchmark_module(name="benchmark"):
+    """scripts/benchmark.py, or a sibling it is made of, in this process; the siblings first, in the order they
+    import each other."""
+    for sibling in ("loader_stages", "benchmark_timing", "benchmark_flops", "benchmark_timm", "benchmark_modes",
+                    "benchmark_report"):
+        script_module(sibling)
+    return script_module(name)
 
 
 def test_benchmark_refuses_an_unknown_mode(capsys):
@@ -73,7 +76,7 @@ def test_benchmark_refuses_to_compare_with_a_different_timm_network():
     ours = sum(p.numel() for p in create_model(**cfg.model.create_args(), num_classes=10).parameters())
     with pytest.raises(UserError, match="--vs-timm: timm's convnext_atto has .* parameters with these options, ours "
                                         ".*: not the same network, so not comparable"):
-        benchmark_module().timm_twin(cfg, 10, 3, torch.device("cpu"), ours)
+        benchmark_module("benchmark_timm").timm_twin(cfg, 10, 3, torch.device("cpu"), ours)
 
 
 def test_benchmark_compares_our_jpeg_loader_with_timms_stage_by_stage(tmp_path):
@@ -133,7 +136,7 @@ def test_checkpoint_benchmark_times_both_kinds_of_save_on_two_ranks(tmp_path):
 
 def test_the_sync_guard_covers_the_timed_steps_it_is_asked_to(monkeypatch):
     """Steps warmup+1 .. warmup+steps where guarded(k) holds, and not the clock's own waits between them."""
-    bench = benchmark_module()
+    bench = benchmark_module("benchmark_timing")
     switched = []
     monkeypatch.setattr(bench, "set_sync_guard", switched.append)
     clock = bench.StepClock(torch.device("cpu"), warmup=2, steps=4, guarded=lambda k: k != 5)  # 5: a log step
@@ -146,7 +149,7 @@ def test_the_sync_guard_covers_the_timed_steps_it_is_asked_to(monkeypatch):
 
 
 def test_a_sync_in_a_guarded_step_names_the_mode_the_step_and_the_line(monkeypatch):
-    bench = benchmark_module()
+    bench = benchmark_module("benchmark_timing")
     monkeypatch.setattr(bench, "set_sync_guard", lambda on: None)
 
     def run(clock):

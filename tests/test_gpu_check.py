@@ -20,8 +20,15 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the real check would run")
 
 
-def gpu_check_module():
-    return script_module("gpu_check")
+def gpu_check_module(name="gpu_check"):
+    """scripts/gpu_check.py, or a sibling it is made of; the siblings first, in the order they import each other."""
+    for sibling in ("gpu_check_plan", "gpu_check_preflight", "gpu_check_runner", "gpu_check_steps"):
+        script_module(sibling)
+    return script_module(name)
+
+
+def runner_and_plan():
+    return gpu_check_module("gpu_check_runner"), gpu_check_module("gpu_check_plan")
 
 
 @no_cuda
@@ -33,21 +40,21 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0():
 
 
 def test_a_hanging_command_fails_its_step_after_the_timeout(tmp_path):
-    gc = gpu_check_module()
-    check = gc.Check(dataclasses.replace(gc.DRY, timeout=1), str(tmp_path), dry=True)
+    gc, plan = runner_and_plan()
+    check = gc.Runner(dataclasses.replace(plan.DRY, timeout=1), str(tmp_path), dry=True)
     result = check.step("hang", check.run, "hang", ["-c", "import time; time.sleep(60)"])
     assert result["status"] == "failed" and "still running after 1 s" in result["error"]
     assert result["seconds"] < 55  # the 1 s limit, not the command's 60 s
 
 
 def test_a_step_the_budget_cannot_hold_is_skipped_and_a_shorter_one_after_it_runs(tmp_path):
-    gc = gpu_check_module()
-    check = gc.Check(gc.DRY, str(tmp_path), dry=True, budget_s=gc.RESERVE_S + 10)  # about 10 s for commands
+    gc, plan = runner_and_plan()
+    check = gc.Runner(plan.DRY, str(tmp_path), dry=True, budget_s=gc.RESERVE_S + 10)  # about 10 s for commands
 
     def never() -> dict:
         raise AssertionError("a step the budget cannot hold ran")
 
-    need = gc.STEPS["resume_bitwise"][1]  # the dry run's column
+    need = plan.STEPS["resume_bitwise"][1]  # the dry run's column
     assert need > 10
     skipped = check.step("resume_bitwise", never)
     assert skipped["status"] == "skipped" and skipped["expected_s"] == need
@@ -61,8 +68,8 @@ def test_a_step_the_budget_cannot_hold_is_skipped_and_a_shorter_one_after_it_run
 
 
 def test_a_command_still_running_at_the_budgets_end_is_stopped(tmp_path):
-    gc = gpu_check_module()
-    check = gc.Check(gc.DRY, str(tmp_path), dry=True, budget_s=gc.RESERVE_S + 2)  # its own timeout: 600 s
+    gc, plan = runner_and_plan()
+    check = gc.Runner(plan.DRY, str(tmp_path), dry=True, budget_s=gc.RESERVE_S + 2)  # its own timeout: 600 s
     result = check.step("hang", check.run, "hang", ["-c", "import time; time.sleep(60)"])
     assert result["status"] == "stopped" and "still running at the end of the budget (--budget-s" in result["reason"]
     assert result["seconds"] < 2 + gc.STOP_GRACE_S + 5
@@ -72,8 +79,8 @@ def test_a_command_still_running_at_the_budgets_end_is_stopped(tmp_path):
 
 def test_a_signal_stops_the_running_commands_and_skips_the_rest(tmp_path):
     """What the handlers gpu_check.py installs do: a flag that every command's wait reads."""
-    gc = gpu_check_module()
-    check = gc.Check(gc.DRY, str(tmp_path), dry=True)
+    gc, plan = runner_and_plan()
+    check = gc.Runner(plan.DRY, str(tmp_path), dry=True)
     running = threading.Thread(target=check.step, args=("hang", check.run, "hang",
                                                          ["-c", "import time; time.sleep(60)"]))
     running.start()
@@ -84,7 +91,7 @@ def test_a_signal_stops_the_running_commands_and_skips_the_rest(tmp_path):
     assert "cut short by SIGTERM" in check.results["hang"]["reason"]
     later = check.step("speed", lambda: {})
     assert later == {"status": "skipped", "reason": "not started: the check was cut short by SIGTERM",
-                     "seconds": 0.0, "expected_s": gc.STEPS["speed"][1]}
+                     "seconds": 0.0, "expected_s": plan.STEPS["speed"][1]}
     summary = check.finish()
     assert summary["gpu_check"] == "cut short by SIGTERM" and summary["cut_short_by"] == "SIGTERM"
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
@@ -101,26 +108,26 @@ def test_sigterm_ends_the_check_with_its_json(tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert proc.returncode == 128 + signal.SIGTERM and summary["gpu_check"] == "cut short by SIGTERM", stderr
-    order, steps = gpu_check_module().ORDER, summary["steps"]
+    order, steps = gpu_check_module("gpu_check_plan").ORDER, summary["steps"]
     assert list(steps) == order and summary["stopped"] and summary["seconds"] < 30
     assert all(steps[n]["status"] == "skipped" for n in order[order.index("speed"):])  # none had started
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
 def test_a_torch_older_than_the_floor_is_refused_in_one_line(monkeypatch, capsys):
-    gc = gpu_check_module()
+    gc = gpu_check_module("gpu_check_preflight")
     floor = gc.declared()[1]["torch"]  # pyproject.toml's, the one statement of it
     assert gc.version_tuple(floor) >= (2, 6) and gc.version_tuple("2.5.0a0+nv24.10") == (2, 5, 0)
     real = gc.installed
     monkeypatch.setattr(gc, "installed", lambda name: "2.5.0a0+nv24.10" if name == "torch" else real(name))
-    assert gc.main(["--dry-run"]) == 2
+    assert gpu_check_module().main(["--dry-run"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert f": torch 2.5.0a0+nv24.10 < {floor}; the project needs torch>={floor} (pyproject.toml)" in err
 
 
 def test_missing_light_dependencies_are_named_with_the_pip_command_that_installs_them(monkeypatch):
-    gc = gpu_check_module()
+    gc = gpu_check_module("gpu_check_preflight")
     real = gc.installed
     monkeypatch.setattr(gc, "installed", lambda name: None if name in ("timm", "tqdm") else real(name))
     with pytest.raises(gc.Refused, match=r": timm missing, tqdm missing; install them: .* -m pip install (--user )?"
@@ -133,7 +140,7 @@ def test_the_dry_run_has_the_gpu_runs_counts():
     work there (an epoch too short to time, say) fails in the dry run first; only the model, images, precision,
     concurrency and time limits differ, and the input step's counts (its JPEG decoding costs the CPU as much as it
     would on the GPU node)."""
-    gc = gpu_check_module()
+    gc = gpu_check_module("gpu_check_plan")
     machine = ("tiny", "tiny_t", "amp", "jobs", "timeout", "no_compile", "bed_images", "input_bench", "input_batch")
     assert dataclasses.replace(gc.DRY, **{f: getattr(gc.GPU, f) for f in machine}) == gc.GPU
     assert gc.DRY.amp == "auto" and gc.GPU.amp == "bf16" and not gc.GPU.tiny
@@ -150,7 +157,7 @@ def test_dry_run_passes_every_step_on_the_cpu(tmp_path):
     assert summary["budget_s"] == 420 and summary["skipped_for_budget"] == [] and summary["seconds"] < 420
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     steps = summary["steps"]
-    assert list(steps) == gpu_check_module().ORDER
+    assert list(steps) == gpu_check_module("gpu_check_plan").ORDER
     for name, result in steps.items():
         assert result["status"] in ("ok", "skipped"), (name, result)
         assert result["status"] == "ok" or result["reason"], name
