@@ -23,7 +23,7 @@ from data.sources import DataError, load_splits
 from data.samplers import ExactShardSampler, build_train_sampler
 from data.batch_aug import BatchNormalize
 from data.transforms import (BatchTransformed, PerSampleTransformed, apply_recipe, batch_transforms, collate_readable,
-                             keep_batch, mean_std)
+                             data_mean_std, keep_batch)
 
 
 @dataclass
@@ -42,7 +42,7 @@ def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool = True,
     """(train set or None when train=False, val set, info); items are (uint8 CHW image, label): batch_transforms
     finishes them on the device."""
     splits = load_splits(data_cfg, train)
-    mean, std = mean_std(data_cfg.name)
+    mean, std = data_mean_std(data_cfg)
     train_set = (apply_recipe(splits.train, data_cfg, aug_cfg, True, seed)
                  if splits.train is not None else None)
     val_set = apply_recipe(splits.val, data_cfg, aug_cfg, False)
@@ -107,7 +107,7 @@ def sample_images(dataset: Dataset, data_cfg: DataCfg, pixels: int = 2 ** 22) ->
     indices = torch.linspace(0, len(dataset) - 1, count).long().tolist()
     loader = DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=indices, **_loader_options(dataset, data_cfg))
     images = torch.cat([images for images, _ in loader])
-    return BatchNormalize(*mean_std(data_cfg.name))(images) if images.dtype == torch.uint8 else images
+    return BatchNormalize(*data_mean_std(data_cfg))(images) if images.dtype == torch.uint8 else images
 
 
 def start_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
