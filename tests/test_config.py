@@ -92,6 +92,11 @@ def test_file_then_overrides(tmp_path):
     ("aug.rand_augment=original", "aug.rand_augment='original' is not a timm RandAugment string"),
     ("data.name=imagenet", "'data.name' is 'imagenet'; allowed: imagefolder, csv, shards, hf, cifar10"),
     ("model.pretrained=w.pth model.stem_init=whiten", "would overwrite the stem that model.pretrained loads"),
+    ("train.eval_every=0 checkpoint.keep_best=2", "checkpoint.keep_best keeps the best evaluated checkpoints, and "
+                                                  "train.eval_every=0 evaluates none"),
+    ("data.crop_mode=letterbox", "'data.crop_mode' is 'letterbox'; allowed: center, squash, border"),
+    ("data.crop_pct=1.2", "data.crop_pct is the eval output's side over the resized side, in (0, 1]"),
+    ("data.mean=[0.5,0.5,0.5]", "data.mean and data.std must be given together"),
 ])
 def test_errors_name_the_key_and_the_way_out(override, expected):
     with pytest.raises(UserError) as e:  # as the entry points load it: the model name is checked too
