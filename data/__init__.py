@@ -39,15 +39,16 @@ class DatasetInfo:
 
 def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool = True,
                    seed: int = 0) -> tuple[Dataset | None, Dataset | None, DatasetInfo]:
-    """(train set or None when train=False, val set or None where training has none, info); items are (uint8 CHW image, label): batch_transforms
-    finishes them on the device."""
+    """(train set or None when train=False, val set or None where training has none, info); items are (uint8 CHW
+    image, label): batch_transforms finishes them on the device."""
     splits = load_splits(data_cfg, train)
     mean, std = data_mean_std(data_cfg)
     train_set = (apply_recipe(splits.train, data_cfg, aug_cfg, True, seed)
                  if splits.train is not None else None)
     val_set = apply_recipe(splits.val, data_cfg, aug_cfg, False) if splits.val is not None else None
     info = DatasetInfo(splits.num_classes, splits.in_chans, len(train_set) if train_set is not None else 0,
-                       len(val_set) if val_set is not None else 0, mean, std, splits.class_names or [str(i) for i in range(splits.num_classes)])
+                       len(val_set) if val_set is not None else 0, mean, std,
+                       splits.class_names or [str(i) for i in range(splits.num_classes)])
     return train_set, val_set, info
 
 

@@ -2,7 +2,7 @@
 
     train = JpegTrainDecode()     # the random-resized crop, as timm's train transform draws it
     image = train("/data/train/n01440764/n01440764_10026.JPEG")    # torch.uint8, (3, 224, 224)
-    val = JpegEvalDecode()        # resize to 256 + centre crop 224, as timm's eval transform (crop_mode: squash, border)
+    val = JpegEvalDecode()        # resize to 256 + centre crop 224 as timm's eval transform; also squash, border
 
 The train side draws the same crop boxes as timm's
 `create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")`, from

@@ -232,7 +232,8 @@ FT_384 = dict(epochs=30, warmup=0, lr=(5e-5, 512), global_batch=512, layer_decay
 def test_every_official_recipe_says_what_the_paper_and_training_md_say(name, drop_path, family):
     path = os.path.join(ROOT, "configs", f"{name}.yaml")
     cfg = load_config(path)
-    got = dict(epochs=cfg.schedule.epochs, warmup=cfg.schedule.warmup_epochs, lr=(cfg.optim.lr, cfg.optim.lr_base_batch),
+    got = dict(epochs=cfg.schedule.epochs, warmup=cfg.schedule.warmup_epochs,
+               lr=(cfg.optim.lr, cfg.optim.lr_base_batch),
                global_batch=cfg.train.global_batch, layer_decay=cfg.optim.layer_decay, ema=cfg.ema.enabled,
                classes=cfg.data.num_classes, size=cfg.data.img_size, crop=(cfg.data.crop_pct, cfg.data.crop_mode),
                mixup=(cfg.aug.mixup, cfg.aug.cutmix), eval_every=cfg.train.eval_every)
