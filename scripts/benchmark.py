@@ -412,6 +412,8 @@ def eval_mode(model, cfg: Config, args: argparse.Namespace, env: du.DistEnv, dev
     """The evaluation loop on the model as eval.py runs it (uncompiled): each repeat one pass over the split's full
     batches, so every repeat starts its epoch in the warm-up and leaves no worker prefetching past its end."""
     loader = data.val_loader
+    if loader is None:
+        raise UserError("the eval mode needs a validation split, and this data has none; leave eval out of --modes")
     args.eval_steps = timed_rest(full_batches(loader), args.warmup, "a pass over the evaluation split's full batches")
     batches = Batches(loader, args.warmup + args.eval_steps, on_epoch=lambda loader, epoch: None)  # no shuffle
     return Mode(lambda c: eval_pass(model, batches, cfg, device, data.eval_transform, c),
@@ -490,7 +492,8 @@ def main() -> int:
                   overrides=args.overrides, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
                   compile=cfg.train.compile, grad_checkpointing=cfg.train.grad_checkpointing,
                   num_workers=loader_workers(cfg.data), steps=args.steps, loader_steps=args.loader_steps,
-                  eval_steps=args.eval_steps, eval_batch=data.val_loader.batch_size, warmup=args.warmup,
+                  eval_steps=args.eval_steps, eval_batch=data.val_loader.batch_size if data.val_loader else 0,
+                  warmup=args.warmup,
                   repeats=args.repeats, sync_guard=args.forbid_syncs and device.type == "cuda",
                   jpeg_decoder=jpeg_decoder(), torch=torch.__version__)
     record.update(loader_summary(record, cfg, args, env))
