@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on the validation split, exactly: every image counted once, whatever the world size.
 
     python eval.py --config configs/fashion_mnist.yaml --checkpoint runs/fashion_mnist/checkpoints/best.pth [--ema]
+    python eval.py --config configs/finetune_384_convnext_b.yaml model.pretrained=convnext_base.fb_in22k_ft_in1k_384
     torchrun --nproc_per_node=2 eval.py --config configs/debug.yaml --checkpoint runs/debug/checkpoints/last.pth
 
 Reads this trainer's checkpoints (raw or EMA weights), official release files ({"model": state_dict}) and
@@ -19,8 +20,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 import distributed_utils as du
 from core.cli import run_main
+from core.config import ConfigError
 from core.files import atomic_write
-from engine.build import build_model, set_up
+from engine.build import adopt_published_view, build_data, build_model, start_run
 from engine.loop import evaluate
 from models.keys import load_weights
 from models.pretrained import read_weights, resolve_weights
@@ -29,8 +31,10 @@ from models.pretrained import read_weights, resolve_weights
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the YAML recipe the model was trained with")
-    parser.add_argument("--checkpoint", required=True, help="a weights file (ours, an official release, timm's) or "
-                        "a hub name: hf-hub:timm/convnext_tiny.fb_in1k, convnext_tiny.fb_in1k")
+    parser.add_argument("--checkpoint", default="", help="a weights file (ours, an official release, timm's) or "
+                        "a hub name: hf-hub:timm/convnext_tiny.fb_in1k, convnext_tiny.fb_in1k (default: "
+                        "model.pretrained); hub weights are evaluated on their published view (size, crop, "
+                        "interpolation, mean/std) but for the keys set on the command line")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights of one of our checkpoints")
     parser.add_argument("--per-class", metavar="FILE.json", default="",
                         help="also write per-class top-1 and the confusion matrix there, and the matrix as an image "
@@ -41,11 +45,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cfg, ctx, data = set_up(args.config, args.overrides, training=False)
+    cfg, ctx = start_run(args.config, args.overrides, training=False)
+    weights = args.checkpoint or cfg.model.pretrained  # what is evaluated: --checkpoint, else model.pretrained
+    if not weights:
+        raise ConfigError("nothing to evaluate: give --checkpoint FILE or a hub name, or model.pretrained=...")
+    du.print0(adopt_published_view(cfg, weights, args.overrides))
+    data = build_data(cfg, ctx, training=False)
     info = data.info
-    # model.pretrained is a starting point for training; what is evaluated is --checkpoint.
     model = build_model(cfg, info.num_classes, info.in_chans, ctx.device, pretrained=False)
-    load_weights(model, read_weights(resolve_weights(args.checkpoint)), ema=args.ema)  # a file or a hub name
+    load_weights(model, read_weights(resolve_weights(weights)), ema=args.ema)  # a file or a hub name
 
     du.barrier()  # time the evaluation alone, from the same moment on every rank
     start = time.perf_counter()

@@ -73,7 +73,7 @@ def main() -> int:
                 skipped = report_skipped(data.train_set, run.epoch, skipped, device)
             epoch, top1 = run.epoch, None
             run.end_epoch()
-            if run.epoch == cfg.schedule.epochs or run.epoch % cfg.train.eval_every == 0:
+            if evaluates_after(cfg, run.epoch):
                 record = evaluate_run(parts, data, cfg, epoch)
                 logger.log("eval", record, run.step)
                 top1 = max(record["top1"], record.get("ema_top1", -1.0))  # the better of the raw and EMA weights
@@ -83,7 +83,8 @@ def main() -> int:
     du.barrier()  # no rank exits (and makes srun kill the rest) before rank 0's checkpoint is on disk
     if stopped:
         return EXIT_PREEMPTED
-    du.print0(f"done: best top-1 {run.best_top1:.2f}; checkpoints in {checkpoint_dir(cfg.output_dir)}")
+    best = f"best top-1 {run.best_top1:.2f}" if cfg.train.eval_every else "no evaluation (train.eval_every=0)"
+    du.print0(f"done: {best}; checkpoints in {checkpoint_dir(cfg.output_dir)}")
     return 0
 
 
@@ -110,6 +111,15 @@ def describe_run(cfg: Config, ctx: du.DistContext, parts: TrainParts, global_bat
               f"{cfg.train.accum_steps} accum | lr {lr:.3g} = {cfg.optim.lr:g} x {global_batch}/"
               f"{cfg.optim.lr_base_batch} ({cfg.optim.lr_scaling}) | {steps_per_epoch} steps/epoch, "
               f"{steps_per_epoch * cfg.schedule.epochs} in all | amp {cfg.train.amp}")
+    if not cfg.train.eval_every:
+        du.print0("train.eval_every=0: no evaluation, so no best.pth (nor checkpoint.keep_best's files, which need "
+                  "one); last.pth and the step files as ever")
+
+
+def evaluates_after(cfg: Config, epochs_done: int) -> bool:
+    """Whether the epoch just ended is evaluated: every train.eval_every epochs and the last; none with 0."""
+    every = cfg.train.eval_every
+    return bool(every) and (epochs_done == cfg.schedule.epochs or epochs_done % every == 0)
 
 
 def skipped_total(train_set, device: torch.device) -> int:

@@ -40,7 +40,10 @@ class DataCfg:
     prefetch_factor: int = 2  # batches each loader worker prepares ahead
     num_classes: int = 0  # 0 means: what the data set has
     recipe: str = "imagenet"  # imagenet (timm RandAugment recipe) | small (pad-crop + flip, 28-32 px)
-    crop_pct: float = 0.875  # eval centre crop for the imagenet recipe
+    crop_pct: float = 0.875  # imagenet recipe's eval: output side / resized side (timm's meaning)
+    crop_mode: str = "center"  # imagenet recipe's eval view, timm's: center | squash | border (data.decoding.jpeg)
+    mean: list = field(default_factory=list)  # per-channel normalisation mean, 0-1 ([]: the data set's)
+    std: list = field(default_factory=list)  # per-channel normalisation std ([]: the data set's)
     dct_scaling: bool = False  # imagenet recipe: decode crops >= 2x img_size at 1/2-1/8 scale (faster on big photos)
     classes: list = field(default_factory=list)  # keep only these class indices, relabelled 0..k-1 ([]: all)
     train_limit: int = 0  # train on a fixed random subset of this many images (0: all), for quick experiments
@@ -113,7 +116,7 @@ class TrainCfg:
     cpu_matrix_convs: bool = True  # on the CPU, run the patchify and small-map depthwise convs as matrix products
     grad_checkpointing: int = 0  # recompute the blocks of the first N stages (0-4) in the backward: less memory
     log_every: int = 50  # optimizer steps between train records
-    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated); 0: none, no val split needed
     threads: int = 0  # torch intra-op threads per process on CPU; 0 leaves torch's default
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable runs, slower
     profile: int = 0  # trace this many optimizer steps with torch.profiler into <output_dir>/profile (0: off)

@@ -10,6 +10,7 @@ from core.errors import ConfigError
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("imagefolder", "csv", "shards", "hf", "cifar10", "cifar100", "fashion_mnist", "synthetic"),
     "data.recipe": ("imagenet", "small"),
+    "data.crop_mode": ("center", "squash", "border"),
     "model.stem_init": ("default", "whiten"),
     "aug.interpolation": ("bicubic", "bilinear", "nearest"),
     "aug.tta": ("none", "flip", "flip_shift", "flip_x_shift"),
@@ -18,14 +19,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("checkpoint.keep_last", "data.img_size", "data.batch_size", "optim.lr_base_batch", "schedule.epochs",
-            "train.accum_steps", "train.log_every", "train.eval_every", "model.patch_size", "ema.every",
+            "train.accum_steps", "train.log_every", "model.patch_size", "ema.every",
             "data.prefetch_factor")
 NON_NEGATIVE = ("data.train_limit", "data.eval_batch_size", "data.num_classes", "optim.lr",
                 "optim.weight_decay", "schedule.warmup_epochs", "schedule.min_lr",
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
                 "train.clip_grad", "train.threads", "checkpoint.every_steps", "checkpoint.keep_best",
                 "train.global_batch", "train.max_bad_steps", "dist.bucket_cap_mb", "train.profile",
-                "train.profile_wait")
+                "train.profile_wait", "train.eval_every")
 UNIT_INTERVAL = ("optim.layer_decay", "aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob",
                  "aug.mixup_switch_prob", "ema.decay", "model.drop_path")
 
@@ -77,6 +78,16 @@ def validate(cfg: Config) -> None:
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
         raise ConfigError(f"schedule.warmup_epochs ({cfg.schedule.warmup_epochs}) exceeds schedule.epochs "
                           f"({cfg.schedule.epochs}); lower warmup_epochs or raise epochs")
+    if not 0 < cfg.data.crop_pct <= 1:
+        raise ConfigError(f"data.crop_pct is the eval output's side over the resized side, in (0, 1]; got "
+                          f"{cfg.data.crop_pct}")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg.data.mean + cfg.data.std)
+    if len(cfg.data.mean) != len(cfg.data.std) or not numbers or not all(v > 0 for v in cfg.data.std):
+        raise ConfigError(f"data.mean and data.std must be given together, one number per channel, std > 0 (or both "
+                          f"[] for the data set's own); got {cfg.data.mean} and {cfg.data.std}")
+    if cfg.checkpoint.keep_best and not cfg.train.eval_every:
+        raise ConfigError("checkpoint.keep_best keeps the best evaluated checkpoints, and train.eval_every=0 evaluates "
+                          "none; set checkpoint.keep_best=0, or train.eval_every=1 with a validation split")
     if cfg.data.name == "hf" and not cfg.data.hf_name:
         raise ConfigError("data.hf_name is empty; set it to a hub id (e.g. data.hf_name=ILSVRC/imagenet-1k) or to a "
                           "folder of parquet files or of save_to_disk")

@@ -10,6 +10,7 @@ and run the same model the same way.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import random
@@ -24,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import distributed_utils as du
-from core.config import Config, ConfigError, load_config, save_config
+from core.config import Config, ConfigError, load_config, parse_override, save_config, validate
 from data import DatasetInfo, batch_transforms, build_datasets, build_eval_loader, build_train_loader
 from engine.cpu_convs import use_cpu_matrix_convs
 from engine.ema import Ema
@@ -32,14 +33,15 @@ from engine.loop import TrainParts
 from engine.optim import accum_steps_for, create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
 from engine.precision import resolve_amp
 from models import check_model_name, create_model
+from models.pretrained import published_view
 
 
 @dataclass
 class RunData:
     """The data side of a run: the splits, this rank's loaders, and the batch work each leaves to the device."""
     info: DatasetInfo
-    val_set: Dataset
-    val_loader: DataLoader
+    val_set: Optional[Dataset]  # None where training has no validation split (train.eval_every=0)
+    val_loader: Optional[DataLoader]
     eval_transform: Optional[Callable]
     train_set: Optional[Dataset] = None  # None unless set up for training
     train_loader: Optional[DataLoader] = None
@@ -49,36 +51,48 @@ class RunData:
 
 def set_up(config_path: str, overrides: Sequence[str] = (), *, training: bool = True,
            write_config: bool = False) -> tuple[Config, du.DistContext, RunData]:
-    """Every entry point's start: start_run, then build_data."""
-    cfg, ctx = start_run(config_path, overrides, training=training, write_config=write_config)
-    return cfg, ctx, build_data(cfg, ctx, training=training)
-
-
-def start_run(config_path: str, overrides: Sequence[str] = (), *, training: bool = True,
-              write_config: bool = False) -> tuple[Config, du.DistContext]:
-    """The validated config, this process in its group, and the settings that depend on the launch: the gradient
-    accumulation a global batch needs (training) and the precision train.amp=auto picks on this device.
+    """Every entry point's start: start_run, then build_data.
 
     Args:
-        write_config: rank 0 writes <output_dir>/config.yaml as given, before the settings above are filled in, so
-            that it keeps train.global_batch and train.amp=auto and still fits another machine.
+        write_config: rank 0 then writes <output_dir>/config.yaml as given, before start_run filled in the launch's
+            settings (so that it keeps train.global_batch and train.amp=auto and still fits another machine), and
+            only once the data is found: a run refused at start writes nothing.
     """
+    cfg, ctx, given = _start(config_path, overrides, training)
+    data = build_data(cfg, ctx, training=training)
+    if write_config and ctx.env.is_main:
+        save_config(given, os.path.join(cfg.output_dir, "config.yaml"))
+    return cfg, ctx, data
+
+
+def start_run(config_path: str, overrides: Sequence[str] = (), *,
+              training: bool = True) -> tuple[Config, du.DistContext]:
+    """The validated config, this process in its group, and the settings that depend on the launch: the gradient
+    accumulation a global batch needs (training) and the precision train.amp=auto picks on this device."""
+    return _start(config_path, overrides, training)[:2]
+
+
+def _start(config_path: str, overrides: Sequence[str], training: bool) -> tuple[Config, du.DistContext, Config]:
+    """start_run's (config, context), and the config as given, before the launch's settings were filled in."""
     cfg = load_run_config(config_path, overrides)
     ctx = init_process(cfg)
-    accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, ctx.env.world_size) if training else 1
-    if write_config and ctx.env.is_main:
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    cfg.train.accum_steps = accum_steps
+    given = copy.deepcopy(cfg)
+    cfg.train.accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, ctx.env.world_size) if training else 1
     cfg.train.amp = resolve_amp(cfg.train.amp, ctx.device)
-    return cfg, ctx
+    return cfg, ctx, given
 
 
 def build_data(cfg: Config, ctx: du.DistContext, *, training: bool = True) -> RunData:
     """The data sets (every rank the same; the samplers split them), this rank's loaders and the batch transforms."""
     rank, world_size = ctx.env.rank, ctx.env.world_size
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=training, seed=cfg.seed)
+    if val_set is None and cfg.train.eval_every:
+        raise ConfigError(f"there is no validation split in '{cfg.data.root}' (data.name={cfg.data.name}) and "
+                          f"train.eval_every={cfg.train.eval_every} asks for evaluation; set train.eval_every=0 to "
+                          f"train without it (no best.pth), or add the split")
     train_transform, eval_transform = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
-    data = RunData(info, val_set, build_eval_loader(val_set, cfg.data, rank, world_size), eval_transform)
+    val_loader = build_eval_loader(val_set, cfg.data, rank, world_size) if val_set is not None else None
+    data = RunData(info, val_set, val_loader, eval_transform)
     if not training:
         return data
     data.train_set, data.train_transform = train_set, train_transform
@@ -88,6 +102,49 @@ def build_data(cfg: Config, ctx: du.DistContext, *, training: bool = True) -> Ru
         raise ConfigError(f"an epoch has no optimizer step: {info.train_size} training images < data.batch_size "
                           f"x world size x train.accum_steps; lower data.batch_size or train.accum_steps")
     return data
+
+
+VIEW_KEYS = {"data.img_size": "input_size", "data.crop_pct": "crop_pct", "data.crop_mode": "crop_mode",
+             "aug.interpolation": "interpolation", "data.mean": "mean", "data.std": "std"}  # config key: timm's field
+
+
+def adopt_published_view(cfg: Config, weights: str, overrides: Sequence[str]) -> str:
+    """Evaluate released weights (a hub name) on the view they were published with (models.pretrained.published_view:
+    size, crop_pct, crop_mode, interpolation, mean/std) over the config file's, but for the keys the command line
+    sets (`overrides`); the imagenet recipe only. Returns the start-up line naming the view and where it came from."""
+    view = published_view(weights) if cfg.data.recipe == "imagenet" else None
+    values = _view_values(view) if view else {}
+    given = {parse_override(text)[0] for text in overrides}
+    adopted = [key for key in values if key not in given]
+    for key in adopted:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, values[key])
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"the view published with '{weights}' does not fit this trainer ({e}); set the key on the "
+                          f"command line") from None
+    kept = [key for key in values if key in given]
+    source = f"{weights}'s published view" if adopted else "the config"
+    return describe_view(cfg, source + (f"; {', '.join(kept)} from the command line" if kept else ""))
+
+
+def _view_values(view: dict) -> dict:
+    """published_view's fields as config values: a square input_size as its side (a non-square one is left out)."""
+    values = {key: view.get(field) for key, field in VIEW_KEYS.items()}
+    size = values["data.img_size"]
+    values["data.img_size"] = size[-1] if size and size[-1] == size[-2] else None
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()
+            if value is not None}
+
+
+def describe_view(cfg: Config, source: str) -> str:
+    """One line: what an evaluation feeds the model, and where that was decided."""
+    if cfg.data.recipe != "imagenet":
+        return f"eval view: {cfg.data.img_size} px, the whole image resized (data.recipe={cfg.data.recipe})"
+    stats = f"mean {cfg.data.mean} std {cfg.data.std}" if cfg.data.mean else f"{cfg.data.name}'s mean/std"
+    return (f"eval view: {cfg.data.img_size} px, crop_mode {cfg.data.crop_mode}, crop_pct {cfg.data.crop_pct:g}, "
+            f"{cfg.aug.interpolation}, {stats} (from {source})")
 
 
 def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> Config:

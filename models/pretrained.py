@@ -7,6 +7,7 @@ input channels is adapted; anything else that does not fit is an error listing t
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -70,6 +71,39 @@ def _from_hub(name: str, repo: str, cached_only: bool) -> str:
                           f"reachable ({'; '.join(reasons)}); fill the cache where there is network, e.g. "
                           f"'hf download {repo} {WEIGHT_FILES[0]}' with HF_HUB_CACHE pointing at a folder this "
                           f"machine reads, or give model.pretrained a file path")
+
+
+VIEW_FIELDS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+
+
+def published_view(name: str) -> dict | None:
+    """The evaluation view that released weights were published with: the VIEW_FIELDS of timm's pretrained
+    configuration (input_size as (C, H, W)). From timm's own table where it knows the weights (timm's names and
+    hf-hub:timm/... repositories: no network), else from the repository's config.json (timm's hub layout) as rank 0
+    fetches it or the hub cache holds it; None for a file path, or where neither has one."""
+    repo = hub_repo(name)
+    if repo is None:
+        return None
+    known = repo.split("/", 1)[1] if repo.startswith("timm/") else ""
+    if known and known.split(".", 1)[0] in list_models():
+        try:
+            found = get_pretrained_cfg(known).to_dict()
+            return {key: found[key] for key in VIEW_FIELDS if found.get(key) is not None}
+        except (RuntimeError, AttributeError):  # not in timm's table: look in the repository
+            pass
+    return du.main_first(lambda main: _view_from_config_json(repo, cached_only=not main))
+
+
+def _view_from_config_json(repo: str, cached_only: bool) -> dict | None:
+    from huggingface_hub import hf_hub_download  # a dependency of timm
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        with open(hf_hub_download(repo, "config.json", local_files_only=cached_only)) as f:
+            found = json.load(f).get("pretrained_cfg") or {}
+    except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError, OSError, ValueError, AttributeError):
+        return None  # no such file, not cached and offline, not a JSON object: the weights come without a view
+    return {key: found[key] for key in VIEW_FIELDS if found.get(key) is not None} or None
 
 
 def read_weights(path: str) -> object:

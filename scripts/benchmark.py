@@ -123,7 +123,8 @@ def main() -> int:
                   overrides=args.overrides, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
                   compile=cfg.train.compile, grad_checkpointing=cfg.train.grad_checkpointing,
                   num_workers=loader_workers(cfg.data), steps=args.steps, loader_steps=args.loader_steps,
-                  eval_steps=args.eval_steps, eval_batch=data.val_loader.batch_size, warmup=args.warmup,
+                  eval_steps=args.eval_steps, eval_batch=data.val_loader.batch_size if data.val_loader else 0,
+                  warmup=args.warmup,
                   repeats=args.repeats, sync_guard=args.forbid_syncs and device.type == "cuda",
                   jpeg_decoder=jpeg_decoder(), torch=torch.__version__)
     record.update(loader_summary(record, cfg, args, env))

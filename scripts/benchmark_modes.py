@@ -190,6 +190,8 @@ def eval_mode(model, cfg: Config, args: argparse.Namespace, env: du.DistEnv, dev
     """The evaluation loop on the model as eval.py runs it (uncompiled): each repeat one pass over the split's full
     batches, so every repeat starts its epoch in the warm-up and leaves no worker prefetching past its end."""
     loader = data.val_loader
+    if loader is None:
+        raise UserError("the eval mode needs a validation split, and this data has none; leave eval out of --modes")
     args.eval_steps = timed_rest(full_batches(loader), args.warmup, "a pass over the evaluation split's full batches")
     batches = Batches(loader, args.warmup + args.eval_steps, on_epoch=lambda loader, epoch: None)  # no shuffle
     return Mode(lambda c: eval_pass(model, batches, cfg, device, data.eval_transform, c),

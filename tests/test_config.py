@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 
 import pytest
 import yaml
@@ -92,6 +93,11 @@ def test_file_then_overrides(tmp_path):
     ("aug.rand_augment=original", "aug.rand_augment='original' is not a timm RandAugment string"),
     ("data.name=imagenet", "'data.name' is 'imagenet'; allowed: imagefolder, csv, shards, hf, cifar10"),
     ("model.pretrained=w.pth model.stem_init=whiten", "would overwrite the stem that model.pretrained loads"),
+    ("train.eval_every=0 checkpoint.keep_best=2 schedule.warmup_epochs=1",
+     "checkpoint.keep_best keeps the best evaluated checkpoints, and train.eval_every=0 evaluates none"),
+    ("data.crop_mode=letterbox", "'data.crop_mode' is 'letterbox'; allowed: center, squash, border"),
+    ("data.crop_pct=1.2 schedule.warmup_epochs=1", "data.crop_pct is the eval output's side over the resized side"),
+    ("data.mean=[0.5,0.5,0.5] schedule.warmup_epochs=1", "data.mean and data.std must be given together"),
 ])
 def test_errors_name_the_key_and_the_way_out(override, expected):
     with pytest.raises(UserError) as e:  # as the entry points load it: the model name is checked too
@@ -209,3 +215,53 @@ def test_fine_tuning_configs_resolve_to_the_full_recipe(name, model):
     assert (cfg.optim.layer_decay, cfg.schedule.epochs, cfg.data.batch_size, cfg.optim.lr) == (0.8, 30, 32, 5e-5)
     assert (cfg.aug.rand_augment, cfg.aug.smoothing, cfg.data.crop_pct, cfg.train.amp, cfg.train.clip_grad) == \
         ("rand-m9-mstd0.5-inc1", 0.1, 0.875, "bf16", 0.0)
+
+
+# Every official recipe: "A ConvNet for the 2020s" Tables 5 and 6, facebookresearch/ConvNeXt TRAINING.md.
+PRE_22K = dict(epochs=90, warmup=5, lr=(4e-3, 4096), global_batch=4096, layer_decay=1.0, ema=False, classes=21841,
+               size=224, crop=(0.875, "center"), mixup=(0.8, 1.0), eval_every=0)
+FT_384 = dict(epochs=30, warmup=0, lr=(5e-5, 512), global_batch=512, layer_decay=0.8, ema=False, classes=0, size=384,
+              crop=(1.0, "squash"), mixup=(0.0, 0.0), eval_every=1)
+
+
+@pytest.mark.parametrize("name, drop_path, family", [
+    *[(f"in22k_convnext_{v}", d, PRE_22K) for v, d in zip(("t", "s", "b", "l", "xl"), (0.0, 0.0, 0.1, 0.1, 0.2))],
+    *[(f"finetune_384_convnext_{v}", d, dict(FT_384, ema=v == "xl"))
+      for v, d in zip(("t", "s", "b", "l", "xl"), (0.0, 0.1, 0.2, 0.3, 0.4))],
+    *[(f"finetune_in1k_384_convnext_{v}", d, dict(FT_384, layer_decay=0.7)) for v, d in (("b", 0.8), ("l", 0.95))]])
+def test_every_official_recipe_says_what_the_paper_and_training_md_say(name, drop_path, family):
+    path = os.path.join(ROOT, "configs", f"{name}.yaml")
+    cfg = load_config(path)
+    got = dict(epochs=cfg.schedule.epochs, warmup=cfg.schedule.warmup_epochs,
+               lr=(cfg.optim.lr, cfg.optim.lr_base_batch),
+               global_batch=cfg.train.global_batch, layer_decay=cfg.optim.layer_decay, ema=cfg.ema.enabled,
+               classes=cfg.data.num_classes, size=cfg.data.img_size, crop=(cfg.data.crop_pct, cfg.data.crop_mode),
+               mixup=(cfg.aug.mixup, cfg.aug.cutmix), eval_every=cfg.train.eval_every)
+    assert (got, cfg.model.drop_path) == (family, drop_path)
+    assert (cfg.aug.smoothing, cfg.aug.rand_augment, cfg.aug.reprob) == (0.1, "rand-m9-mstd0.5-inc1", 0.25)
+    # The header's launch lines make the global batch: one node of 8 GPUs, and sbatch's nodes x 8 GPUs.
+    with open(path) as f:
+        lines = [line for line in f if line.startswith("#   ")]
+    assert "torchrun --nproc_per_node=8" in lines[0] and "sbatch" in lines[1]
+    nodes = int(re.search(r"(?:-N |--nodes=)(\d+)", lines[1])[1])
+    batch = int(re.search(r"data.batch_size=(\d+)", lines[1])[1]) if "data.batch_size" in lines[1] else None
+    for gpus, per_gpu in ((8, cfg.data.batch_size), (8 * nodes, batch or cfg.data.batch_size)):
+        assert accum_steps_for(cfg.train, per_gpu, gpus) * per_gpu * gpus == cfg.train.global_batch
+
+
+def test_21841_classes_train_with_mixup_cutmix_and_label_smoothing():
+    """The 22K recipe's loss on a tiny model with a 21,841-way head: soft targets spread the smoothing over every
+    class, and one step's gradients reach the head and the stem, finite."""
+    import torch
+    from engine.build import build_loss
+    cfg = load_config(os.path.join(ROOT, "configs", "in22k_convnext_t.yaml"))
+    mixup, criterion = build_loss(cfg, 21841)
+    model = create_model("convnext_atto", num_classes=21841, depths=[1, 1, 1, 1], dims=[8, 16, 32, 64])
+    torch.manual_seed(0)
+    images, labels = mixup(torch.randn(4, 3, 32, 32), torch.tensor([0, 21840, 7, 12345]))
+    assert labels.shape == (4, 21841) and torch.allclose(labels.sum(1), torch.ones(4))
+    assert labels.min() >= 0.1 / 21841 - 1e-9 and labels.max() <= 1 - 0.1 + 0.1 / 21841 + 1e-6
+    loss = criterion(model(images), labels)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 9  # about ln(21841) = 10.0 at the start
+    assert model.head.weight.grad.abs().sum() > 0 and torch.isfinite(model.downsample_layers[0][0].weight.grad).all()

@@ -194,8 +194,10 @@ def test_imagefolder_with_either_recipe(tmp_path, recipe):
 
 def test_imagefolder_missing_or_empty_folders(tmp_path):
     cfg = make_cfg(name="imagefolder", root=str(tmp_path))
-    with pytest.raises(DataError, match=str(tmp_path / "val")):
+    with pytest.raises(DataError, match=str(tmp_path / "train")):  # training may go without val/, never without train/
         load_splits(cfg.data)
+    with pytest.raises(DataError, match=str(tmp_path / "val")):  # evaluating needs val/
+        load_splits(cfg.data, train=False)
     (tmp_path / "val").mkdir()
     with pytest.raises(DataError, match=f"^no class folders in '{tmp_path / 'val'}'; give it one sub-folder"):
         load_splits(cfg.data)

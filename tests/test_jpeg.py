@@ -84,13 +84,21 @@ def test_train_matches_timm_for_the_same_seeds(paths, timm_crop):
         assert diff.float().mean() < 0.5 and (diff > 1).float().mean() < 0.02  # torch's and PIL's resize rounding
 
 
-def test_eval_matches_timms_eval_transform(paths):
-    resize, centre = create_transform(224, is_training=False, interpolation="bicubic", crop_pct=0.875).transforms[:2]
-    ours = JpegEvalDecode()
-    for path in paths:
-        expected = pil_to_tensor(centre(resize(Image.open(path).convert("RGB"))))
-        got = ours(path)
-        assert got.shape == (3, 224, 224) and got.dtype == torch.uint8
+@pytest.mark.parametrize("crop_mode, crop_pct, size", [("center", 0.875, 224), ("squash", 1.0, 384),
+                                                      ("squash", 0.95, 160), ("border", 1.0, 224),
+                                                      ("border", 0.9, 200)])
+def test_eval_matches_timms_eval_transform(paths, crop_mode, crop_pct, size):
+    """Each crop mode as timm's eval transform up to its ToTensor, on landscape, portrait and square test images."""
+    timm_view = create_transform(size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                                 crop_mode=crop_mode).transforms[:2]
+    ours = JpegEvalDecode(size, crop_pct, "bicubic", crop_mode)
+    squares = [pil_to_tensor(Image.open(paths[0]).convert("RGB").resize((300, 300)))]
+    for source in [*paths, *squares]:
+        image = Image.open(source).convert("RGB") if isinstance(source, str) else Image.fromarray(
+            source.permute(1, 2, 0).numpy())
+        expected = pil_to_tensor(timm_view[1](timm_view[0](image)))
+        got = ours(source)
+        assert got.shape == (3, size, size) and got.dtype == torch.uint8
         assert _mean_abs(got, expected) < 0.05 and (got.int() - expected.int()).abs().max() <= 3
 
 

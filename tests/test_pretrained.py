@@ -202,6 +202,30 @@ def test_weights_names_that_cannot_be_had_are_one_line(hub_cache):
     assert resolve_weights("runs/x/checkpoints/best.pth") == "runs/x/checkpoints/best.pth"  # paths stay paths
 
 
+def test_hub_weights_are_evaluated_on_their_published_view_but_for_the_command_lines_keys(hub_cache):
+    """timm's table gives the view of timm's names (no network); another repository's config.json in the hub cache
+    gives its own; a file path leaves the config's; keys set on the command line stay as set."""
+    import json
+    from core.config import load_config
+    from engine.build import adopt_published_view
+    cache = hub_cache[0]
+    snapshot = cache_entry(cache, "someone/convnext_border", {"w": torch.zeros(1)}).parent
+    (snapshot / "config.json").write_text(json.dumps({"pretrained_cfg": {
+        "input_size": [3, 256, 256], "crop_pct": 0.9, "crop_mode": "border", "interpolation": "bilinear",
+        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}))
+    base = ["data.name=synthetic", "data.recipe=imagenet"]
+    for name, overrides, expected in [
+        ("convnext_base.fb_in22k_ft_in1k_384", ["data.crop_pct=0.95"],
+         "eval view: 384 px, crop_mode squash, crop_pct 0.95, bicubic, mean [0.485, 0.456, 0.406] std [0.229, 0.224, "
+         "0.225] (from convnext_base.fb_in22k_ft_in1k_384's published view; data.crop_pct from the command line)"),
+        ("hf-hub:someone/convnext_border", [], "eval view: 256 px, crop_mode border, crop_pct 0.9, bilinear, mean "
+         "[0.5, 0.5, 0.5] std [0.25, 0.25, 0.25] (from hf-hub:someone/convnext_border's published view)"),
+        ("runs/x/checkpoints/best.pth", ["data.img_size=64"],
+         "eval view: 64 px, crop_mode center, crop_pct 0.875, bicubic, synthetic's mean/std (from the config)")]:
+        cfg = load_config(None, base + overrides)
+        assert adopt_published_view(cfg, name, overrides) == expected
+
+
 @pytest.mark.slow
 def test_fine_tune_and_evaluate_from_hub_names_on_two_ranks(hub_cache, tmp_path):
     from test_train_e2e import DEBUG, eval_json, run, run_here
@@ -210,8 +234,10 @@ def test_fine_tune_and_evaluate_from_hub_names_on_two_ranks(hub_cache, tmp_path)
                 "model.patch_size=4", "model.stem_init=default", "schedule.epochs=1", "data.synthetic_train_size=64"],
                nproc=2)
     assert "convnext_atto.d2_in1k: head: skipped head.weight, head.bias (1000 classes" in proc.stdout
-    result = eval_json(run_here(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/convnext_atto-debug"]))
-    assert result["samples"] == 101
+    proc = run_here(["eval.py", "--config", DEBUG, "model.pretrained=hf-hub:someone/convnext_atto-debug",
+                     "model.stem_init=default"])
+    assert eval_json(proc)["samples"] == 101
+    assert "eval view: 32 px, the whole image resized (data.recipe=small)" in proc.stdout
     proc = run_here(["eval.py", "--config", DEBUG, "--checkpoint", "hf-hub:someone/missing"], check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "error: model weights 'hf-hub:someone/missing' are neither in the hub cache" in proc.stderr

@@ -225,6 +225,33 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path):
     assert keep.read_bytes() == b"precious"
 
 
+def test_a_run_without_a_validation_split_trains_checkpoints_and_resumes_exactly(tmp_path):
+    """An image folder with train/ only: asking for evaluation is one line at start that writes nothing; with
+    train.eval_every=0 the run trains, checkpoints at epoch ends and every N steps, writes no best.pth, and a run
+    resumed from a mid-epoch step file ends with the same weights, bit for bit."""
+    root = str(tmp_path / "images")
+    make_jpeg_testbed(root, num_images=16, num_classes=2, seed=0)  # train/ only
+    args = ["train.py", "--config", DEBUG, "data.name=imagefolder", f"data.root={root}", "data.recipe=imagenet",
+            "data.img_size=32", "data.batch_size=4", "model.stem_init=default", "train.deterministic=true",
+            "checkpoint.every_steps=3", "checkpoint.keep_last=10"]
+    refused = tmp_path / "refused"
+    proc = run_here(args + [f"output_dir={refused}"], check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"error: there is no validation split in '{root}'" in proc.stderr and "train.eval_every=0" in proc.stderr
+    assert not refused.exists()
+    out = tmp_path / "run"
+    proc = run_here(args + [f"output_dir={out}", "train.eval_every=0"])
+    assert "train.eval_every=0: no evaluation, so no best.pth" in proc.stdout
+    assert "done: no evaluation (train.eval_every=0)" in proc.stdout
+    files = sorted(os.listdir(out / "checkpoints"))
+    assert files == ["last.pth"] + [f"step_{step:09d}.pth" for step in (3, 4, 6, 8)] and not records(out, "eval")
+    resumed = tmp_path / "resumed"
+    run_here(args + [f"output_dir={resumed}", "train.eval_every=0", "--resume", str(out / "checkpoints" /
+                                                                                 "step_000000006.pth")])
+    ends = [torch.load(folder / "checkpoints" / "last.pth", weights_only=True)["model"] for folder in (out, resumed)]
+    assert all(torch.equal(ends[0][key], ends[1][key]) for key in ends[0])
+
+
 def test_training_starts_from_timm_weights_with_a_new_head(tmp_path):
     from test_pretrained import timm_weights
     path, official = timm_weights(tmp_path)

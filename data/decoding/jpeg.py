@@ -2,7 +2,7 @@
 
     train = JpegTrainDecode()     # the random-resized crop, as timm's train transform draws it
     image = train("/data/train/n01440764/n01440764_10026.JPEG")    # torch.uint8, (3, 224, 224)
-    val = JpegEvalDecode()        # resize to 256 + centre crop 224, as timm's eval transform
+    val = JpegEvalDecode()        # resize to 256 + centre crop 224 as timm's eval transform; also squash, border
 
 The train side draws the same crop boxes as timm's
 `create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")`, from
@@ -179,19 +179,68 @@ class JpegTrainDecode:
 
 
 class JpegEvalDecode:
-    """Image (file, bytes or uint8 tensor) -> uint8 (C, size, size): resize the shorter side to size / crop_pct
-    (antialiased) and keep the centre, as timm's eval transform does before ToTensor.
+    """Image (file, bytes or uint8 tensor) -> uint8 (C, size, size): timm's eval view, before its ToTensor
+    (timm.data.transforms_factory.transforms_imagenet_eval), for each of its crop modes. With scale = floor(size /
+    crop_pct):
+
+    - center: the shorter side resized to scale (aspect kept), the centre size x size kept;
+    - squash: both sides resized to scale (aspect not kept), the centre kept; at crop_pct 1 the whole image, as the
+      official ConvNeXt code evaluates at 384 px;
+    - border: the longer side resized to scale (aspect kept), padded with `fill` to size x size where short (the
+      centre kept where long): at crop_pct 1 the whole image, letterboxed.
 
     Args:
         size: output side in pixels.
-        crop_pct: output side / resized shorter side (timm's default 0.875: 224 of 256).
+        crop_pct: output side / resized side (timm's default 0.875: 224 of 256).
         interpolation: bicubic, bilinear or nearest.
+        crop_mode: center, squash or border.
+        fill: border's padding, one uint8 value per channel (timm: the normalisation mean x 255, rounded).
     """
 
-    def __init__(self, size: int = 224, crop_pct: float = 0.875, interpolation: str = "bicubic"):
-        self.size, self.interpolation = size, interpolation
+    def __init__(self, size: int = 224, crop_pct: float = 0.875, interpolation: str = "bicubic",
+                 crop_mode: str = "center", fill: tuple[int, ...] = (124, 116, 104)):
+        if crop_mode not in ("center", "squash", "border"):
+            raise ValueError(f"crop_mode is center, squash or border, not {crop_mode!r}")
+        self.size, self.interpolation, self.crop_mode, self.fill = size, interpolation, crop_mode, fill
         self.scale_size = math.floor(size / crop_pct)
 
     def __call__(self, source: Source) -> torch.Tensor:
-        resized = resize(load(source), self.scale_size, self.interpolation)
-        return TF.center_crop(resized, [self.size, self.size])
+        image, scale = load(source), self.scale_size
+        if self.crop_mode == "squash":
+            return TF.center_crop(resize_in_pillows_order(image, [scale, scale], self.interpolation),
+                                  [self.size, self.size])
+        if self.crop_mode == "border":
+            fitted = resize(image, longer_side_to(image.shape[1], image.shape[2], scale), self.interpolation)
+            return centre_crop_or_pad(fitted, self.size, self.fill)
+        return TF.center_crop(resize(image, scale, self.interpolation), [self.size, self.size])
+
+
+def resize_in_pillows_order(image: torch.Tensor, size: list[int], interpolation: str) -> torch.Tensor:
+    """uint8 (C, H, W) resized to `size` [h, w] as `resize`, but with its two passes in Pillow's order where the width
+    grows and the height shrinks: Pillow then resamples the height first, torch's kernel the width first, and the
+    two orders round and clip the overshoot of the widened rows differently (by several levels at edges). Where
+    both sides shrink by different factors the orders can differ too, and are left to torch."""
+    height, width = image.shape[1:]
+    if size[1] > width and size[0] < height:
+        image = resize(image, [size[0], width], interpolation)
+    return resize(image, size, interpolation)
+
+
+def longer_side_to(height: int, width: int, side: int) -> list[int]:
+    """[h, w] of a height x width image scaled so that its longer side is `side`, rounded as timm's ResizeKeepRatio
+    (longest=1) rounds."""
+    ratio = max(height / side, width / side)
+    return [round(height / ratio), round(width / ratio)]
+
+
+def centre_crop_or_pad(image: torch.Tensor, size: int, fill: tuple[int, ...]) -> torch.Tensor:
+    """uint8 (C, H, W) -> (C, size, size): padded with `fill` on the short sides (the odd pixel after, as timm's
+    center_crop_or_pad places it), then the centre kept where a side is longer."""
+    channels, height, width = image.shape
+    if height < size or width < size:
+        colour = torch.tensor(fill, dtype=image.dtype)[:channels].view(-1, 1, 1)
+        canvas = colour.expand(channels, max(height, size), max(width, size)).clone()
+        top, left = max(size - height, 0) // 2, max(size - width, 0) // 2
+        canvas[:, top:top + height, left:left + width] = image
+        image = canvas
+    return TF.center_crop(image, [size, size])

@@ -13,7 +13,7 @@ import distributed_utils as du
 from core.config import AugCfg, DataCfg
 from data.augment.batch import BatchNormalize
 from data.loaders.collate import collate_readable, keep_batch
-from data.loaders.recipes import apply_recipe, mean_std
+from data.loaders.recipes import apply_recipe, data_mean_std
 from data.loaders.samplers import ExactShardSampler, build_train_sampler
 from data.loaders.transformed import BatchTransformed, PerSampleTransformed
 from data.sources import DataError, load_splits
@@ -24,23 +24,24 @@ class DatasetInfo:
     num_classes: int
     in_chans: int
     train_size: int  # 0 when the train split was not built
-    val_size: int
+    val_size: int  # 0 when there is no validation split (training without evaluation)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: list[str]
 
 
 def build_datasets(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool = True,
-                   seed: int = 0) -> tuple[Dataset | None, Dataset, DatasetInfo]:
-    """(train set or None when train=False, val set, info); items are (uint8 CHW image, label): batch_transforms
-    finishes them on the device."""
+                   seed: int = 0) -> tuple[Dataset | None, Dataset | None, DatasetInfo]:
+    """(train set or None when train=False, val set or None where training has none, info); items are (uint8 CHW
+    image, label): batch_transforms finishes them on the device."""
     splits = load_splits(data_cfg, train)
-    mean, std = mean_std(data_cfg.name)
+    mean, std = data_mean_std(data_cfg)
     train_set = (apply_recipe(splits.train, data_cfg, aug_cfg, True, seed)
                  if splits.train is not None else None)
-    val_set = apply_recipe(splits.val, data_cfg, aug_cfg, False)
+    val_set = apply_recipe(splits.val, data_cfg, aug_cfg, False) if splits.val is not None else None
     info = DatasetInfo(splits.num_classes, splits.in_chans, len(train_set) if train_set is not None else 0,
-                       len(val_set), mean, std, splits.class_names or [str(i) for i in range(splits.num_classes)])
+                       len(val_set) if val_set is not None else 0, mean, std,
+                       splits.class_names or [str(i) for i in range(splits.num_classes)])
     return train_set, val_set, info
 
 
@@ -100,7 +101,7 @@ def sample_images(dataset: Dataset, data_cfg: DataCfg, pixels: int = 2 ** 22) ->
     indices = torch.linspace(0, len(dataset) - 1, count).long().tolist()
     loader = DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=indices, **_loader_options(dataset, data_cfg))
     images = torch.cat([images for images, _ in loader])
-    return BatchNormalize(*mean_std(data_cfg.name))(images) if images.dtype == torch.uint8 else images
+    return BatchNormalize(*data_mean_std(data_cfg))(images) if images.dtype == torch.uint8 else images
 
 
 def start_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:

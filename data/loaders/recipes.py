@@ -30,10 +30,18 @@ def mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return MEAN_STD.get(name, (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)))
 
 
+def data_mean_std(data_cfg: DataCfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """data.mean and data.std where given, else the data set's own (mean_std)."""
+    if data_cfg.mean:
+        return tuple(data_cfg.mean), tuple(data_cfg.std)
+    return mean_std(data_cfg.name)
+
+
 def imagenet_decode(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool) -> JpegTrainDecode | JpegEvalDecode:
     """The imagenet recipe's per-image part, for loader workers: image -> uint8 (C, img_size, img_size)."""
     if not train:
-        return JpegEvalDecode(data_cfg.img_size, data_cfg.crop_pct, aug_cfg.interpolation)
+        fill = tuple(round(255 * v) for v in data_mean_std(data_cfg)[0])  # border's padding, as timm's
+        return JpegEvalDecode(data_cfg.img_size, data_cfg.crop_pct, aug_cfg.interpolation, data_cfg.crop_mode, fill)
     return JpegTrainDecode(data_cfg.img_size, interpolation=aug_cfg.interpolation, dct_scaling=data_cfg.dct_scaling)
 
 

@@ -28,6 +28,8 @@ def _rows(path: str) -> list[tuple[str, str]]:
 
 def csv_list(cfg: DataCfg, train: bool) -> Splits:
     files = {split: os.path.join(cfg.root, f"{split}.csv") for split in (("train", "val") if train else ("val",))}
+    if train and not os.path.isfile(files["val"]):  # training may go without one (train.eval_every=0)
+        del files["val"]
     rows = {split: _rows(path) for split, path in files.items()}
     labels = {label for split_rows in rows.values() for _, label in split_rows}
     names = None if all(label.lstrip("-").isdigit() for label in labels) else sorted(labels)
@@ -40,4 +42,4 @@ def csv_list(cfg: DataCfg, train: bool) -> Splits:
     for split, source in sources.items():
         check_labels(source.labels, num_classes, lambda i, split=split: f"{files[split]} row {i + 1}",
                      "fix the labels or raise data.num_classes", unit="rows")
-    return Splits(sources.get("train"), sources["val"], num_classes=num_classes, in_chans=3, class_names=names)
+    return Splits(sources.get("train"), sources.get("val"), num_classes=num_classes, in_chans=3, class_names=names)

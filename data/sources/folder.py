@@ -60,8 +60,10 @@ def _class_names(path: str) -> list[str] | None:
 
 def imagefolder(cfg: DataCfg, train: bool) -> Splits:
     train_dir, val_dir = os.path.join(cfg.root, "train"), os.path.join(cfg.root, "val")
-    val, classes = folder_images(val_dir, cfg)
+    has_val = not train or os.path.isdir(val_dir)  # training may go without one (train.eval_every=0)
+    val, classes = folder_images(val_dir, cfg) if has_val else (None, None)
     train_set, train_classes = folder_images(train_dir, cfg) if train else (None, _class_names(train_dir))
+    classes = train_classes if classes is None else classes
     # Labels are positions in the sorted class list, so val must list exactly the train classes. When only
     # evaluating, the train folder names are still checked if they are there.
     if train_classes is not None and train_classes != classes:

@@ -218,7 +218,8 @@ def read_classes(root: str) -> list[str] | None:
 
 def shards(cfg: DataCfg, train: bool) -> Splits:
     """data.name=shards: root/train/ and root/val/ folders of indexed shards, root/classes.txt naming the classes."""
-    val = ShardImages(os.path.join(cfg.root, "val"), cfg.skip_corrupt)
+    val_dir = os.path.join(cfg.root, "val")  # training may go without one (train.eval_every=0)
+    val = ShardImages(val_dir, cfg.skip_corrupt) if not train or os.path.isdir(val_dir) else None
     train_set = ShardImages(os.path.join(cfg.root, "train"), cfg.skip_corrupt) if train else None
     names = read_classes(cfg.root)
     splits = [s for s in (train_set, val) if s is not None]

@@ -14,7 +14,7 @@ from data.sources.base import DataError, ImageSource
 @dataclass
 class Splits:
     train: Optional[ImageSource]  # None when only evaluation was asked for
-    val: ImageSource
+    val: Optional[ImageSource]  # None when training without one (image folder, csv, shards with no val split)
     num_classes: int
     in_chans: int
     class_names: Optional[list[str]] = None  # None: the data set has none (synthetic, integer labels)
@@ -30,7 +30,8 @@ def keep_classes(splits: Splits, classes: Sequence[int]) -> Splits:
     def narrow(source: ImageSource) -> ImageSource:
         return source.subset(np.nonzero(relabel[source.labels] >= 0)[0], relabel)
 
-    return replace(splits, train=narrow(splits.train) if splits.train is not None else None, val=narrow(splits.val),
+    return replace(splits, train=narrow(splits.train) if splits.train is not None else None,
+                   val=narrow(splits.val) if splits.val is not None else None,
                    num_classes=len(classes),
                    class_names=[splits.class_names[c] for c in classes] if splits.class_names else None)
 
