@@ -16,13 +16,13 @@ import data.sources.memory as memory
 import data.sources.file_list as file_list
 from data import (DataError, ExactShardSampler, build_datasets, build_eval_loader, build_train_loader,
                   skipped_images, start_epoch)
-from data.sources import FASHION_MNIST_APT_DIR, TensorImages, load_splits
+from data.sources import FASHION_MNIST_APT_DIR, SOURCES, TensorImages, load_splits
 from data.sources.memory import read_idx
 from data.sources.file_list import list_images
 from data.augment.batch import BatchAugment
 from data.augment.timm_reference import _posterize, allow_zero_bit_posterize
 from data.loaders.recipes import apply_recipe, batch_transforms
-from core.config import Config
+from core.config import CHOICES, Config
 from core.errors import UserError
 
 
@@ -228,6 +228,12 @@ def test_the_file_list_is_torchvisions_cached_beside_the_folder_and_rescanned_wh
     cfg = make_cfg(name="imagefolder", root=str(tmp_path), img_size=32)
     assert build_datasets(cfg.data, cfg.aug)[2].train_size == 8
     monkeypatch.undo()
+    cache = folder + ".files.json"
+    with open(cache, "rb") as f:
+        header, body = f.readline(), f.read()
+    with open(cache, "wb") as f:  # damaged: a name short of the header's counts
+        f.write(header + body.rsplit(b"\0", 1)[0])
+    assert file_list.read_cache(folder) is None and list_images(folder).samples == reference.samples
     def add(path):
         os.makedirs(path.parent, exist_ok=True)
         path.write_bytes(b"x")
@@ -453,3 +459,8 @@ def test_classes_and_train_limit_narrow_a_split(tmp_path):
     assert len(whole.val) == 12 and whole.val.subset(np.arange(3)).name(2) == whole.val.name(2)
     with pytest.raises(DataError, match=r"data.classes=\[0, 3\] must list distinct class indices in 0..2"):
         load_splits(make_cfg(name="imagefolder", root=str(tmp_path), classes=[0, 3]).data)
+
+
+def test_the_config_allows_exactly_the_sources_there_are():
+    """data.name's choices (checked before anything is built) and the table of sources name the same sources."""
+    assert sorted(CHOICES["data.name"]) == sorted(SOURCES)

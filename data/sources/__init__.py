@@ -10,8 +10,9 @@ the base and in load_splits. Adding a source:
      encoded bytes or a uint8 (C, H, W) tensor from read(i), a name for messages from name(i), and from
      _select(keep) a copy holding those samples; set `decode` if what read returns is not what a Pillow or
      libjpeg decoder takes (the recipes replace it anyway);
-  2. a builder (cfg: DataCfg, train: bool) -> Splits beside it, and its row in SOURCES below (and the name in
-     core.config's choices for data.name).
+  2. a builder (cfg: DataCfg, train: bool) -> Splits beside it, and its row in SOURCES below (and its name among
+     data.name's choices in core/config_validation.py, which checks a config before anything is built; a test holds
+     the two lists equal).
 """
 from __future__ import annotations
 

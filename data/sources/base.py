@@ -152,6 +152,23 @@ class PackedStrings:
         self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         self.ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
 
+    @classmethod
+    def split(cls, buffer: np.ndarray, count: int, separator: int = 0) -> "PackedStrings":
+        """The `count` strings of `buffer` (uint8), joined by `separator` bytes as `joined` writes them, without a
+        Python object per string; ValueError when the buffer holds another count."""
+        cuts = np.flatnonzero(buffer == separator)
+        found = len(cuts) + 1 if len(buffer) else 0
+        if found != count:
+            raise ValueError(f"{found} strings where {count} were expected")
+        out = cls()
+        if count:
+            out.data, out.ends = np.delete(buffer, cuts), np.append(cuts, len(buffer)) - np.arange(count)
+        return out
+
+    def joined(self, separator: int = 0) -> bytes:
+        """The strings' bytes with `separator` between them (what `split` reads back)."""
+        return np.insert(self.data, self.ends[:-1], separator).tobytes()
+
     def __len__(self) -> int:
         return len(self.ends)
 

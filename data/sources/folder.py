@@ -27,9 +27,11 @@ class FileImages(ImageSource):
 
     decode = staticmethod(default_loader)  # torchvision's: a PIL RGB image
 
-    def __init__(self, folder: str, paths: Sequence[str], labels: Sequence[int], skip_corrupt: bool = False):
+    def __init__(self, folder: str, paths: Sequence[str] | PackedStrings, labels: Sequence[int] | np.ndarray,
+                 skip_corrupt: bool = False):
         super().__init__(labels, skip_corrupt)
-        self.folder, self.paths = os.path.abspath(folder), PackedStrings(paths)
+        self.folder = os.path.abspath(folder)
+        self.paths = paths if isinstance(paths, PackedStrings) else PackedStrings(paths)
 
     def read(self, i: int) -> str:
         return os.path.join(self.folder, self.paths[i])
@@ -46,9 +48,7 @@ class FileImages(ImageSource):
 def folder_images(folder: str, cfg: DataCfg) -> tuple[FileImages, list[str]]:
     """A split folder's images (its file list cached, the same on every rank) and its classes."""
     listing = list_images(folder, cache=cfg.cache_file_list)
-    start = len(os.path.abspath(folder)) + 1  # the list's paths are absolute: keep them relative to the folder
-    return (FileImages(folder, [path[start:] for path, _ in listing.samples],
-                       [label for _, label in listing.samples], cfg.skip_corrupt), listing.classes)
+    return FileImages(listing.folder, listing.paths, listing.labels, cfg.skip_corrupt), listing.classes
 
 
 def _class_names(path: str) -> list[str] | None:
