@@ -241,7 +241,8 @@ def test_a_header_claiming_too_many_pixels_is_refused_before_decoding(decoder, m
 def test_hostile_jpegs_decode_or_raise_within_a_second_and_a_gigabyte(decoder):
     """Headers claiming up to 65500 x 65500 pixels, truncations, bit flips and scrambled markers, through the train
     and the eval decode, in a forked child (one thread, as a loader worker): each decodes or raises DataError within
-    1 s, and the child's peak resident memory (C allocations included) grows by under 1 GB. Pillow does not report
+    1 s, and the child's peak resident memory (C allocations included) grows by under 64 MB (asked: 1 GB; a decode
+    running on to a claimed 13377 x 13377 would take 512 MB or more). Pillow does not report
     libjpeg's corrupt-data warnings, so a claim its file has the bytes for but whose scan ends early runs to the claimed
     size there; such files are left out of its run (scripts/hostile_jpegs.py measures them)."""
     if decoder == "region" and not jpeg_region.available():
@@ -269,7 +270,7 @@ def test_hostile_jpegs_decode_or_raise_within_a_second_and_a_gigabyte(decoder):
     result = in_child(decode_all)
     assert "outcome" not in result, result["outcome"]  # anything but DataError, or the child killed
     assert max(result["seconds"].values()) < 1, result["seconds"]
-    assert result["peak_mb"] < 1024, result
+    assert result["peak_mb"] < 64, result
 
 
 @needs_region
