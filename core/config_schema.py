@@ -48,6 +48,8 @@ class DataCfg:
     classes: list = field(default_factory=list)  # keep only these class indices, relabelled 0..k-1 ([]: all)
     train_limit: int = 0  # train on a fixed random subset of this many images (0: all), for quick experiments
     skip_corrupt: bool = False  # imagefolder, shards, hf: skip unreadable images with a warning instead of stopping
+    max_image_pixels: int = 178_956_970  # imagenet recipe: refuse images whose header claims more (a corrupt header
+    # or a decompression bomb) before decoding; Pillow's limit (2 x PIL.Image.MAX_IMAGE_PIXELS); 0: no limit
     cache_file_list: bool = True  # imagefolder: rank 0 lists the files once, cached beside them (data.file_list)
     download: bool = False  # fetch fashion_mnist / cifar with torchvision when missing (needs network)
     hf_name: str = ""  # data.name=hf: a hub id (ILSVRC/imagenet-1k), or a folder of parquet files or save_to_disk

@@ -26,7 +26,7 @@ NON_NEGATIVE = ("data.train_limit", "data.eval_batch_size", "data.num_classes", 
                 "model.drop_path", "model.layer_scale_init", "aug.mixup", "aug.cutmix",
                 "train.clip_grad", "train.threads", "checkpoint.every_steps", "checkpoint.keep_best",
                 "train.global_batch", "train.max_bad_steps", "dist.bucket_cap_mb", "train.profile",
-                "train.profile_wait", "train.eval_every")
+                "train.profile_wait", "train.eval_every", "data.max_image_pixels")
 UNIT_INTERVAL = ("optim.layer_decay", "aug.smoothing", "aug.reprob", "aug.hflip", "aug.mixup_prob",
                  "aug.mixup_switch_prob", "ema.decay", "model.drop_path")
 

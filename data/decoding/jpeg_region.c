@@ -10,6 +10,7 @@
 #include <string.h>
 #include <setjmp.h>
 #include <jpeglib.h>
+#include <jerror.h>
 
 typedef struct {
   struct jpeg_error_mgr pub;
@@ -28,16 +29,23 @@ static void rd_error_exit(j_common_ptr cinfo) {
   longjmp(e->jb, 1);
 }
 
+/* Warnings that leave the pixels as the file's encoder made them: metadata libjpeg does not know (a JFIF revision,
+ * an Adobe transform code), SOS parameters odd for a sequential file, and bytes skipped between segments (padding
+ * before a marker, after a scan whose data was whole). (A bad ICC marker is reported only to jpeg_read_icc_profile,
+ * never called here.) Every other warning means the entropy-coded data is missing or garbled (premature end of file,
+ * a marker met mid-scan, a bad Huffman or arithmetic code, a lost restart, scans out of order): libjpeg would then
+ * fill the image's remaining rows, up to the size the header claims, with made-up blocks, so such a warning stops the
+ * decode at once, as an error. Unknown codes count as corrupt. */
+static int rd_harmless(int code) {
+  return code == JWRN_JFIF_MAJOR || code == JWRN_ADOBE_XFORM || code == JWRN_NOT_SEQUENTIAL ||
+         code == JWRN_EXTRANEOUS_DATA;
+}
+
 static void rd_emit_message(j_common_ptr cinfo, int level) {
-  /* level < 0: warning (e.g. corrupt data / premature end); count it, keep the first message, print nothing */
+  /* level < 0: a warning; a harmless one is counted, a corrupt-data one ends the decode as error_exit does */
   if (level < 0) {
-    rd_err *e = (rd_err *)cinfo->err;
-    if (cinfo->err->num_warnings == 0 && e->msg && e->msglen > 0) {
-      char buf[JMSG_LENGTH_MAX];
-      (*cinfo->err->format_message)(cinfo, buf);
-      snprintf(e->msg, e->msglen, "warning: %s", buf);
-    }
     cinfo->err->num_warnings++;
+    if (!rd_harmless(cinfo->err->msg_code)) rd_error_exit(cinfo);
   }
 }
 
@@ -70,9 +78,9 @@ static long lround_div(long a, long b) { return (2 * a + b) / (2 * b); } /* roun
  * The box maps to [round(left*num/8), round((left+width)*num/8)) (same for rows) in the scaled image,
  * clamped to it; out receives exactly that, out_h x out_w x 3, rows packed.
  * info (out): [0]=out_h [1]=out_w [2]=scale_num [3]=scaled image width [4]=scaled image height
- *   [5]=x offset returned by jpeg_crop_scanline [6]=width returned by it [7]=warnings (corrupt data)
+ *   [5]=x offset returned by jpeg_crop_scanline [6]=width returned by it [7]=harmless warnings (rd_harmless)
  *   [8]=jpeg_color_space [9]=progressive
- * Returns 0; -1 libjpeg error (message in err); -2 out_cap too small (info[0..1] tell the size needed);
+ * Returns 0; -1 libjpeg error or corrupt data (message in err); -2 out_cap too small (info[0..1] tell the size needed);
  *   -3 bad box; -4 unsupported colour space.
  * Greyscale comes out as RGB (libjpeg-turbo's GRAYSCALE->RGB); CMYK/YCCK are decoded to CMYK and converted
  * as torchvision/PIL do for Adobe (inverted) CMYK: R = C*K/255 etc.

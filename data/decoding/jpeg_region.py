@@ -6,7 +6,8 @@
 
 Without the library (no C compiler or no libjpeg headers when `make setup` ran) `available()` is False and the
 loader decodes whole images with Pillow instead. Both functions raise `RegionError` with libjpeg's message for a file
-libjpeg cannot read, including one whose rows up to the end of the box are truncated or corrupt.
+libjpeg cannot read, including one whose rows up to the end of the box are truncated or corrupt: the decode stops at
+the first corrupt-data warning, not after filling the rest of the claimed image (jpeg_region.c, rd_harmless).
 """
 from __future__ import annotations
 
@@ -73,11 +74,11 @@ def decode(data: np.ndarray, box: tuple[int, int, int, int], min_side: int = 0) 
     error = ctypes.create_string_buffer(_ERROR_BYTES)
     code = _library().rd_decode(data.ctypes.data, data.size, top, left, height, width, min_side, out.ctypes.data,
                                 out.size, info.ctypes.data, error, _ERROR_BYTES)
-    if code != 0 or info[7]:  # an error, or a warning (corrupt or truncated data before the box's end)
+    if code != 0:  # an error, or corrupt or truncated data before the box's end (the decode stopped there)
         raise RegionError(_message(error) or f"libjpeg failed ({code})")
     h, w = int(info[0]), int(info[1])
     return torch.from_numpy(out[:h * w * 3]).view(h, w, 3).permute(2, 0, 1)
 
 
 def _message(error: ctypes.Array) -> str:
-    return error.value.decode(errors="replace").removeprefix("warning: ")
+    return error.value.decode(errors="replace")

@@ -41,8 +41,10 @@ def imagenet_decode(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool) -> JpegTrai
     """The imagenet recipe's per-image part, for loader workers: image -> uint8 (C, img_size, img_size)."""
     if not train:
         fill = tuple(round(255 * v) for v in data_mean_std(data_cfg)[0])  # border's padding, as timm's
-        return JpegEvalDecode(data_cfg.img_size, data_cfg.crop_pct, aug_cfg.interpolation, data_cfg.crop_mode, fill)
-    return JpegTrainDecode(data_cfg.img_size, interpolation=aug_cfg.interpolation, dct_scaling=data_cfg.dct_scaling)
+        return JpegEvalDecode(data_cfg.img_size, data_cfg.crop_pct, aug_cfg.interpolation, data_cfg.crop_mode, fill,
+                              data_cfg.max_image_pixels)
+    return JpegTrainDecode(data_cfg.img_size, interpolation=aug_cfg.interpolation, dct_scaling=data_cfg.dct_scaling,
+                           max_pixels=data_cfg.max_image_pixels)
 
 
 def batch_transforms(data_cfg: DataCfg, aug_cfg: AugCfg, mean: Sequence[float],
