@@ -39,21 +39,8 @@ def get(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
-        if get(cfg, key) not in allowed:
-            raise ConfigError(f"config key '{key}' is {get(cfg, key)!r}; allowed: {', '.join(allowed)}")
-    for key in POSITIVE:
-        if get(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {get(cfg, key)}")
-    for key in NON_NEGATIVE:
-        if get(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {get(cfg, key)}")
-    for key in UNIT_INTERVAL:
-        if not 0.0 <= get(cfg, key) <= 1.0:
-            raise ConfigError(f"config key '{key}' must be within [0, 1], got {get(cfg, key)}")
-    if cfg.data.num_workers < -1:
-        raise ConfigError(f"data.num_workers is a number of loader processes, 0 to load in the training process or "
-                          f"-1 for one per core; got {cfg.data.num_workers}")
+    """ConfigError, naming the key and what is allowed, for the first value the run cannot use."""
+    _check_ranges(cfg)
     if cfg.aug.rand_augment and not cfg.aug.rand_augment.startswith("rand"):
         raise ConfigError(f"aug.rand_augment={cfg.aug.rand_augment!r} is not a timm RandAugment string; give one such "
                           f"as 'rand-m9-mstd0.5-inc1', or '' for none")
@@ -78,6 +65,30 @@ def validate(cfg: Config) -> None:
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
         raise ConfigError(f"schedule.warmup_epochs ({cfg.schedule.warmup_epochs}) exceeds schedule.epochs "
                           f"({cfg.schedule.epochs}); lower warmup_epochs or raise epochs")
+    _check_data(cfg)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Each key within its allowed values or range."""
+    for key, allowed in CHOICES.items():
+        if get(cfg, key) not in allowed:
+            raise ConfigError(f"config key '{key}' is {get(cfg, key)!r}; allowed: {', '.join(allowed)}")
+    for key in POSITIVE:
+        if get(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get(cfg, key)}")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= get(cfg, key) <= 1.0:
+            raise ConfigError(f"config key '{key}' must be within [0, 1], got {get(cfg, key)}")
+    if cfg.data.num_workers < -1:
+        raise ConfigError(f"data.num_workers is a number of loader processes, 0 to load in the training process or "
+                          f"-1 for one per core; got {cfg.data.num_workers}")
+
+
+def _check_data(cfg: Config) -> None:
+    """The data and evaluation keys agree with each other."""
     if not 0 < cfg.data.crop_pct <= 1:
         raise ConfigError(f"data.crop_pct is the eval output's side over the resized side, in (0, 1]; got "
                           f"{cfg.data.crop_pct}")
