@@ -23,6 +23,7 @@ import io
 import json
 import os
 import random
+import resource
 import signal
 import sys
 import tarfile
@@ -284,13 +285,15 @@ def _locked(dst: str) -> Iterator[None]:
 
 @dataclass
 class Written:
-    """What one split's write did: images in all, written by this run, in how many seconds, on how many processes."""
+    """What one split's write did: images in all, written by this run, in how many seconds, on how many processes,
+    using how many CPU-seconds of them (the measure of throughput per core that a busy machine does not skew)."""
     images: int
     shards: int
     written: int = 0
     written_shards: int = 0
     seconds: float = 0.0
     processes: int = 0
+    cpu_seconds: float = 0.0
 
     def line(self, split: str) -> str:
         head = f"{split}: {self.images} images in {self.shards} shards"
@@ -298,13 +301,19 @@ class Written:
             return f"{head}, all there already"
         there = self.shards - self.written_shards
         return (f"{head}; wrote {self.written_shards} shards ({self.written} images) in {self.seconds:.1f} s, "
-                f"{_rate(self.written, self.seconds, self.processes)}" + (f"; {there} were there" if there else ""))
+                f"{_rate(self.written, self.seconds, self.processes, self.cpu_seconds)}" +
+                (f"; {there} were there" if there else ""))
 
 
-def _rate(images: int, seconds: float, processes: int) -> str:
-    per_s = images / max(seconds, 1e-9)
-    return (f"{per_s:.0f} images/s on {processes} process{'es' if processes != 1 else ''} "
-            f"({per_s / max(processes, 1):.0f} a process)")
+def _rate(images: int, seconds: float, processes: int, cpu_seconds: float) -> str:
+    return (f"{images / max(seconds, 1e-9):.0f} images/s on {processes} process{'es' if processes != 1 else ''}, "
+            f"{images / max(cpu_seconds, 1e-9):.0f} images per CPU-second")
+
+
+def _children_cpu() -> float:
+    """CPU-seconds (user and system) of this process's ended and waited-for children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _index_current(out: str) -> bool:
@@ -326,16 +335,27 @@ def _write_split(split: str, out: str, shards: list[list[tuple[object, str, int]
     done = Written(sum(map(len, shards)), len(shards), sum(len(job[1]) for job in jobs), len(jobs))
     if jobs:
         done.processes = min(max(1, workers), len(jobs))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _children_cpu()
         with Pool(done.processes, initializer=_start_writer, initargs=(source.read,)) as pool, \
                 tqdm(total=done.images, initial=done.images - done.written, desc=f"writing {out}",
                      unit="image") as bar:
             for count in pool.imap_unordered(_write_shard, jobs):
                 bar.update(count)
-        done.seconds = time.perf_counter() - start
+        done.seconds, done.cpu_seconds = time.perf_counter() - start, _children_cpu() - cpu  # the pool has ended
     if jobs or not _index_current(out):
         build_index(out, workers)
     return done
+
+
+def _report(dst: str, done: dict[str, Written]) -> None:
+    """A line per split, and one in all."""
+    for split, written in done.items():
+        print(written.line(split))
+    images, seconds = sum(w.written for w in done.values()), sum(w.seconds for w in done.values())
+    processes, cpu_seconds = max(w.processes for w in done.values()), sum(w.cpu_seconds for w in done.values())
+    print(f"wrote {', '.join(f'{w.images} {split}' for split, w in done.items())} images to '{dst}'" +
+          (f"; {images} this run in {seconds:.1f} s, {_rate(images, seconds, processes, cpu_seconds)}"
+           if images else ", all there already"))
 
 
 def write_shards(src: str | tuple[dict[str, SplitSource], list[str] | None], dst: str, shard_size: int = 1000,
@@ -360,12 +380,7 @@ def write_shards(src: str | tuple[dict[str, SplitSource], list[str] | None], dst
         if classes:
             atomic_write(os.path.join(dst, CLASSES), lambda f: f.write("".join(c + "\n" for c in classes)),
                          binary=False)
-    for split, written in done.items():
-        print(written.line(split))
-    images, seconds = sum(w.written for w in done.values()), sum(w.seconds for w in done.values())
-    print(f"wrote {', '.join(f'{w.images} {split}' for split, w in done.items())} images to '{dst}'" +
-          (f"; {images} this run in {seconds:.1f} s, {_rate(images, seconds, max(w.processes for w in done.values()))}"
-           if images else ", all there already"))
+    _report(dst, done)
     return {split: w.images for split, w in done.items()}
 
 
