@@ -1,13 +1,17 @@
 """Tar shards: the writer (identical output), the reader (the image folder's samples, by index) and its bad input."""
+import fcntl
 import filecmp
 import glob
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,8 +19,8 @@ from core.config import Config
 from data import build_datasets, build_eval_loader, skipped_images
 from data.sources import DataError
 from data.decoding.jpeg import load
-from shards import main, write_shards
-from data.sources.shards import INDEX, ShardImages, build_index
+from shards import MANIFEST, main, write_shards
+from data.sources.shards import INDEX, ShardImages, build_index, shard_files
 from testbed import make_jpeg_testbed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,3 +226,116 @@ def test_the_data_tools_end_a_user_error_with_one_line_and_exit_code_2(folder, t
     assert "has neither train/ nor val/" in errors["write"] and "no .tar shards" in errors["index"]
     assert "no-such-set" in errors["prefetch"] and "2 classes for 1 images" in errors["testbed"]
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "bed")
+
+
+STALLING_WRITER = '''
+import os, sys, time
+from shards import file_bytes, folder_sources, write_shards
+
+reads = 0
+
+def stall_at_read(path):
+    """The source's reader, stopping for good at read number STALL_AT (a mark file says it got there)."""
+    global reads
+    reads += 1
+    if reads == int(os.environ["STALL_AT"]):
+        open(os.environ["STALL_MARK"], "w").close()
+        time.sleep(600)
+    return file_bytes(path)
+
+if __name__ == "__main__":
+    sources, classes = folder_sources(sys.argv[1])
+    for source in sources.values():
+        source.read = stall_at_read
+    write_shards((sources, classes), sys.argv[2], shard_size=2, workers=1)
+'''
+
+
+def tree(root):
+    """{relative path: bytes} of every file under root; an index by its columns, less the shards' mtimes."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            if name == INDEX:
+                with np.load(path) as index:
+                    files[os.path.relpath(path, root)] = {k: index[k].tolist() for k in index if k != "shard_mtime"}
+            else:
+                files[os.path.relpath(path, root)] = open(path, "rb").read()
+    return files
+
+
+def wait_for_lock(folder, seconds=30):
+    """Until no process holds the writer's lock on `folder`."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the killed writer's processes still hold the lock"
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
+def test_a_writer_killed_mid_way_resumes_to_the_bytes_of_a_write_never_stopped(folder, tmp_path, capsys):
+    """SIGKILL to the writer and its process while shard 3 of train is half written (the reader stalls on its second
+    image), then the same arguments again: the finished shards are kept, the half one never reads as a shard, and
+    every file ends as an uninterrupted write's (on 3 processes: the bytes do not depend on how many)."""
+    whole, out = str(tmp_path / "whole"), str(tmp_path / "out")
+    write_shards(folder, whole, shard_size=2, workers=3)
+    script, mark = tmp_path / "stalling.py", tmp_path / "stalled"
+    script.write_text(STALLING_WRITER)
+    env = {**os.environ, "STALL_AT": "8", "STALL_MARK": str(mark),
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "scripts"), os.environ.get("PYTHONPATH", "")])}
+    writer = subprocess.Popen([sys.executable, str(script), folder, out], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not mark.exists() and writer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mark.exists(), "the writer did not get to the stall"
+    finally:
+        os.killpg(writer.pid, signal.SIGKILL)
+        writer.wait()
+    wait_for_lock(out)  # the writer's own process may end a moment after the main one
+    train = os.path.join(out, "train")
+    finished = {name: os.stat(os.path.join(train, name)).st_ino for name in shard_files(train)}
+    assert sorted(finished) == [f"train-{n:06d}.tar" for n in range(3)]
+    assert [n for n in os.listdir(train) if n.startswith(".train-000003.tar.")]  # the half shard, hidden
+    assert not os.path.exists(os.path.join(out, "val"))
+    main(["write", folder, out, "--shard-size", "2", "--workers", "2"])
+    assert "train: 12 images in 6 shards; wrote 3 shards (6 images)" in capsys.readouterr().out
+    assert {name: os.stat(os.path.join(train, name)).st_ino for name in finished} == finished  # not written again
+    assert tree(out) == tree(whole)
+    main(["write", folder, out, "--shard-size", "2", "--workers", "2"])  # done: nothing to do
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote 12 train, 7 val images to '{out}', all there already"
+
+
+def test_a_write_with_other_arguments_is_refused_until_overwrite_starts_it_over(folder, shards, tmp_path):
+    before = tree(shards)
+    for args, difference in (([], "shard_size 5 then, 1000 now"), (["--keep-order"], "shuffle True then, False now"),
+                             (["--max-side", "64"], "max_side 0 then, 64 now")):
+        args = args + ["--shard-size", "5"] * bool(args)
+        with pytest.raises(DataError, match=rf"^'{shards}' holds a write with other arguments or from another "
+                                            rf"source \({difference}\); rerun it with its own arguments to finish it, "
+                                            rf"or add --overwrite to start over$"):
+            main(["write", folder, shards, *args])
+    assert tree(shards) == before
+    main(["write", folder, shards, "--shard-size", "4", "--overwrite"])
+    write_shards(folder, str(tmp_path / "fresh"), shard_size=4)
+    assert tree(shards) == tree(str(tmp_path / "fresh"))
+    os.remove(os.path.join(shards, MANIFEST))  # shards without a manifest: another tool's, or an older writer's
+    with pytest.raises(DataError, match=r"holds shards without a manifest.json .*train-000000.tar, ...\); write to an "
+                                        r"empty folder, or add --overwrite to replace them$"):
+        write_shards(folder, shards, shard_size=4)
+    with open(os.path.join(folder, "val", "c0000", "extra.jpg"), "wb") as f:  # the source changed
+        f.write(open(glob.glob(os.path.join(folder, "val", "c0000", "*"))[0], "rb").read())
+    try:
+        with pytest.raises(DataError, match=r"\(7 val images then, 8 now\); rerun it with its own arguments"):
+            write_shards(folder, str(tmp_path / "fresh"), shard_size=4)
+    finally:
+        os.remove(os.path.join(folder, "val", "c0000", "extra.jpg"))
