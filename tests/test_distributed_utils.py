@@ -3,6 +3,7 @@ torchrun runs on CPU/gloo. Reading the launch environment: test_launch.py."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
@@ -11,11 +12,15 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import distributed_utils as du
 from core.cli import run_main
+from core.config import Config
+from engine.build import ProcessSettings, init_process, seed_everything
+from engine.preemption import SIGNALS, StopRequest
 from test_launch import TORCHRUN_2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +138,34 @@ def test_run_success_returns(single):
     calls = []
     run_main(lambda: calls.append(du.setup()))
     assert len(calls) == 1 and not torch.distributed.is_initialized()
+
+
+def draws() -> tuple[float, float, float]:
+    """One number from each random generator an entry point seeds: Python's, numpy's, torch's."""
+    return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+
+def test_process_settings_put_back_what_an_entry_point_sets(single, monkeypatch, tmp_path):
+    """What an entry point's start sets for the whole process (the stop signals' handlers; init_process: the process
+    context, threads, deterministic mode and its cuBLAS workspace; the seeds) is undone when a block that kept the
+    process's settings ends, and the random generators go on from where they were."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cfg = Config()
+    cfg.output_dir, cfg.train.threads, cfg.train.deterministic = str(tmp_path), torch.get_num_threads() + 1, True
+    threads, environ = torch.get_num_threads(), dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    with ProcessSettings.kept():
+        following = draws()
+    with ProcessSettings.kept():
+        StopRequest()
+        init_process(cfg)
+        seed_everything(0)
+        assert draws() != following and du._ctx is not None and "CUBLAS_WORKSPACE_CONFIG" in os.environ
+        assert torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == cfg.train.threads
+        assert {sig: signal.getsignal(sig) for sig in SIGNALS} != handlers
+    assert draws() == following and du._ctx is None and dict(os.environ) == environ
+    assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
+    assert {sig: signal.getsignal(sig) for sig in SIGNALS} == handlers
 
 
 # ---------------------------------------------------------------------------------------------------------------------
