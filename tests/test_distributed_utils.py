@@ -6,11 +6,6 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +16,7 @@ from core.cli import run_main
 from core.config import Config
 from engine.build import ProcessSettings, init_process, seed_everything
 from engine.preemption import SIGNALS, StopRequest
-from test_launch import TORCHRUN_2
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import TORCHRUN_2, launch_script
 
 
 @pytest.fixture(autouse=True)
@@ -172,38 +165,9 @@ def test_process_settings_put_back_what_an_entry_point_sets(single, monkeypatch,
 # Real processes
 
 
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                       "MASTER_ADDR", "MASTER_PORT")}
-    # The project is installed in the venv; the tests folder is on the path for job scripts that reuse test helpers.
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")]),
-               CUDA_VISIBLE_DEVICES="")
-    return env
-
-
-def _launch(tmp_path: Path, body: str, nproc: int | None, timeout: float = 450,
-            args: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
-    """Run `body` as a script, via torchrun with `nproc` workers (or plainly when None); kill it all on timeout."""
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(body))
-    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    start = time.monotonic()
-    # A session of its own, so a hung run can be killed with its workers rather than leaving them behind.
-    proc = subprocess.Popen([sys.executable, *launcher, str(script), *args], cwd=tmp_path, env=_child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"job still running after {timeout}s: a failure did not end it")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.monotonic() - start
-
-
 @pytest.mark.slow
 def test_torchrun_two_ranks_reduce_broadcast_print0(tmp_path):
-    result, _ = _launch(tmp_path, """
+    result, _ = launch_script(tmp_path, """
         import torch
         import distributed_utils as du
         from core.cli import run_main
@@ -236,7 +200,7 @@ def test_torchrun_two_ranks_reduce_broadcast_print0(tmp_path):
 ])
 def test_failing_rank_ends_the_job(tmp_path, error, expected, absent):
     # Rank 0 sits in a collective with a long timeout; only rank 1's exit can end this quickly.
-    result, seconds = _launch(tmp_path, f"""
+    result, seconds = launch_script(tmp_path, f"""
         import torch
         import distributed_utils as du
         from core.cli import run_main
@@ -259,7 +223,7 @@ def test_failing_rank_ends_the_job(tmp_path, error, expected, absent):
 
 @pytest.mark.slow
 def test_user_error_single_process_is_one_line_exit_2(tmp_path):
-    result, _ = _launch(tmp_path, """
+    result, _ = launch_script(tmp_path, """
         import distributed_utils as du
         from core.cli import run_main
         from core.errors import UserError
@@ -279,7 +243,7 @@ def test_user_error_single_process_is_one_line_exit_2(tmp_path):
 def test_main_first_waits_past_the_collective_timeout_when_told_to(tmp_path):
     """Rank 0's work (a data set's first download) outlasts dist.timeout_s (3 s here): with wait_s the other rank
     waits for it, asking every second, and then runs its own part; rank 0's result is rank 0's."""
-    result, _ = _launch(tmp_path, """
+    result, _ = launch_script(tmp_path, """
         import time
         import distributed_utils as du
         from core.cli import run_main

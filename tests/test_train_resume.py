@@ -14,8 +14,7 @@ from core.config import CheckpointCfg, Config, to_dict
 from core.errors import CheckpointError, NonFiniteLoss
 from core.files import load_checkpoint
 from engine.checkpointing import Checkpointer, RunState
-from test_checkpoint import tmpfs
-from test_loop import loader, parts_for, run_epoch, tiny_model
+from helpers import loader, parts_for, run_epoch, tiny_model, tmpfs
 
 
 def checkpointer_for(parts, output_dir="unused", run=None, **cfg) -> Checkpointer:

@@ -12,11 +12,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from core.config import ConfigError
 from engine.build import load_run_config
-from test_train_e2e import DEBUG, ROOT, records, run
+from engine.checkpointing import last_checkpoint
+from engine.logging import read_metrics
+from helpers import DEBUG, ROOT, run
 
 WANDB_SITE = os.environ.get("WANDB_SITE", "")
 
@@ -67,7 +68,7 @@ def test_a_run_without_log_wandb_never_imports_it(tmp_path):
     code = (f"import runpy, sys; sys.modules['wandb'] = None; sys.argv = {argv!r}; "
             "runpy.run_path('train.py', run_name='__main__')")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=900)
-    assert records(str(tmp_path), "eval")
+    assert read_metrics(str(tmp_path), "eval")
 
 
 def test_asking_for_wandb_without_it_installed_says_how_to_install(monkeypatch):
@@ -100,11 +101,11 @@ def test_wandb_offline_records_what_tensorboard_gets_and_a_resumed_run_continues
     files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))
     assert len(files) == 2  # one per start, rank 0 only
     (first_id, config, first), (second_id, _, second) = read_back(*files)
-    kept = torch.load(os.path.join(out, "checkpoints", "last.pth"), weights_only=True)["wandb_id"]
+    kept = last_checkpoint(out)["wandb_id"]
     assert first_id == second_id == kept and len(kept) == 12  # the resumed run continues the W&B run
     assert {"model", "data", "optim", "log", "seed"} <= config
     logged = {**first, **second}
-    for record in records(out, "train") + records(out, "eval"):
+    for record in read_metrics(out, "train") + read_metrics(out, "eval"):
         kind = "eval" if "top1" in record else "train"
         step = record["step"] if kind == "train" else 8 * (record["epoch"] + 1)  # 8 steps an epoch
         for name in ("loss", "lr") if kind == "train" else ("top1", "top5", "ema_top1"):
