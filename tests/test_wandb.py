@@ -17,7 +17,7 @@ from core.config import ConfigError
 from engine.build import load_run_config
 from engine.checkpointing import last_checkpoint
 from engine.logging import read_metrics
-from helpers import DEBUG, run, run_here
+from helpers import DEBUG, ROOT, run, run_here
 
 WANDB_SITE = os.environ.get("WANDB_SITE", "")
 
@@ -79,9 +79,10 @@ def test_asking_for_wandb_without_it_installed_says_how_to_install(monkeypatch):
 
 
 def read_back(*paths):
-    """summary(path) of each path, in one process that sees WANDB_SITE."""
+    """summary(path) of each path, in one process that sees WANDB_SITE, and this checkout's code for the module's
+    own imports (helpers)."""
     out = subprocess.run([sys.executable, __file__, *paths], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": WANDB_SITE})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([WANDB_SITE, str(ROOT)])})
     return [(run_id, set(config), {int(step): items for step, items in history.items()})
             for run_id, config, history in json.loads(out.stdout)]
 
