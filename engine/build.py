@@ -10,12 +10,14 @@ and run the same model the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
 import random
+import signal
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from engine.ema import Ema
 from engine.loop import TrainParts
 from engine.optim import accum_steps_for, create_optimizer, global_batch, lr_at, scaled_lr, schedule_steps
 from engine.precision import resolve_amp
+from engine.preemption import SIGNALS as STOP_SIGNALS
 from models import check_model_name, create_model
 from models.pretrained import published_view
 
@@ -176,6 +179,63 @@ def init_process(cfg: Config) -> du.DistContext:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
     return ctx
+
+
+@dataclass
+class ProcessSettings:
+    """What running an entry point's main changes for its whole process, beyond its run: the process group
+    (du.setup), torch's threads, deterministic mode, cuDNN autotuning and matmul precision (init_process), the
+    environment (CUBLAS_WORKSPACE_CONFIG, the rank variables a hand launch exports), the stop signals' handlers
+    (engine.preemption) and the random generators (seed_everything).
+
+    A process that outlives one main (the tests run train.py and eval.py inside their own) notes them first and
+    restores them after: `with ProcessSettings.kept(): main()`.
+    """
+    threads: int
+    deterministic: tuple[bool, bool]  # enabled, warn only
+    cudnn_benchmark: bool
+    matmul_precision: str
+    environ: dict[str, str]
+    handlers: dict[signal.Signals, Any]
+    rng: tuple[Any, ...]  # Python's, numpy's, torch's CPU generator, then each GPU's (None if CUDA is not started)
+
+    @classmethod
+    def current(cls) -> ProcessSettings:
+        deterministic = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        return cls(torch.get_num_threads(), deterministic,
+                   torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision(), dict(os.environ),
+                   {sig: signal.getsignal(sig) for sig in STOP_SIGNALS},
+                   (random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda))
+
+    def restore(self) -> None:
+        """Leave the process group (if any), then put every setting back as noted."""
+        du.cleanup()
+        torch.set_num_threads(self.threads)
+        torch.use_deterministic_algorithms(self.deterministic[0], warn_only=self.deterministic[1])
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        os.environ.clear()
+        os.environ.update(self.environ)
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        python, numpy, cpu, cuda = self.rng
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    @classmethod
+    @contextlib.contextmanager
+    def kept(cls) -> Iterator[ProcessSettings]:
+        """The settings as they are now, restored when the block ends, however it ends."""
+        saved = cls.current()
+        try:
+            yield saved
+        finally:
+            saved.restore()
 
 
 def build_model(cfg: Config, num_classes: int, in_chans: int, device: torch.device,

@@ -12,7 +12,7 @@ from core.errors import UserError
 from shards import write_shards
 from testbed import make_jpeg_testbed
 from models import create_model
-from test_train_e2e import DEBUG, run, script_module
+from helpers import DEBUG, run, script_module
 
 pytestmark = pytest.mark.slow
 QUICK = ["--steps", "2", "--warmup", "1", "--repeats", "3", "data.batch_size=8", "model.patch_size=4"]

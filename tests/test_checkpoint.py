@@ -1,6 +1,4 @@
-import contextlib
 import os
-import subprocess
 import pickle
 
 import pytest
@@ -9,6 +7,7 @@ import torch
 from core.errors import CheckpointError
 from core.files import load_checkpoint, save_checkpoint
 from engine.checkpointing.files import best_files, load_latest, resume_candidates, save_training_checkpoint
+from helpers import tmpfs
 
 
 def test_save_and_load(tmp_path):
@@ -33,19 +32,6 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pth"]
-
-
-@contextlib.contextmanager
-def tmpfs(mount, size: str):
-    """A tmpfs of `size` at the folder `mount`: a real file system that fills up (needs root; skipped without)."""
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 @pytest.fixture

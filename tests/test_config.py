@@ -10,8 +10,8 @@ from core.errors import UserError
 from engine.build import load_run_config
 from engine.optim import accum_steps_for
 from models import create_model
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH = ["data.name=synthetic"]
 
 

@@ -14,19 +14,9 @@ from core.config import Config
 from engine.build import build_model, grads_with_param_strides
 from engine.cpu_convs import DENSE_MAX_PIXELS, DepthwiseConv2d, PatchConv2d, use_cpu_matrix_convs
 from models import VARIANTS, ConvNeXt, create_model
+from helpers import SMALL, randomize
 
-# A small custom config (MNIST/CIFAR-like) whose maps of 16, 8, 4 and 2 px at 32 px input reach both depthwise paths.
-SMALL = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), patch_size=2, in_chans=1, num_classes=10)
 FORMATS = {False: torch.contiguous_format, True: torch.channels_last}
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values for every parameter (gamma and norms too), so equality cannot hold by accident."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (p.ndim == 1 and name.endswith("weight")))
-    return model
 
 
 def matrix_form(conv: nn.Conv2d) -> nn.Conv2d:

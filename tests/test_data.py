@@ -24,14 +24,7 @@ from data.augment.timm_reference import _posterize, allow_zero_bit_posterize
 from data.loaders.recipes import apply_recipe, batch_transforms
 from core.config import CHOICES, Config
 from core.errors import UserError
-
-
-def make_cfg(**data) -> Config:
-    cfg = Config()
-    for key, value in data.items():
-        setattr(cfg.data, key, value)
-    cfg.data.num_workers = 0
-    return cfg
+from helpers import data_config, write_image_folder
 
 
 # --- samplers --------------------------------------------------------------------------------------
@@ -93,14 +86,14 @@ def test_read_idx_rejects_wrong_magic_and_truncation(tmp_path):
 def test_fashion_mnist_from_either_layout(tmp_path, layout):
     folder = tmp_path if layout == "debian" else tmp_path / "FashionMNIST" / "raw"
     write_fake_fashion(folder, gz=layout == "debian")
-    splits = load_splits(make_cfg(name="fashion_mnist", root=str(tmp_path)).data)
+    splits = load_splits(data_config(name="fashion_mnist", root=str(tmp_path)).data)
     assert splits.train.images.shape == (6, 1, 28, 28) and splits.train.images.dtype == torch.uint8
     assert len(splits.val) == 4 and splits.num_classes == 10 and splits.in_chans == 1
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_APT_DIR), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist():
-    splits = load_splits(make_cfg(name="fashion_mnist", root=FASHION_MNIST_APT_DIR).data)
+    splits = load_splits(data_config(name="fashion_mnist", root=FASHION_MNIST_APT_DIR).data)
     assert splits.train.images.shape == (60000, 1, 28, 28) and len(splits.val) == 10000
     for part in (splits.train, splits.val):
         assert part.labels.min() == 0 and part.labels.max() == 9
@@ -110,7 +103,7 @@ def test_real_fashion_mnist():
 def test_missing_fashion_mnist_names_path_and_ways_out(tmp_path):
     root = str(tmp_path / "nowhere")
     with pytest.raises(DataError) as e:
-        build_datasets(make_cfg(name="fashion_mnist", root=root).data, Config().aug)
+        build_datasets(data_config(name="fashion_mnist", root=root).data, Config().aug)
     message = str(e.value)
     assert root in message and "apt-get install dataset-fashion-mnist" in message
     assert "data.download=true" in message and "\n" not in message
@@ -122,58 +115,48 @@ def test_failed_fashion_mnist_download_is_a_data_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(memory, "FashionMNIST", offline)
     with pytest.raises(DataError, match="download failed.*apt-get install dataset-fashion-mnist"):
-        load_splits(make_cfg(name="fashion_mnist", root=str(tmp_path), download=True).data)
+        load_splits(data_config(name="fashion_mnist", root=str(tmp_path), download=True).data)
 
 
 def test_missing_cifar_names_root_and_download(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path}.*data.download=true"):
-        load_splits(make_cfg(name="cifar10", root=str(tmp_path)).data)
+        load_splits(data_config(name="cifar10", root=str(tmp_path)).data)
 
 
 # --- imagefolder -----------------------------------------------------------------------------------
-
-def write_image_folder(root, classes=("cat", "dog"), val_classes=None, per_class=3) -> None:
-    rng = np.random.default_rng(0)
-    for split, names in (("train", classes), ("val", val_classes or classes)):
-        for name in names:
-            os.makedirs(root / split / name)
-            for i in range(per_class):
-                size = (20 + 7 * i, 30)  # files of different sizes, as on disk
-                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
-
 
 def test_a_csv_list_reads_as_the_folder_it_lists(tmp_path):
     """data.name=csv: train.csv and val.csv of (path, label) rows, by class name (relative paths) or by index
     (absolute paths), give the folder's samples, class names and evaluation batches; bad lists are one line."""
     write_image_folder(tmp_path, classes=("ant", "bee", "cat"))
-    folder = load_splits(make_cfg(name="imagefolder", root=str(tmp_path)).data)
+    folder = load_splits(data_config(name="imagefolder", root=str(tmp_path)).data)
     for split in ("train", "val"):
         source = getattr(folder, split)
         rows = [f"{os.path.relpath(source.read(i), tmp_path)},{('ant', 'bee', 'cat')[label]}"
                 for i, label in enumerate(source.labels)]
         (tmp_path / f"{split}.csv").write_text("path,label\n" + "\n".join(rows[::-1]) + "\n")  # any order
-    by_name = load_splits(make_cfg(name="csv", root=str(tmp_path)).data)
+    by_name = load_splits(data_config(name="csv", root=str(tmp_path)).data)
     assert by_name.class_names == ["ant", "bee", "cat"] and by_name.num_classes == 3
     assert sorted(zip(map(by_name.val.read, range(9)), by_name.val.labels)) == \
         sorted(zip(map(folder.val.read, range(9)), folder.val.labels))
     (tmp_path / "val.csv").write_text("path,label\n" + "".join(f"{folder.val.read(i)},{label}\n"
                                                                 for i, label in enumerate(folder.val.labels)))
-    cfg = make_cfg(name="csv", root=str(tmp_path), img_size=32)
+    cfg = data_config(name="csv", root=str(tmp_path), img_size=32)
     _, val_set, info = build_datasets(cfg.data, cfg.aug, train=False)
-    f_cfg = make_cfg(name="imagefolder", root=str(tmp_path), img_size=32)
+    f_cfg = data_config(name="imagefolder", root=str(tmp_path), img_size=32)
     _, f_val, _ = build_datasets(f_cfg.data, f_cfg.aug, train=False)
     assert info.class_names == ["0", "1", "2"] and info.num_classes == 3
     batch, f_batch = (next(iter(build_eval_loader(ds, cfg.data, 0, 1))) for ds in (val_set, f_val))
     assert torch.equal(batch[0], f_batch[0]) and torch.equal(batch[1], f_batch[1])
     (tmp_path / "val.csv").write_text("file,class\nx.png,0\n")
     with pytest.raises(DataError, match=r"val.csv' has columns \['file', 'class'\], not 'path' and 'label'"):
-        load_splits(make_cfg(name="csv", root=str(tmp_path)).data)
+        load_splits(data_config(name="csv", root=str(tmp_path)).data)
 
 
 @pytest.mark.parametrize("recipe", ["imagenet", "small"])
 def test_imagefolder_with_either_recipe(tmp_path, recipe):
     write_image_folder(tmp_path)
-    cfg = make_cfg(name="imagefolder", root=str(tmp_path), img_size=32, recipe=recipe, batch_size=2)
+    cfg = data_config(name="imagefolder", root=str(tmp_path), img_size=32, recipe=recipe, batch_size=2)
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug)
     assert (info.num_classes, info.in_chans, info.train_size, info.val_size) == (2, 3, 6, 6)
     image, label = train_set[0]
@@ -193,7 +176,7 @@ def test_imagefolder_with_either_recipe(tmp_path, recipe):
 
 
 def test_imagefolder_missing_or_empty_folders(tmp_path):
-    cfg = make_cfg(name="imagefolder", root=str(tmp_path))
+    cfg = data_config(name="imagefolder", root=str(tmp_path))
     with pytest.raises(DataError, match=str(tmp_path / "train")):  # training may go without val/, never without train/
         load_splits(cfg.data)
     with pytest.raises(DataError, match=str(tmp_path / "val")):  # evaluating needs val/
@@ -225,7 +208,7 @@ def test_the_file_list_is_torchvisions_cached_beside_the_folder_and_rescanned_wh
 
     monkeypatch.setattr(file_list, "scan", no_scan)
     assert list_images(folder).samples == reference.samples  # from the cache
-    cfg = make_cfg(name="imagefolder", root=str(tmp_path), img_size=32)
+    cfg = data_config(name="imagefolder", root=str(tmp_path), img_size=32)
     assert build_datasets(cfg.data, cfg.aug)[2].train_size == 8
     monkeypatch.undo()
     cache = folder + ".files.json"
@@ -255,13 +238,13 @@ def test_a_read_only_data_folder_caches_the_list_in_the_users_cache(tmp_path, mo
     list_images(str(tmp_path / "data" / "val"))
     assert os.path.isfile(user) and user.startswith(str(tmp_path / "cache" / "convnext-trainer" / "val-"))
     assert not os.path.exists(beside)
-    cfg = make_cfg(name="imagefolder", root=str(tmp_path / "data"), cache_file_list=False)
+    cfg = data_config(name="imagefolder", root=str(tmp_path / "data"), cache_file_list=False)
     assert build_datasets(cfg.data, cfg.aug, train=False)[2].val_size == 6
 
 
 def test_imagefolder_val_classes_must_match_train(tmp_path):
     write_image_folder(tmp_path, classes=("cat", "dog"), val_classes=("cat", "cow"))
-    cfg = make_cfg(name="imagefolder", root=str(tmp_path))
+    cfg = data_config(name="imagefolder", root=str(tmp_path))
     for train in (True, False):  # eval-only runs check the train folder names too
         with pytest.raises(DataError, match="only in train \\['dog'\\], only in val \\['cow'\\]"):
             load_splits(cfg.data, train=train)
@@ -279,7 +262,7 @@ def spoil_two_images(root):
 def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, recipe, workers):
     write_image_folder(tmp_path, per_class=4)
     truncated, garbage = spoil_two_images(tmp_path)
-    cfg = make_cfg(name="imagefolder", root=str(tmp_path), img_size=32, recipe=recipe, batch_size=3,
+    cfg = data_config(name="imagefolder", root=str(tmp_path), img_size=32, recipe=recipe, batch_size=3,
                    num_workers=workers)
     train_set = build_datasets(cfg.data, cfg.aug)[0]
     loader = build_train_loader(train_set, cfg.data, 0, 1, seed=0)
@@ -301,13 +284,13 @@ def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, recipe, work
 def test_num_classes_mismatch_names_both_numbers(tmp_path):
     write_image_folder(tmp_path)
     with pytest.raises(DataError, match="data.num_classes=3 .* 2 classes"):
-        load_splits(make_cfg(name="imagefolder", root=str(tmp_path), num_classes=3).data)
+        load_splits(data_config(name="imagefolder", root=str(tmp_path), num_classes=3).data)
 
 
 # --- synthetic -------------------------------------------------------------------------------------
 
 def test_synthetic_is_deterministic_and_shows_its_class():
-    cfg = make_cfg(name="synthetic", img_size=16, num_classes=4, synthetic_train_size=200, synthetic_val_size=40)
+    cfg = data_config(name="synthetic", img_size=16, num_classes=4, synthetic_train_size=200, synthetic_val_size=40)
     a, b = load_splits(cfg.data), load_splits(cfg.data)
     assert a.num_classes == 4 and a.in_chans == 3 and (len(a.train), len(a.val)) == (200, 40)
     train = [a.train[i] for i in range(200)]
@@ -325,7 +308,8 @@ def test_synthetic_is_deterministic_and_shows_its_class():
 
 
 def test_synthetic_defaults_to_ten_classes_and_eval_only_skips_train():
-    train_set, val_set, info = build_datasets(make_cfg(name="synthetic", img_size=32).data, Config().aug, train=False)
+    cfg = data_config(name="synthetic", img_size=32)
+    train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=False)
     assert train_set is None and info.train_size == 0 and info.val_size == 101 and info.num_classes == 10
 
 
@@ -366,7 +350,7 @@ def test_pad_crop_is_torchvision_random_crop_with_padding():
 
 def test_small_recipe_loader_resizes_to_img_size():
     source = TensorImages(torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8), torch.arange(6))
-    cfg = make_cfg(name="fashion_mnist", recipe="small", img_size=32)
+    cfg = data_config(name="fashion_mnist", recipe="small", img_size=32)
     images, labels = apply_recipe(source, cfg.data, cfg.aug, True).__getitems__([0, 1, 2])
     assert images.shape == (3, 1, 32, 32) and images.dtype == torch.uint8 and labels.tolist() == [0, 1, 2]
 
@@ -383,12 +367,12 @@ def test_timm_reference_survives_zero_bit_posterize():
 def indexed_set(n: int, train: bool):
     """Labels equal the sample index, so a loader's output says which samples it served."""
     source = TensorImages(torch.zeros(n, 1, 28, 28, dtype=torch.uint8), torch.arange(n))
-    cfg = make_cfg(name="fashion_mnist", recipe="small", img_size=32)
+    cfg = data_config(name="fashion_mnist", recipe="small", img_size=32)
     return apply_recipe(source, cfg.data, cfg.aug, train)
 
 
 def test_eval_loaders_of_two_ranks_see_every_sample_once():
-    cfg = make_cfg(batch_size=4)
+    cfg = data_config(batch_size=4)
     dataset = indexed_set(101, train=False)
     seen = []
     for rank in range(2):
@@ -399,7 +383,7 @@ def test_eval_loaders_of_two_ranks_see_every_sample_once():
 
 
 def test_train_loaders_of_two_ranks_are_disjoint_full_batches():
-    cfg = make_cfg(batch_size=8)
+    cfg = data_config(batch_size=8)
     dataset = indexed_set(101, train=True)
     per_rank = []
     for rank in range(2):
@@ -413,7 +397,7 @@ def test_train_loaders_of_two_ranks_are_disjoint_full_batches():
 
 def test_train_loader_rejects_a_set_smaller_than_one_batch():
     with pytest.raises(DataError, match="data.batch_size=64"):
-        build_train_loader(indexed_set(100, train=True), make_cfg(batch_size=64).data, 0, 2, seed=0)
+        build_train_loader(indexed_set(100, train=True), data_config(batch_size=64).data, 0, 2, seed=0)
 
 
 def test_resumable_sampler_matches_distributed_sampler_and_resumes():
@@ -446,7 +430,7 @@ def test_resumable_sampler_matches_distributed_sampler_and_resumes():
 
 def test_classes_and_train_limit_narrow_a_split(tmp_path):
     write_image_folder(tmp_path, classes=("ant", "bee", "cat"), per_class=4)
-    cfg = make_cfg(name="imagefolder", root=str(tmp_path), classes=[2, 0], train_limit=5)
+    cfg = data_config(name="imagefolder", root=str(tmp_path), classes=[2, 0], train_limit=5)
     splits = load_splits(cfg.data)
     assert splits.num_classes == 2 and splits.class_names == ["cat", "ant"]
     val, train = splits.val, splits.train
@@ -455,10 +439,10 @@ def test_classes_and_train_limit_narrow_a_split(tmp_path):
     assert len(train) == 5 and set(train.labels) <= {0, 1}
     again = load_splits(cfg.data).train  # the same subset every time, and the source it came from unchanged
     assert [again.name(i) for i in range(5)] == [train.name(i) for i in range(5)]
-    whole = load_splits(make_cfg(name="imagefolder", root=str(tmp_path)).data)
+    whole = load_splits(data_config(name="imagefolder", root=str(tmp_path)).data)
     assert len(whole.val) == 12 and whole.val.subset(np.arange(3)).name(2) == whole.val.name(2)
     with pytest.raises(DataError, match=r"data.classes=\[0, 3\] must list distinct class indices in 0..2"):
-        load_splits(make_cfg(name="imagefolder", root=str(tmp_path), classes=[0, 3]).data)
+        load_splits(data_config(name="imagefolder", root=str(tmp_path), classes=[0, 3]).data)
 
 
 def test_the_config_allows_exactly_the_sources_there_are():

@@ -3,22 +3,20 @@ torchrun runs on CPU/gloo. Reading the launch environment: test_launch.py."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import distributed_utils as du
 from core.cli import run_main
-from test_launch import TORCHRUN_2
-
-REPO = Path(__file__).resolve().parents[1]
+from core.config import Config
+from engine.build import ProcessSettings, init_process, seed_everything
+from engine.preemption import SIGNALS, StopRequest
+from helpers import TORCHRUN_2, launch_script
 
 
 @pytest.fixture(autouse=True)
@@ -135,43 +133,41 @@ def test_run_success_returns(single):
     assert len(calls) == 1 and not torch.distributed.is_initialized()
 
 
+def draws() -> tuple[float, float, float]:
+    """One number from each random generator an entry point seeds: Python's, numpy's, torch's."""
+    return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+
+def test_process_settings_put_back_what_an_entry_point_sets(single, monkeypatch, tmp_path):
+    """What an entry point's start sets for the whole process (the stop signals' handlers; init_process: the process
+    context, threads, deterministic mode and its cuBLAS workspace; the seeds) is undone when a block that kept the
+    process's settings ends, and the random generators go on from where they were."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cfg = Config()
+    cfg.output_dir, cfg.train.threads, cfg.train.deterministic = str(tmp_path), torch.get_num_threads() + 1, True
+    threads, environ = torch.get_num_threads(), dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    with ProcessSettings.kept():
+        following = draws()
+    with ProcessSettings.kept():
+        StopRequest()
+        init_process(cfg)
+        seed_everything(0)
+        assert draws() != following and du._ctx is not None and "CUBLAS_WORKSPACE_CONFIG" in os.environ
+        assert torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == cfg.train.threads
+        assert {sig: signal.getsignal(sig) for sig in SIGNALS} != handlers
+    assert draws() == following and du._ctx is None and dict(os.environ) == environ
+    assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
+    assert {sig: signal.getsignal(sig) for sig in SIGNALS} == handlers
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Real processes
 
 
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                       "MASTER_ADDR", "MASTER_PORT")}
-    # The project is installed in the venv; tests/ and scripts/ go on the path for job scripts that reuse test helpers.
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO / "scripts"),
-                                                                   env.get("PYTHONPATH", "")]),
-               CUDA_VISIBLE_DEVICES="")
-    return env
-
-
-def _launch(tmp_path: Path, body: str, nproc: int | None, timeout: float = 450,
-            args: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
-    """Run `body` as a script, via torchrun with `nproc` workers (or plainly when None); kill it all on timeout."""
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(body))
-    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    start = time.monotonic()
-    # A session of its own, so a hung run can be killed with its workers rather than leaving them behind.
-    proc = subprocess.Popen([sys.executable, *launcher, str(script), *args], cwd=tmp_path, env=_child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"job still running after {timeout}s: a failure did not end it")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.monotonic() - start
-
-
 @pytest.mark.slow
 def test_torchrun_two_ranks_reduce_broadcast_print0(tmp_path):
-    result, _ = _launch(tmp_path, """
+    result, _ = launch_script(tmp_path, """
         import torch
         import distributed_utils as du
         from core.cli import run_main
@@ -204,7 +200,7 @@ def test_torchrun_two_ranks_reduce_broadcast_print0(tmp_path):
 ])
 def test_failing_rank_ends_the_job(tmp_path, error, expected, absent):
     # Rank 0 sits in a collective with a long timeout; only rank 1's exit can end this quickly.
-    result, seconds = _launch(tmp_path, f"""
+    result, seconds = launch_script(tmp_path, f"""
         import torch
         import distributed_utils as du
         from core.cli import run_main
@@ -227,7 +223,7 @@ def test_failing_rank_ends_the_job(tmp_path, error, expected, absent):
 
 @pytest.mark.slow
 def test_user_error_single_process_is_one_line_exit_2(tmp_path):
-    result, _ = _launch(tmp_path, """
+    result, _ = launch_script(tmp_path, """
         import distributed_utils as du
         from core.cli import run_main
         from core.errors import UserError
@@ -247,7 +243,7 @@ def test_user_error_single_process_is_one_line_exit_2(tmp_path):
 def test_main_first_waits_past_the_collective_timeout_when_told_to(tmp_path):
     """Rank 0's work (a data set's first download) outlasts dist.timeout_s (3 s here): with wait_s the other rank
     waits for it, asking every second, and then runs its own part; rank 0's result is rank 0's."""
-    result, _ = _launch(tmp_path, """
+    result, _ = launch_script(tmp_path, """
         import time
         import distributed_utils as du
         from core.cli import run_main

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.precision import native_bf16
-from test_train_e2e import ROOT, script_module
+from helpers import ROOT, script_module
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the real check would run")

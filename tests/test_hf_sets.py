@@ -19,7 +19,7 @@ from data.decoding.jpeg import load
 from shards import write_shards
 from data.sources import ShardImages
 from testbed import folder_as_parquet, make_jpeg_testbed
-from test_shards import data_config
+from helpers import DEBUG, datasets_cache_entry, offline_caches, run_here, small_data_config
 
 HUB_ID = "tester/bed"
 
@@ -33,37 +33,6 @@ def hub_layout(parquet_folder, name, out):
     os.makedirs(os.path.join(repo, "refs"))
     with open(os.path.join(repo, "refs", "main"), "w") as f:
         f.write(commit)
-
-
-def datasets_cache_entry(parquet_folder, name, cache):
-    """Data set `name` as `datasets` leaves it in its cache after a first load from the hub
-    (<namespace>___<name>/<config>/<version>/<hash>/<name>-<split>.arrow), made by the library's own parquet
-    builder; offline, load_dataset(name) then reads it."""
-    from datasets.data_files import DataFilesDict
-    from datasets.packaged_modules.parquet.parquet import Parquet
-    files = {split: sorted(glob.glob(os.path.join(parquet_folder, "data", f"{split}-*.parquet")))
-             for split in ("train", "validation")}
-    namespace, short = name.split("/")
-    builder = Parquet(cache_dir=cache, data_files=DataFilesDict.from_patterns(files), dataset_name=short,
-                      config_name="default", config_id="default", hash="0123456789abcdef")
-    builder.download_and_prepare()
-    os.rename(os.path.join(cache, short), os.path.join(cache, f"{namespace}___{short}"))
-
-
-def offline_caches(patch, folder):
-    """Point `datasets` and the hub at fresh caches under `folder`, offline, in this process (patch: a
-    MonkeyPatch) and in the runs it starts; returns the environment set."""
-    import datasets
-    import huggingface_hub.constants as constants
-    env = {"HF_DATASETS_CACHE": os.path.join(folder, "datasets"), "HF_HUB_CACHE": os.path.join(folder, "hub"),
-           "HF_HUB_OFFLINE": "1"}
-    for key, value in env.items():
-        patch.setenv(key, value)
-    patch.setattr(datasets.config, "HF_DATASETS_CACHE", env["HF_DATASETS_CACHE"])
-    patch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    patch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
-    patch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +59,7 @@ def bed(tmp_path_factory):
 
 
 def hf_cfg(name, **data):
-    return data_config(name="hf", hf_name=name, **data)
+    return small_data_config(name="hf", hf_name=name, **data)
 
 
 def eval_batches(cfg):
@@ -107,7 +76,7 @@ def test_every_source_serves_the_folders_images_by_index(bed, source):
     name = {"cache": HUB_ID, "snapshot": "tester/snapshot"}.get(source) or bed[source]
     cfg = hf_cfg(name)
     train, val, info = build_datasets(cfg.data, cfg.aug, train=True)
-    folder = data_config(name="imagefolder", root=bed["folder"])
+    folder = small_data_config(name="imagefolder", root=bed["folder"])
     f_train, f_val, f_info = build_datasets(folder.data, folder.aug, train=True)
     assert (info.num_classes, info.class_names, info.train_size, info.val_size) == \
         (3, f_info.class_names, 12, 7)
@@ -281,7 +250,6 @@ def test_shards_written_from_a_hub_set_hold_its_rows(bed, tmp_path):
 
 
 def test_train_py_stops_in_one_line_on_a_bad_hub_set_and_writes_nothing(bed, tmp_path):
-    from test_train_e2e import DEBUG, run_here
     out = tmp_path / "run"
     proc = run_here(["train.py", "--config", DEBUG, f"output_dir={out}", "data.name=hf",
                      f"data.hf_name={bed['parquet']}", "data.hf_val_split=test"], check=False)

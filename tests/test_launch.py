@@ -10,9 +10,8 @@ import pytest
 
 from core import cli, launch
 from core.errors import UserError
+from helpers import TORCHRUN_2
 
-TORCHRUN_2 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-              "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400"}
 # What srun hands task 5 of `srun -N2 --ntasks-per-node=4` in job 123456.
 SLURM_8 = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
            "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_ID": "123456",

@@ -1,24 +1,24 @@
 """The code's layers: every import points down (or across, within a layer), nothing imports back in a circle, and
-no file edits sys.path (the project is installed into its venv instead)."""
+no file edits sys.path (the project is installed into its venv instead); each test file imports no other."""
 import ast
 import re
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 # From the bottom up; a module may import from its own layer and the layers below.
 LAYERS = {"core": 0, "distributed_utils": 0, "models": 1, "data": 2, "engine": 3, "train": 4, "eval": 4,
           "scripts": 4}
 
 
 def project_files() -> list[Path]:
-    files = [p for top in LAYERS for p in [REPO / f"{top}.py", *sorted((REPO / top).rglob("*.py"))] if p.is_file()]
+    files = [p for top in LAYERS for p in [ROOT / f"{top}.py", *sorted((ROOT / top).rglob("*.py"))] if p.is_file()]
     return [p for p in files if ".venv" not in p.parts]
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -91,9 +91,31 @@ def test_config_does_not_import_the_model_code():
 
 def test_nothing_edits_sys_path():
     edit = re.compile(r"sys\.path\.(insert|append|extend)\(|sys\.path\s*\+?=")
-    offenders = [str(p.relative_to(REPO)) for p in [*project_files(), *sorted((REPO / "tests").glob("*.py"))]
+    offenders = [str(p.relative_to(ROOT)) for p in [*project_files(), *sorted((ROOT / "tests").glob("*.py"))]
                  if edit.search(p.read_text())]
     assert not offenders, offenders
+
+
+def test_no_test_file_imports_another():
+    """A test file reads on its own: what several share lives in the tests' helper modules (helpers.py,
+    simulated_device.py), never in another test_*.py, whose import would also run its module and its fixtures."""
+    test_files = sorted((ROOT / "tests").glob("test_*.py"))
+    assert len(test_files) > 20
+    wrong = [f"{path.name} imports {name}" for path in test_files for name in imported_test_modules(path)]
+    assert not wrong, "\n".join(wrong)
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The test_* modules that `path` imports: at its top, inside a function, or in a script it runs (a string)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module or "")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names += re.findall(r"^\s*(?:from|import)\s+([\w.]+)", node.value, re.MULTILINE)
+    return [name for name in names if name.split(".")[0].startswith("test_")]
 
 
 # The rooms of data/ (its sub-packages), from the bottom up: a data module may import from its own room and the rooms
@@ -126,6 +148,6 @@ def test_data_rooms_import_down_and_bottom_rooms_stand_alone():
 
 def test_data_holds_no_command_line_tools():
     """Tools that write data (shards, test beds, hub prefetch) live in scripts/, not in the library."""
-    tools = [str(p.relative_to(REPO)) for p in sorted((REPO / "data").rglob("*.py"))
+    tools = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "data").rglob("*.py"))
              if "__main__" in p.read_text() or "argparse" in p.read_text()]
     assert not tools, tools

@@ -15,47 +15,16 @@ from core.config import load_config
 from data import batch_transforms
 from engine.build import build_parts
 from simulated_device import DEVICE, SimulatedDevice
-from test_train_e2e import ROOT
+from helpers import ROOT, launch_script, loader, parts_for, poisoned, run_epoch, tiny_model
 
 from engine.logging import RunLogger
 from core.errors import NonFiniteLoss
 from engine.checkpointing import RunState
-from engine.loop import EpochEnd, TrainParts, evaluate, train_one_epoch, tta_views
-from engine.optim import create_optimizer
+from engine.loop import evaluate, train_one_epoch, tta_views
 from engine import precision
 from engine.precision import resolve_amp
-from core.config import OptimCfg
 from engine.ema import Ema
 from models import create_model
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return create_model("convnext_atto", num_classes=4, in_chans=1, patch_size=2, depths=(1, 1, 1, 1),
-                        dims=(8, 16, 16, 16), layer_scale_init=0)
-
-
-def loader(batch_size, n=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    images, labels = torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 4, (n,), generator=g)
-    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
-
-
-def parts_for(model, **kw):
-    opt = create_optimizer(kw.get("raw_model", model), OptimCfg(weight_decay=0.05), lr=1e-2)
-    defaults = dict(model=model, raw_model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(),
-                    scaler=torch.amp.GradScaler("cpu", enabled=kw.get("amp") == "fp16"),
-                    lr_fn=lambda step: 1e-2, device=torch.device("cpu"))
-    return TrainParts(**{**defaults, **kw})
-
-
-def run_epoch(parts, data, log_every=1) -> RunState:
-    """One epoch from a fresh run; the run's state after it."""
-    run = RunState()
-    ended = train_one_epoch(parts, data, run, logger=RunLogger("", enabled=False), log_every=log_every,
-                            global_batch=16)
-    assert ended is EpochEnd.DONE
-    return run
 
 
 def test_accumulation_equals_a_bigger_batch():
@@ -174,15 +143,6 @@ def test_non_finite_loss_stops_with_the_step():
         run_epoch(parts_for(model), loader(8))
 
 
-def poisoned(batch_size, bad_batches, n=32):
-    """loader(), with a NaN pixel in each batch listed."""
-    data = loader(batch_size, n)
-    images, labels = data.dataset.tensors
-    for b in bad_batches:
-        images[b * batch_size, 0, 0, 0] = float("nan")
-    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
-
-
 def test_max_bad_steps_skips_the_step_entirely_then_stops():
     skipping, reference = tiny_model(), tiny_model()
     parts = parts_for(skipping, max_bad_steps=1)
@@ -274,7 +234,7 @@ NAN_ON_RANK_1 = """
     import distributed_utils as du
     from core.cli import run_main
     from core.errors import NonFiniteLoss
-    from test_loop import parts_for, poisoned, run_epoch, tiny_model
+    from helpers import parts_for, poisoned, run_epoch, tiny_model
 
     def main():
         rank = du.setup("gloo", timeout_s=600).env.rank
@@ -297,8 +257,7 @@ NAN_ON_RANK_1 = """
 def test_nan_on_one_rank_is_seen_by_every_rank(tmp_path):
     """A NaN in rank 1's third batch only: with train.max_bad_steps 0 both ranks stop at the same step, with 1 both
     skip it."""
-    from test_distributed_utils import _launch
-    result, _ = _launch(tmp_path, NAN_ON_RANK_1, nproc=2, args=("0", "1"))
+    result, _ = launch_script(tmp_path, NAN_ON_RANK_1, nproc=2, args=("0", "1"))
     assert result.returncode == 0, result.stderr
     # The two ranks share the pipe and their lines can interleave: count occurrences rather than split lines.
     out = result.stdout

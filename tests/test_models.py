@@ -9,9 +9,7 @@ from core.errors import UserError
 from models import VARIANTS, ConvNeXt, UnknownModelError, create_model, list_models
 from models.keys import (CheckpointError, CheckpointMismatchError, detect_layout, load_weights, official_to_timm,
                          strip_prefixes, timm_to_official, to_official, unwrap_checkpoint)
-
-# A small custom config (MNIST/CIFAR-like): keeps every forward pass cheap.
-SMALL = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), patch_size=2, in_chans=1, num_classes=10)
+from helpers import SMALL, randomize
 
 
 def build(factory) -> nn.Module:
@@ -20,16 +18,6 @@ def build(factory) -> nn.Module:
     with torch.device("meta"):
         model = factory()
     return model.to_empty(device="cpu").eval()
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values for every parameter (gamma and norms too), so parity cannot hold by accident."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            norm_weight = p.ndim == 1 and name.endswith("weight")
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + norm_weight)
-    return model.eval()
 
 
 def n_params(model: nn.Module) -> int:

@@ -1,7 +1,5 @@
 """model.pretrained: weights of any layout and file format in, head and stem adapted, other mismatches refused;
 models.export: both layouts out."""
-import os
-
 import pytest
 import timm
 import torch
@@ -11,16 +9,7 @@ from models import create_model
 from core.errors import CheckpointError
 from models.keys import CheckpointMismatchError, timm_to_official
 from models.pretrained import adapt_stem, resolve_weights
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def timm_weights(tmp_path, name="convnext_atto", suffix=".safetensors"):
-    torch.manual_seed(0)
-    sd = timm.create_model(name, pretrained=False).state_dict()
-    path = str(tmp_path / f"{name}{suffix}")
-    save_file(sd, path) if suffix == ".safetensors" else torch.save(sd, path)
-    return path, timm_to_official(sd)
+from helpers import DEBUG, eval_json, run, run_here, timm_weights
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
@@ -112,7 +101,6 @@ def test_other_mismatches_are_refused_with_the_keys(tmp_path):
 
 
 def run_export(*args):
-    from test_train_e2e import run_here
     return run_here(["-m", "models.export", *args], check=False)
 
 
@@ -228,7 +216,6 @@ def test_hub_weights_are_evaluated_on_their_published_view_but_for_the_command_l
 
 @pytest.mark.slow
 def test_fine_tune_and_evaluate_from_hub_names_on_two_ranks(hub_cache, tmp_path):
-    from test_train_e2e import DEBUG, eval_json, run, run_here
     out = str(tmp_path / "run")
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "model.pretrained=convnext_atto.d2_in1k",
                 "model.patch_size=4", "model.stem_init=default", "schedule.epochs=1", "data.synthetic_train_size=64"],

@@ -13,7 +13,8 @@ import torch
 
 from shards import write_shards
 from testbed import folder_as_parquet, make_jpeg_testbed
-from test_train_e2e import DEBUG, ROOT, run
+from engine.checkpointing import last_checkpoint
+from helpers import DEBUG, ROOT, assert_same_weights, offline_caches, run
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +26,11 @@ EXACT = ["data.synthetic_train_size=128", "schedule.epochs=4", "train.determinis
          "checkpoint.every_steps=2", "checkpoint.keep_last=3", "data.num_workers=2"]
 
 
-def final_weights(out):
-    state = torch.load(os.path.join(out, "checkpoints", "last.pth"), weights_only=True)
-    return state["epoch"], state["model"], state["model_ema"]
-
-
 def assert_same_as_reference(out, reference):
-    (epoch_a, model_a, ema_a), (epoch_b, model_b, ema_b) = reference, final_weights(out)
-    assert epoch_a == epoch_b == 4
-    for name in model_a:
-        assert torch.equal(model_a[name], model_b[name]), name
-        assert torch.equal(ema_a[name], ema_b[name]), name
+    """The run in `out` ended, after its 4 epochs, with the reference's weights bit for bit."""
+    resumed = last_checkpoint(out)
+    assert reference["epoch"] == resumed["epoch"] == 4
+    assert_same_weights(reference, resumed)
 
 
 def free_port():
@@ -96,7 +91,6 @@ def hf_workers(tmp_path_factory, jpeg_workers):
     """The same JPEGs as a Hugging Face data set of parquet files, rows in the folder's order, first loaded (and
     converted to Arrow by rank 0) by the run itself; the run must end equal to the folder's."""
     pytest.importorskip("datasets", reason="the optional hf extra (make test installs it)")
-    from test_hf_sets import offline_caches
     root = tmp_path_factory.mktemp("hf")
     folder_as_parquet(jpeg_workers[1].split("=", 1)[1], str(root / "parquet"), rows_per_file=20)
     with pytest.MonkeyPatch.context() as patch:
@@ -109,14 +103,14 @@ def reference(tmp_path_factory):
     """The uninterrupted run the tests compare against."""
     ref = str(tmp_path_factory.mktemp("ref"))
     run(["train.py", "--config", DEBUG, f"output_dir={ref}"] + EXACT, nproc=2)
-    return final_weights(ref)
+    return last_checkpoint(ref)
 
 
 @pytest.fixture(scope="module")
 def reference_with_jpeg_workers(tmp_path_factory, jpeg_workers):
     ref = str(tmp_path_factory.mktemp("ref_jpeg_workers"))
     run(["train.py", "--config", DEBUG, f"output_dir={ref}"] + EXACT + jpeg_workers, nproc=2)
-    return final_weights(ref)
+    return last_checkpoint(ref)
 
 
 def kill_run(out, held=None):

@@ -15,15 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import Config
 from data import build_datasets, build_eval_loader, skipped_images
 from data.sources import DataError
 from data.decoding.jpeg import load
 from shards import MANIFEST, main, write_shards
 from data.sources.shards import INDEX, ShardImages, build_index, shard_files
 from testbed import make_jpeg_testbed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, small_data_config
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +39,8 @@ def shards(folder, tmp_path):
     return out
 
 
-def data_config(**data):
-    """A Config whose data section reads 32-px images in batches of 4 in this process, then `data`."""
-    cfg = Config()
-    for key, value in {"img_size": 32, "batch_size": 4, "num_workers": 0, **data}.items():
-        setattr(cfg.data, key, value)
-    return cfg
-
-
 def shards_cfg(root, **data):
-    return data_config(**{"name": "shards", "root": root, **data})
+    return small_data_config(**{"name": "shards", "root": root, **data})
 
 
 def write_tar(path, members):

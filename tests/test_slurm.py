@@ -8,9 +8,10 @@ import sys
 import time
 
 import pytest
-import torch
 
-from test_train_e2e import DEBUG, ROOT, records
+from engine.checkpointing import last_checkpoint
+from engine.logging import read_metrics
+from helpers import DEBUG, ROOT, assert_same_weights
 
 pytestmark = pytest.mark.slow
 
@@ -67,11 +68,6 @@ def wait_job(slurm, job, on_poll=None, timeout=900):
     pytest.fail(f"job {job} still {last.get('JobState')} after {timeout}s")
 
 
-def final_weights(out):
-    state = torch.load(os.path.join(out, "checkpoints", "last.pth"), weights_only=True)
-    return state["step"], state["model"], state["model_ema"]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(slurm, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("slurm") / "plain")
@@ -84,8 +80,8 @@ def test_sbatch_job_trains_with_two_tasks(uninterrupted):
     log = open(out + ".log", errors="replace").read()  # a killed run can cut a character
     assert fields["JobState"] == "COMPLETED", log[-3000:]
     assert "slurm: world 2 on cpu (gloo backend)" in log, log[-3000:]
-    assert [r["epoch"] for r in records(out, "eval")] == [0, 1, 2]
-    assert records(out, "train")[-1]["step"] == 96
+    assert [r["epoch"] for r in read_metrics(out, "eval")] == [0, 1, 2]
+    assert read_metrics(out, "train")[-1]["step"] == 96
     names = set(os.listdir(os.path.join(out, "checkpoints")))
     assert {"last.pth", "best.pth", "step_000000096.pth"} <= names, names
 
@@ -111,8 +107,6 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, uninterrupted, tmp
     for line in ("USR1 received", "stopped by a signal at epoch", f"requeueing job {job}", f"job {job} run 2",
                  "resumed from"):
         assert line in log, (line, log[-3000:])
-    (step_a, model_a, ema_a), (step_b, model_b, ema_b) = final_weights(uninterrupted[0]), final_weights(out)
-    assert step_a == step_b == 96
-    for name in model_a:
-        assert torch.equal(model_a[name], model_b[name]), name
-        assert torch.equal(ema_a[name], ema_b[name]), name
+    reference, resumed = last_checkpoint(uninterrupted[0]), last_checkpoint(out)
+    assert reference["step"] == resumed["step"] == 96
+    assert_same_weights(reference, resumed)

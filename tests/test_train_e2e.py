@@ -1,120 +1,33 @@
 """Whole-program runs: train.py and eval.py as users launch them, single process and under torchrun (CPU/gloo)."""
 import json
 import os
-import subprocess
-import sys
 from functools import partial
 
 import pytest
 import torch
 
-import distributed_utils as du
-from core.errors import UserError
 from shards import write_shards
 from testbed import folder_as_parquet, make_jpeg_testbed
-from test_data import write_image_folder
+from engine.checkpointing import last_checkpoint
+from engine.logging import read_metrics
+from helpers import (DEBUG, datasets_cache_entry, eval_json, offline_caches, run, run_here, timm_weights,
+                     write_image_folder)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
 pytestmark = pytest.mark.slow
-
-
-def run(args, nproc=1, timeout=900, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def run_here(args, check=True):
-    """A one-process `python train.py|eval.py ... ` or `python -m models.export ...` inside this process: what
-    `run` returns, without a new interpreter's ~5 s of imports. As `run` does, one thread (OMP_NUM_THREADS=1) and a
-    UserError as one `error: ` line and exit code 2; the process's threads, deterministic mode, signal handlers,
-    environment and CPU random state are put back afterwards. Runs whose loader workers print (they are forked
-    processes, out of this capture's reach) or that need several ranks still go through `run`."""
-    import contextlib
-    import gc
-    import importlib
-    import io
-    import multiprocessing
-    import signal
-
-    module = importlib.import_module(args[1] if args[0] == "-m" else args[0].removesuffix(".py"))
-    argv = args[1:] if args[0] == "-m" else args
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), dict(os.environ),
-             {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}, sys.argv)
-    children = set(multiprocessing.active_children())
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    torch.set_num_threads(1)
-    sys.argv = argv
-    try:
-        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = module.main(argv[1:]) if args[0] == "-m" else module.main()
-            except UserError as e:
-                print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-                code = 2
-            except SystemExit as e:  # argparse
-                code = e.code
-    finally:
-        du.cleanup()
-        # Loader workers that outlive the run (a worker's error leaves its loader referenced from the traceback)
-        # would keep this process from exiting at the end of the session.
-        gc.collect()
-        for worker in set(multiprocessing.active_children()) - children:
-            worker.terminate()
-            worker.join(30)
-        threads, deterministic, environ, handlers, sys.argv = saved
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
-        os.environ.clear()
-        os.environ.update(environ)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    proc = subprocess.CompletedProcess(["(here)", *args], code or 0, out.getvalue(), err.getvalue())
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def script_module(name):
-    """scripts/<name>.py loaded from its path (scripts/ is not a package), registered as `name` in sys.modules as a
-    script's own imports of its siblings (`import loader_stages`) expect."""
-    import importlib.util
-
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before it runs: dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def records(out, kind):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
-
-
-def eval_json(proc):
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_torchrun_train_then_exact_eval(tmp_path):
     out = str(tmp_path / "run")
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "checkpoint.keep_best=1"], nproc=2)
     assert "torchrun: world 2" in proc.stdout
-    evals = records(out, "eval")
+    evals = read_metrics(out, "eval")
     best = max(evals, key=lambda r: (max(r["top1"], r["ema_top1"]), -r["epoch"]))
     kept = [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("best_top1_")]
     assert kept == [f"best_top1_{max(best['top1'], best['ema_top1']):.4f}_step_{8 * (best['epoch'] + 1):09d}.pth"]
     assert [r["epoch"] for r in evals] == [0, 1]
     assert all(r["samples"] == 101 for r in evals)  # 101 images on 2 ranks: each counted exactly once
     assert {"top1", "top5", "loss", "ema_top1", "ema_top5"} <= set(evals[-1])
-    train = records(out, "train")
+    train = read_metrics(out, "train")
     assert train and {"loss", "lr", "img_per_s", "grad_norm"} <= set(train[0])
     for name in ("config.yaml", "checkpoints/last.pth", "checkpoints/best.pth"):
         assert os.path.isfile(os.path.join(out, name)), name
@@ -156,14 +69,13 @@ def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(tmp_path
             "data.num_workers=2", "schedule.epochs=1"]
     out = str(tmp_path / "run")
     run(["train.py", "--config", DEBUG, f"output_dir={out}", *jpeg], nproc=2)
-    last_eval = records(out, "eval")[-1]
+    last_eval = read_metrics(out, "eval")[-1]
     assert last_eval["samples"] == 13
     shards = str(tmp_path / "shards")
     write_shards(root, shards, shard_size=5)
     evaluate = ["eval.py", "--config", DEBUG, "--checkpoint", os.path.join(out, "checkpoints", "last.pth"), *jpeg]
     launches = [(partial(run, nproc=2), ["data.name=shards", f"data.root={shards}"])]
     datasets = pytest.importorskip("datasets", reason="the optional hf extra (make test installs it)")
-    from test_hf_sets import datasets_cache_entry, offline_caches
     parquet, saved = str(tmp_path / "parquet"), str(tmp_path / "saved")
     folder_as_parquet(root, parquet, rows_per_file=5)
     caches = offline_caches(monkeypatch, tmp_path)
@@ -183,18 +95,17 @@ def test_single_process_debug_run_then_resume_on_two(tmp_path):
                      "data.synthetic_train_size=64", "train.global_batch=32"])
     assert "single: world 1" in proc.stdout and "global batch 32 = 16 x 1 processes x 2 accum" in proc.stdout
     assert "model.stem_init=whiten: 24 of 40 stem filters set to +- the whitening" in proc.stdout
-    assert records(out, "eval")[-1]["samples"] == 101
+    assert read_metrics(out, "eval")[-1]["samples"] == 101
     # Started again with more epochs, the run resumes from last.pth instead of starting over; on another world
     # size the global batch holds (accumulation halves) and the change is announced.
-    last = os.path.join(out, "checkpoints", "last.pth")
-    state = torch.load(last, weights_only=True)
+    state = last_checkpoint(out)
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=2",
                 "data.synthetic_train_size=64", "train.global_batch=32"], nproc=2)
     assert "resumed from" in proc.stdout and "epoch 1 (+0 samples)" in proc.stdout
     assert "global batch 32 = 16 x 2 processes x 1 accum" in proc.stdout
     assert "warning: the checkpoint was written by 1 processes, this run has 2: the lr follows" in proc.stdout
-    assert [r["epoch"] for r in records(out, "eval")] == [0, 1]
-    resumed = torch.load(last, weights_only=True)
+    assert [r["epoch"] for r in read_metrics(out, "eval")] == [0, 1]
+    resumed = last_checkpoint(out)
     assert resumed["epoch"] == 2 and resumed["step"] > state["step"] and resumed["best_top1"] >= state["best_top1"]
 
 
@@ -244,7 +155,7 @@ def test_a_run_without_a_validation_split_trains_checkpoints_and_resumes_exactly
     assert "train.eval_every=0: no evaluation, so no best.pth" in proc.stdout
     assert "done: no evaluation (train.eval_every=0)" in proc.stdout
     files = sorted(os.listdir(out / "checkpoints"))
-    assert files == ["last.pth"] + [f"step_{step:09d}.pth" for step in (3, 4, 6, 8)] and not records(out, "eval")
+    assert files == ["last.pth"] + [f"step_{step:09d}.pth" for step in (3, 4, 6, 8)] and not read_metrics(out, "eval")
     resumed = tmp_path / "resumed"
     run_here(args + [f"output_dir={resumed}", "train.eval_every=0", "--resume", str(out / "checkpoints" /
                                                                                  "step_000000006.pth")])
@@ -253,14 +164,13 @@ def test_a_run_without_a_validation_split_trains_checkpoints_and_resumes_exactly
 
 
 def test_training_starts_from_timm_weights_with_a_new_head(tmp_path):
-    from test_pretrained import timm_weights
     path, official = timm_weights(tmp_path)
     out = tmp_path / "finetuned"
     proc = run_here(["train.py", "--config", DEBUG, f"output_dir={out}", f"model.pretrained={path}", "model.patch_size=4",
                 "model.stem_init=default",
                 "schedule.epochs=1", "data.synthetic_train_size=32", "model.drop_path=0"])
     assert "head: skipped head.weight, head.bias (1000 classes in the checkpoint, 10 here)" in proc.stdout
-    trained = torch.load(out / "checkpoints" / "last.pth", weights_only=True)["model"]
+    trained = last_checkpoint(out)["model"]
     assert trained["head.weight"].shape == (10, 320)
     # Two steps at a warm-up lr move the weights only a little from where they started: timm's, not a fresh init.
     stem = "downsample_layers.0.0.weight"
@@ -312,8 +222,7 @@ def test_ddp_matches_one_process_with_twice_the_batch(tmp_path):
         out = str(tmp_path / f"p{nproc}")
         args = ["train.py", "--config", DEBUG, f"output_dir={out}", f"data.batch_size={batch}"] + DDP_EQUIV + extra
         run(args, nproc=nproc) if nproc > 1 else run_here(args)
-        runs[nproc] = (records(out, "train"), torch.load(os.path.join(out, "checkpoints", "last.pth"),
-                                                          weights_only=True)["model"])
+        runs[nproc] = (read_metrics(out, "train"), last_checkpoint(out)["model"])
     (train2, weights2), (train1, weights1) = runs[2], runs[1]
     assert [r["step"] for r in train2] == [r["step"] for r in train1] == [1, 2, 3, 4]
     for a, b in zip(train2, train1):

@@ -14,8 +14,7 @@ from core.config import CheckpointCfg, Config, to_dict
 from core.errors import CheckpointError, NonFiniteLoss
 from core.files import load_checkpoint
 from engine.checkpointing import Checkpointer, RunState
-from test_checkpoint import tmpfs
-from test_loop import loader, parts_for, run_epoch, tiny_model
+from helpers import loader, parts_for, run_epoch, tiny_model, tmpfs
 
 
 def checkpointer_for(parts, output_dir="unused", run=None, **cfg) -> Checkpointer:
@@ -109,11 +108,13 @@ def test_a_full_disk_during_a_background_write_stops_the_run_in_one_line_and_kee
 
 
 def test_non_finite_weights_are_never_written(tmp_path):
+    """save() refuses before any writer sees the state, so the inline writer proves it for both; a background writer
+    refusing in a whole run: test_train_e2e's diverging run."""
     parts = parts_for(tiny_model())
     run = run_epoch(parts, loader(8))
     with torch.no_grad():
         parts.raw_model.head.bias.fill_(float("nan"))
-    with checkpointer_for(parts, tmp_path, run, background=True) as checkpoints:
+    with checkpointer_for(parts, tmp_path, run, background=False) as checkpoints:
         with pytest.raises(NonFiniteLoss, match="non-finite before the checkpoint at epoch 0, step 4; nothing was"):
             checkpoints.save()
     assert not os.path.exists(tmp_path / "checkpoints" / "last.pth")

@@ -12,11 +12,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from core.config import ConfigError
 from engine.build import load_run_config
-from test_train_e2e import DEBUG, ROOT, records, run
+from engine.checkpointing import last_checkpoint
+from engine.logging import read_metrics
+from helpers import DEBUG, ROOT, run, run_here
 
 WANDB_SITE = os.environ.get("WANDB_SITE", "")
 
@@ -60,14 +61,13 @@ def summary(path):
     return run_id, config, history
 
 
-def test_a_run_without_log_wandb_never_imports_it(tmp_path):
+def test_a_run_without_log_wandb_never_imports_it(tmp_path, monkeypatch):
     """With wandb made unimportable, a whole training run goes through. (timm itself tries `import wandb` when it is
     installed, in timm.utils.summary, so the module may be loaded all the same; this code never needs it.)"""
-    argv = ["train.py", "--config", DEBUG, f"output_dir={tmp_path}", "schedule.epochs=1", "data.synthetic_train_size=32"]
-    code = (f"import runpy, sys; sys.modules['wandb'] = None; sys.argv = {argv!r}; "
-            "runpy.run_path('train.py', run_name='__main__')")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=900)
-    assert records(str(tmp_path), "eval")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    run_here(["train.py", "--config", DEBUG, f"output_dir={tmp_path}", "schedule.epochs=1",
+              "data.synthetic_train_size=32"])
+    assert read_metrics(str(tmp_path), "eval")
 
 
 def test_asking_for_wandb_without_it_installed_says_how_to_install(monkeypatch):
@@ -79,9 +79,10 @@ def test_asking_for_wandb_without_it_installed_says_how_to_install(monkeypatch):
 
 
 def read_back(*paths):
-    """summary(path) of each path, in one process that sees WANDB_SITE."""
+    """summary(path) of each path, in one process that sees WANDB_SITE, and this checkout's code for the module's
+    own imports (helpers)."""
     out = subprocess.run([sys.executable, __file__, *paths], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": WANDB_SITE})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([WANDB_SITE, str(ROOT)])})
     return [(run_id, set(config), {int(step): items for step, items in history.items()})
             for run_id, config, history in json.loads(out.stdout)]
 
@@ -100,11 +101,11 @@ def test_wandb_offline_records_what_tensorboard_gets_and_a_resumed_run_continues
     files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))
     assert len(files) == 2  # one per start, rank 0 only
     (first_id, config, first), (second_id, _, second) = read_back(*files)
-    kept = torch.load(os.path.join(out, "checkpoints", "last.pth"), weights_only=True)["wandb_id"]
+    kept = last_checkpoint(out)["wandb_id"]
     assert first_id == second_id == kept and len(kept) == 12  # the resumed run continues the W&B run
     assert {"model", "data", "optim", "log", "seed"} <= config
     logged = {**first, **second}
-    for record in records(out, "train") + records(out, "eval"):
+    for record in read_metrics(out, "train") + read_metrics(out, "eval"):
         kind = "eval" if "top1" in record else "train"
         step = record["step"] if kind == "train" else 8 * (record["epoch"] + 1)  # 8 steps an epoch
         for name in ("loss", "lr") if kind == "train" else ("top1", "top5", "ema_top1"):
