@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import build_datasets, build_eval_loader, skipped_images
+from data import build_datasets, build_eval_loader
 from data.sources import DataError
 from data.decoding.jpeg import load
 from shards import MANIFEST, main, write_shards
@@ -280,7 +280,7 @@ def test_a_writer_killed_mid_way_resumes_to_the_bytes_of_a_write_never_stopped(f
     script, mark = tmp_path / "stalling.py", tmp_path / "stalled"
     script.write_text(STALLING_WRITER)
     env = {**os.environ, "STALL_AT": "8", "STALL_MARK": str(mark),
-           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "scripts"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")])}
     writer = subprocess.Popen([sys.executable, str(script), folder, out], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
