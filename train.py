@@ -48,7 +48,8 @@ def main() -> int:
 
     run = RunState()
     checkpoints = Checkpointer(cfg.output_dir, cfg.checkpoint, run, model=model, ema=parts.ema,
-                               optimizer=parts.optimizer, scaler=parts.scaler, config=to_dict(cfg))
+                               optimizer=parts.optimizer, scaler=parts.scaler, config=to_dict(cfg),
+                               class_names=data.info.class_names)
     with checkpoints:  # leaves with the last checkpoint on disk, whatever ends the run
         checkpoints.resume(args.resume)
         parts.model = wrap_model(model, cfg, env.distributed, device)

@@ -19,7 +19,8 @@ from helpers import loader, parts_for, run_epoch, tiny_model, tmpfs
 
 def checkpointer_for(parts, output_dir="unused", run=None, **cfg) -> Checkpointer:
     return Checkpointer(str(output_dir), CheckpointCfg(**cfg), run or RunState(), model=parts.raw_model,
-                        ema=parts.ema, optimizer=parts.optimizer, scaler=parts.scaler, config=to_dict(Config()))
+                        ema=parts.ema, optimizer=parts.optimizer, scaler=parts.scaler, config=to_dict(Config()),
+                        class_names=["cat", "dog"])
 
 
 def written_checkpoint(amp: str) -> dict:
@@ -73,6 +74,7 @@ def test_a_saved_run_resumes_to_the_same_state(tmp_path, background):
     saved = load_checkpoint(str(tmp_path / "checkpoints" / "last.pth"))
     assert all(torch.equal(saved["model"][k], v) for k, v in expected.items())
     assert (saved["step"], saved["epoch_samples"], saved["wandb_id"]) == (4, 32, "abc")
+    assert saved["class_names"] == ["cat", "dog"]  # what predict.py and the exports name the outputs by
     other, again = parts_for(tiny_model(seed=1)), RunState()
     assert checkpointer_for(other, tmp_path, again, background=False).resume()
     assert again == run and all(torch.equal(other.raw_model.state_dict()[k], v) for k, v in expected.items())

@@ -3,7 +3,7 @@
 A checkpoint is one .pth file (engine.checkpointing.files) that torch.load(weights_only=True), eval.py, models.export
 and model.pretrained read; what it holds is the table of the run's stateful parts (engine.checkpointing.state: the
 model in the official key layout, its EMA, AdamW's state, the gradient scaler, the run's position, every rank's
-random generators, the config). Saving holds the ranks only while rank 0 copies the state to host memory; a writer
+random generators, the config, the class names). Saving holds the ranks only while rank 0 copies the state to host memory; a writer
 process of its own writes it (engine.checkpointing.writer).
 
     run = RunState()
@@ -45,12 +45,15 @@ class Checkpointer:
         ema: its moving average, if the run keeps one.
         optimizer, scaler: AdamW and the gradient scaler (disabled unless train.amp=fp16).
         config: the run's config as a dict, stored with every checkpoint.
+        class_names: the label of each of the model's outputs, stored with every checkpoint.
     """
 
     def __init__(self, output_dir: str, cfg: CheckpointCfg, run: RunState, *, model: nn.Module, ema: Optional[Ema],
-                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: dict):
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: dict,
+                 class_names: Optional[list[str]] = None):
         self.output_dir, self.cfg, self.run = output_dir, cfg, run
-        self.parts = checkpoint_parts(run, model=model, ema=ema, optimizer=optimizer, scaler=scaler, config=config)
+        self.parts = checkpoint_parts(run, model=model, ema=ema, optimizer=optimizer, scaler=scaler, config=config,
+                                      class_names=class_names)
         self.weights = [part.module for part in self.parts.values()
                         if isinstance(part, Weights) and part.module is not None]
         self.writer = None

@@ -12,6 +12,8 @@ random states come back only where the world size is the same). The entries, in 
     epoch ... wandb_id      RunState's fields
     world_size, rng         every rank's random generators, by rank
     config                  the run's config (read, not restored)
+    class_names             the label of each output, in order (read, not restored): what predict.py and the
+                            exports name the classes by
 """
 from __future__ import annotations
 
@@ -37,11 +39,13 @@ class Part(Protocol):
 
 
 def checkpoint_parts(run: "RunState", *, model: nn.Module, ema: Optional[Ema], optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, config: dict) -> dict[str, Part]:
+                     scaler: torch.amp.GradScaler, config: dict, class_names: Optional[list[str]] = None
+                     ) -> dict[str, Part]:
     """Every stateful part of a run, in the file's order (see the module's docstring for their entries)."""
     return {"model": Weights(model), "model_ema": Weights(ema.module if ema is not None else None, ema=True),
             "optimizer": Entry("optimizer", optimizer), "scaler": Scaler(scaler), "run": run,
-            "rng": RandomStates(), "config": ConfigRecord(config)}
+            "rng": RandomStates(), "config": Record("config", config),
+            "class_names": Record("class_names", list(class_names) if class_names is not None else None)}
 
 
 class Weights:
@@ -86,14 +90,15 @@ class Scaler(Entry):
             super().load_state_dict(checkpoint)
 
 
-class ConfigRecord:
-    """The run's config, stored with every checkpoint for the record and for eval.py; a resume does not restore it."""
+class Record:
+    """An entry written for the record and for the tools that read checkpoints (the config, the class names); a
+    resume does not restore it."""
 
-    def __init__(self, config: dict):
-        self.config = config
+    def __init__(self, entry: str, value: object):
+        self.entry, self.value = entry, value
 
     def state_dict(self) -> dict:
-        return {"config": self.config}
+        return {self.entry: self.value}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         pass
