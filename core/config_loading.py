@@ -141,14 +141,23 @@ def _apply_file(cfg: Config, path: str, chain: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"config file '{path}': {e}") from None
 
 
-def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = (), saved: dict | None = None) -> Config:
     """Defaults <- YAML file <- overrides, validated. Raises ConfigError with a one-line message.
 
     A file may start from another: a top-level 'base: other.yaml' (relative to the file's folder) loads that
     file first (which may have a base of its own); the file's keys then override the base's one by one, so a
     section names only the keys it changes. The resolved Config holds no trace of the base.
+
+    Args:
+        saved: a config saved whole (to_dict: a checkpoint's `config` entry), in the defaults' place.
     """
     cfg = Config()
+    if saved is not None:
+        try:
+            cfg = config_from_dict(saved)
+        except ConfigError as e:
+            raise ConfigError(f"the config saved with the weights does not fit this trainer ({e}); give --config "
+                              f"FILE instead") from None
     if path:
         _apply_file(cfg, path)
     for text in overrides:

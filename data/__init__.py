@@ -10,9 +10,11 @@
 """
 from data.loaders.build import (DatasetInfo, build_datasets, build_eval_loader, build_train_loader, loader_workers,
                                sample_images, skipped_images, start_epoch)
-from data.loaders.recipes import batch_transforms
+from data.loaders.predict import Predicting, collate_predicting, predict_inputs
+from data.loaders.recipes import batch_transforms, data_mean_std
 from data.loaders.samplers import ExactShardSampler
 from data.sources import DataError
 
-__all__ = ["DataError", "DatasetInfo", "ExactShardSampler", "batch_transforms", "build_datasets", "build_train_loader",
-           "build_eval_loader", "loader_workers", "sample_images", "skipped_images", "start_epoch"]
+__all__ = ["DataError", "DatasetInfo", "ExactShardSampler", "Predicting", "batch_transforms", "build_datasets",
+           "build_train_loader", "build_eval_loader", "collate_predicting", "data_mean_std", "loader_workers",
+           "predict_inputs", "sample_images", "skipped_images", "start_epoch"]

@@ -68,16 +68,18 @@ def set_up(config_path: str, overrides: Sequence[str] = (), *, training: bool = 
     return cfg, ctx, data
 
 
-def start_run(config_path: str, overrides: Sequence[str] = (), *,
-              training: bool = True) -> tuple[Config, du.DistContext]:
+def start_run(config_path: str | None, overrides: Sequence[str] = (), *, training: bool = True,
+              saved: dict | None = None) -> tuple[Config, du.DistContext]:
     """The validated config, this process in its group, and the settings that depend on the launch: the gradient
-    accumulation a global batch needs (training) and the precision train.amp=auto picks on this device."""
-    return _start(config_path, overrides, training)[:2]
+    accumulation a global batch needs (training) and the precision train.amp=auto picks on this device.
+    `saved`: a checkpoint's config, in the defaults' place (load_config)."""
+    return _start(config_path, overrides, training, saved)[:2]
 
 
-def _start(config_path: str, overrides: Sequence[str], training: bool) -> tuple[Config, du.DistContext, Config]:
+def _start(config_path: str | None, overrides: Sequence[str], training: bool,
+           saved: dict | None = None) -> tuple[Config, du.DistContext, Config]:
     """start_run's (config, context), and the config as given, before the launch's settings were filled in."""
-    cfg = load_run_config(config_path, overrides)
+    cfg = load_run_config(config_path, overrides, saved)
     ctx = init_process(cfg)
     given = copy.deepcopy(cfg)
     cfg.train.accum_steps = accum_steps_for(cfg.train, cfg.data.batch_size, ctx.env.world_size) if training else 1
@@ -150,9 +152,9 @@ def describe_view(cfg: Config, source: str) -> str:
             f"{cfg.aug.interpolation}, {stats} (from {source})")
 
 
-def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
+def load_run_config(path: str | None, overrides: Sequence[str] = (), saved: dict | None = None) -> Config:
     """The validated config, its model name checked too: before any data is read, which can take minutes."""
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, saved)
     check_model_name(cfg.model.name)
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("log.wandb=true needs the wandb package, which is not installed: pip install wandb "

@@ -237,6 +237,15 @@ def tta_views(images: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
     return views
 
 
+def eval_logits(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str,
+                memory_format: torch.memory_format, tta: str) -> torch.Tensor:
+    """The float32 logits evaluation takes for a batch on the device (normalised): the model's under autocast,
+    averaged over the test-time views (tta_views); evaluate's and predict's."""
+    with autocast(device, amp):
+        return torch.stack([model(view.contiguous(memory_format=memory_format)).float()
+                            for view in tta_views(images, tta)]).mean(0)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", channels_last: bool = False,
              num_classes: int = 0, tta: str = "none", batch_transform: Optional[Callable] = None) -> dict:
@@ -259,9 +268,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none", 
         images, labels = to_device(images, labels, device, channels_last)
         if batch_transform is not None:
             images = batch_transform(images)
-        with autocast(device, amp):
-            logits = torch.stack([model(view.contiguous(memory_format=memory_format)).float()
-                                  for view in tta_views(images, tta)]).mean(0)
+        logits = eval_logits(model, images, device, amp, memory_format, tta)
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
         sums[:3] += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),

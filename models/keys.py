@@ -155,6 +155,15 @@ def architecture(sd: StateDict) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(depths), tuple(dims)
 
 
+def io_shape(sd: StateDict) -> tuple[int, int, int]:
+    """(input channels, stem patch size, classes; 0 without a head) of official-layout weights."""
+    stem = sd.get("downsample_layers.0.0.weight")
+    if stem is None:
+        raise CheckpointError(f"not ConvNeXt weights: no stem (downsample_layers.0.0.weight) among {_few(list(sd))}")
+    head = sd.get("head.weight")
+    return stem.shape[1], stem.shape[-1], head.shape[0] if head is not None else 0
+
+
 def variant_of(sd: StateDict) -> str | None:
     """The variant (atto ... xlarge) whose depths and dims official-layout weights have, if any."""
     arch = architecture(sd)

@@ -45,9 +45,43 @@ def hub_repo(name: str) -> str | None:
         raise CheckpointError(f"timm has no weights '{name}'; its tags for {model}: {', '.join(tags)}") from None
 
 
+LOCAL_DIR = "local-dir:"  # timm's prefix for a folder in its hub layout
+FOLDER_FILES = ("config.json", "model.safetensors")  # what such a folder holds (config.json: timm's fields)
+
+
+def timm_folder(name: str) -> str | None:
+    """The folder a weights name stands for ('local-dir:PATH', or a folder): timm's hub layout on disk, config.json
+    (architecture, num_classes, label_names, pretrained_cfg) beside model.safetensors; None for anything else."""
+    path = name.removeprefix(LOCAL_DIR)
+    if not (name.startswith(LOCAL_DIR) or os.path.isdir(path)):
+        return None
+    missing = [f for f in FOLDER_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise CheckpointError(f"'{path}' is not a model folder: it lacks {' and '.join(missing)}; give a weights "
+                              f"file, or a folder in timm's layout ({', '.join(FOLDER_FILES)})")
+    return path
+
+
+def folder_config(folder: str) -> dict:
+    """A model folder's config.json (timm_folder) as a dict."""
+    path = os.path.join(folder, FOLDER_FILES[0])
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read '{path}' ({e}); write the folder again") from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"'{path}' holds a {type(found).__name__}, not timm's config object")
+    return found
+
+
 def resolve_weights(name: str) -> str:
-    """A local file for `name`: a path as it is; a hub name through huggingface_hub's cache, fetched by rank 0
-    while the other ranks wait, then found in the cache by them (so 8 ranks do not download 8 times)."""
+    """A local file for `name`: a path as it is; a model folder's model.safetensors; a hub name through
+    huggingface_hub's cache, fetched by rank 0 while the other ranks wait, then found in the cache by them (so 8
+    ranks do not download 8 times)."""
+    folder = timm_folder(name)
+    if folder is not None:
+        return os.path.join(folder, FOLDER_FILES[1])
     repo = hub_repo(name)
     if repo is None:
         return name
@@ -80,7 +114,11 @@ def published_view(name: str) -> dict | None:
     """The evaluation view that released weights were published with: the VIEW_FIELDS of timm's pretrained
     configuration (input_size as (C, H, W)). From timm's own table where it knows the weights (timm's names and
     hf-hub:timm/... repositories: no network), else from the repository's config.json (timm's hub layout) as rank 0
-    fetches it or the hub cache holds it; None for a file path, or where neither has one."""
+    fetches it or the hub cache holds it, or from a model folder's (timm_folder); None for a file path, or where
+    neither has one."""
+    folder = timm_folder(name)
+    if folder is not None:
+        return _view_fields(folder_config(folder).get("pretrained_cfg"))
     repo = hub_repo(name)
     if repo is None:
         return None
@@ -100,9 +138,15 @@ def _view_from_config_json(repo: str, cached_only: bool) -> dict | None:
 
     try:
         with open(hf_hub_download(repo, "config.json", local_files_only=cached_only)) as f:
-            found = json.load(f).get("pretrained_cfg") or {}
+            found = json.load(f).get("pretrained_cfg")
     except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError, OSError, ValueError, AttributeError):
         return None  # no such file, not cached and offline, not a JSON object: the weights come without a view
+    return _view_fields(found)
+
+
+def _view_fields(found: object) -> dict | None:
+    """The VIEW_FIELDS that a config.json's pretrained_cfg holds; None where it holds none."""
+    found = found if isinstance(found, dict) else {}
     return {key: found[key] for key in VIEW_FIELDS if found.get(key) is not None} or None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -113,11 +114,17 @@ def start_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
         seeding.set_epoch(epoch)
 
 
-def build_eval_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size: int) -> DataLoader:
-    """This rank's share of the eval set, every sample on exactly one rank; the last batch may be short."""
+def build_eval_loader(dataset: Dataset, data_cfg: DataCfg, rank: int, world_size: int,
+                      collate_fn: Callable | None = None) -> DataLoader:
+    """This rank's share of the eval set, every sample on exactly one rank; the last batch may be short.
+
+    Args:
+        collate_fn: replaces the recipe's (predict.py's data set yields more than images and labels).
+    """
     batch_size = data_cfg.eval_batch_size or 2 * data_cfg.batch_size
     sampler = ExactShardSampler(len(dataset), world_size, rank)
+    options = {**_loader_options(dataset, data_cfg), **({"collate_fn": collate_fn} if collate_fn else {})}
     # A generator of its own: creating the iterator draws a worker seed from it, which from the global RNG would shift
     # the training's random streams whenever an eval loader is first used (e.g. after a resume).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
-                      generator=torch.Generator().manual_seed(0), **_loader_options(dataset, data_cfg))
+                      generator=torch.Generator().manual_seed(0), **options)

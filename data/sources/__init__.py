@@ -19,9 +19,11 @@ from __future__ import annotations
 from typing import Callable
 
 from core.config import DataCfg
-from data.sources.base import DataChanged, DataError, ImageSource, PackedStrings, check_labels, first_line
+from data.sources.base import (DataChanged, DataError, ImageSource, PackedStrings, UnreadableImage, check_labels,
+                               first_line)
 from data.sources.csv_list import csv_list
 from data.sources.folder import FileImages, imagefolder
+from data.sources.given import NO_LABEL, given_images
 from data.sources.hub import HubImages, hf
 from data.sources.memory import (FASHION_MNIST_APT_DIR, SyntheticImages, TensorImages, cifar10, cifar100,
                                  fashion_mnist, synthetic)
@@ -56,6 +58,6 @@ def load_splits(cfg: DataCfg, train: bool = True) -> Splits:
     return splits
 
 
-__all__ = ["DataChanged", "DataError", "FASHION_MNIST_APT_DIR", "FileImages", "HubImages", "ImageSource",
-           "PackedStrings", "SOURCES", "ShardImages", "Splits", "SyntheticImages", "TensorImages", "check_labels",
-           "first_line", "load_splits"]
+__all__ = ["DataChanged", "DataError", "FASHION_MNIST_APT_DIR", "FileImages", "HubImages", "ImageSource", "NO_LABEL",
+           "PackedStrings", "SOURCES", "ShardImages", "Splits", "SyntheticImages", "TensorImages", "UnreadableImage",
+           "check_labels", "first_line", "given_images", "load_splits"]

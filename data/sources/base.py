@@ -27,6 +27,15 @@ class DataChanged(DataError):
     """The data changed since it was indexed: not one bad image but a stale index, so never skipped."""
 
 
+class UnreadableImage(DataError):
+    """One image that cannot be read; `what` says which and why, without the way out that the message adds (a
+    prediction reports it in the image's row instead of stopping)."""
+
+    def __init__(self, what: str, way_out: str = ""):
+        super().__init__(f"{what}; {way_out}" if way_out else what)
+        self.what = what
+
+
 def first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
@@ -133,8 +142,8 @@ class ImageSource(Dataset):
             # A decoder handed bytes calls them '<bytes>'; the source knows their name.
             what = (str(e).replace("'<bytes>'", f"'{name}'") if isinstance(e, DataError)
                     else f"cannot read image '{name}' ({first_line(e)})")
-            raise DataError(f"{what}; replace or delete it, or set data.skip_corrupt=true to skip unreadable "
-                            f"images") from None
+            raise UnreadableImage(what, "replace or delete it, or set data.skip_corrupt=true to skip unreadable "
+                                        "images") from None
         self.skips.add()
         print(f"warning: skipped unreadable image '{name}' (data.skip_corrupt)", file=sys.stderr)
 

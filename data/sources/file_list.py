@@ -64,17 +64,30 @@ def scan(folder: str, progress: bool = False) -> FileList:
     counts = []
     # delay: a folder listed within 2 s shows no bar (and a bad-input message stays the one line on stderr)
     for name in tqdm(classes, desc=f"listing {folder}", unit="class", disable=not progress, delay=2):
-        found = []
-        for path, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            rel = os.path.relpath(path, root)
-            folders[rel] = os.stat(path).st_mtime_ns
-            found += [os.path.join(rel, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        found = images_under(os.path.join(root, name), root, folders)
         if not found:
             raise DataError(f"no usable images in '{os.path.join(folder, name)}' (extensions "
                             f"{', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
         names.append("\0".join(found).encode(errors="surrogateescape"))
         counts.append(len(found))
     return _file_list(root, classes, b"\0".join(names), counts, folders)
+
+
+def images_under(top: str, start: str, folders: dict[str, int] | None = None) -> list[str]:
+    """The image files (IMG_EXTENSIONS) under `top`, recursively, in sorted walk order, as paths relative to
+    `start`; each folder walked is noted in `folders` (relative to `start`) with its modification time."""
+    found = []
+    for path, _, files in sorted(os.walk(top, followlinks=True)):
+        rel = os.path.relpath(path, start)
+        if folders is not None:
+            folders[rel] = os.stat(path).st_mtime_ns
+        found += [os.path.join(rel, f) for f in sorted(files) if is_image_file(f)]
+    return found
+
+
+def is_image_file(path: str) -> bool:
+    """Whether the name ends as an image file does (torchvision's IMG_EXTENSIONS, any case)."""
+    return path.lower().endswith(IMG_EXTENSIONS)
 
 
 def _file_list(folder: str, classes: list[str], names: bytes, counts: list[int],
