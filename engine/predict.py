@@ -51,7 +51,10 @@ def start_prediction(request: Request) -> tuple[Config, du.DistContext, Optional
     if local is not None and not request.config and not isinstance(saved, Mapping):
         raise ConfigError(f"'{weights}' holds weights without the config they were trained with; give --config "
                           f"FILE (the YAML they were trained with)")
-    cfg, ctx = start_run(request.config or None, request.overrides, training=False, saved=saved)
+    # Released weights come without their data set: the defaults' data.name (an image folder) would ask for a
+    # data.root that predicting files does not read; synthetic's normalisation is ImageNet's, as the defaults'.
+    released = [] if local is not None or request.config else ["data.name=synthetic"]
+    cfg, ctx = start_run(request.config or None, [*released, *request.overrides], training=False, saved=saved)
     return cfg, ctx, local
 
 
