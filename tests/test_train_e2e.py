@@ -1,4 +1,5 @@
 """Whole-program runs: train.py and eval.py as users launch them, single process and under torchrun (CPU/gloo)."""
+import csv
 import json
 import os
 from functools import partial
@@ -56,19 +57,28 @@ def test_torchrun_train_then_exact_eval(tmp_path):
 
 
 
-def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(tmp_path, monkeypatch):
-    """JPEGs decoded and augmented in loader workers, normalised and erased on the device: a 13-image validation
-    set (prime) is counted exactly once on 2 processes during training, and eval.py reproduces that evaluation on 2
-    processes over tar shards of the same files, and over the same files as a Hugging Face data set: on 2 processes
-    from a parquet folder (its first load: rank 0 converts it while rank 1 waits), on 1 from the datasets cache by
-    hub id, offline, and on 3 from a save_to_disk folder."""
-    root = str(tmp_path / "jpegs")
+@pytest.fixture(scope="module")
+def jpeg_run(tmp_path_factory):
+    """The imagenet recipe trained for an epoch on 2 processes, JPEGs decoded and augmented in loader workers,
+    normalised and erased on the device: 32 images of 4 classes, 13 (prime) to validate. Returns the data folder,
+    the run's output_dir and the overrides it was trained with."""
+    tmp = tmp_path_factory.mktemp("jpeg_run")
+    root = str(tmp / "jpegs")
     make_jpeg_testbed(root, num_images=32, num_classes=4, seed=0)
     make_jpeg_testbed(root, num_images=13, num_classes=4, seed=1, split="val")
     jpeg = ["data.name=imagefolder", f"data.root={root}", "data.recipe=imagenet", "data.batch_size=8",
             "data.num_workers=2", "schedule.epochs=1"]
-    out = str(tmp_path / "run")
+    out = str(tmp / "run")
     run(["train.py", "--config", DEBUG, f"output_dir={out}", *jpeg], nproc=2)
+    return root, out, jpeg
+
+
+def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(jpeg_run, tmp_path, monkeypatch):
+    """The 13-image validation set of jpeg_run is counted exactly once on 2 processes during training, and eval.py
+    reproduces that evaluation on 2 processes over tar shards of the same files, and over the same files as a
+    Hugging Face data set: on 2 processes from a parquet folder (its first load: rank 0 converts it while rank 1
+    waits), on 1 from the datasets cache by hub id, offline, and on 3 from a save_to_disk folder."""
+    root, out, jpeg = jpeg_run
     last_eval = read_metrics(out, "eval")[-1]
     assert last_eval["samples"] == 13
     shards = str(tmp_path / "shards")
@@ -87,6 +97,35 @@ def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(tmp_path
     for launch, data in launches:
         result = eval_json(launch(evaluate + data))
         assert result["samples"] == 13 and (result["top1"], result["top5"]) == (last_eval["top1"], last_eval["top5"])
+
+
+def test_predict_agrees_with_eval_image_by_image_on_1_2_3_processes(jpeg_run, tmp_path):
+    """predict.py on jpeg_run's checkpoint, its config read from the checkpoint: over the validation split its rows'
+    accuracy and (true class, top-1) counts are eval.py's top-1 and confusion matrix; over the same files given as a
+    folder its top-1 is the split's, image by image; and on 2 and 3 processes it writes the same bytes as on 1."""
+    root, out, jpeg = jpeg_run
+    last, per_class = os.path.join(out, "checkpoints", "last.pth"), str(tmp_path / "per_class.json")
+    result = eval_json(run_here(["eval.py", "--config", DEBUG, "--checkpoint", last, *jpeg, "data.num_workers=0",
+                                 "--per-class", per_class]))
+    with open(per_class) as f:
+        classes, confusion = (report := json.load(f))["classes"], report["confusion"]
+    split, folder = str(tmp_path / "split.csv"), str(tmp_path / "folder.csv")
+    run_here(["predict.py", "--checkpoint", last, "--split", "val", "--out", split, "data.num_workers=0"])
+    with open(split) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 13 and {r["label"] for r in rows} == set(classes) and {r["class_1"] for r in rows} <= set(classes)
+    assert 100.0 * sum(r["class_1"] == r["label"] for r in rows) / 13 == pytest.approx(result["top1"])
+    counts = [[0] * len(classes) for _ in classes]
+    for r in rows:
+        counts[classes.index(r["label"])][int(r["index_1"])] += 1
+    assert counts == confusion
+    predicted = ["predict.py", "--checkpoint", last, os.path.join(root, "val"), "data.num_workers=0"]
+    run_here([*predicted, "--out", folder])
+    with open(folder) as f:
+        assert [r["path"] + r["class_1"] for r in csv.DictReader(f)] == [r["path"] + r["class_1"] for r in rows]
+    for nproc in (2, 3):
+        run([*predicted, "--out", f"{folder}.{nproc}"], nproc=nproc)
+        assert open(f"{folder}.{nproc}", "rb").read() == open(folder, "rb").read(), nproc
 
 
 def test_single_process_debug_run_then_resume_on_two(tmp_path):
