@@ -26,6 +26,7 @@ class_i is the i-th likeliest class's name (its index where the weights name non
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import time
@@ -58,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: data.eval_batch_size, else 2 x data.batch_size)")
     parser.add_argument("inputs", nargs="*", metavar="INPUT or key.sub=value",
                         help="images, folders, 'globs', @list.txt; and config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # inputs and overrides before, between and after options
     args.overrides = [text for text in args.inputs if OVERRIDE.match(text)]
     args.overrides += [f"train.amp={args.amp}"] * bool(args.amp)
     args.overrides += [f"data.eval_batch_size={args.batch_size}"] * bool(args.batch_size)
@@ -72,28 +73,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    request = Request(args.checkpoint, args.config, args.overrides, args.ema)
-    cfg, ctx, local = start_prediction(request)
-    du.print0(adopt_published_view(cfg, args.checkpoint, args.overrides), file=sys.stderr)
-    classifier = prediction_model(cfg, ctx.device, request, local)
-    if classifier.class_names is None:
-        du.print0(f"note: '{args.checkpoint}' names no classes (weights from before checkpoints held them, or a "
-                  f"plain state dict): classes are given by index", file=sys.stderr)
-    inputs, label_names = predict_inputs(cfg.data, cfg.aug, args.inputs, args.split, classifier.in_chans)
-    loader = build_eval_loader(inputs, cfg.data, ctx.env.rank, ctx.env.world_size, collate_fn=collate_predicting)
-    normalise = batch_transforms(cfg.data, cfg.aug, *data_mean_std(cfg.data))[1]
+    rows_out = sys.stdout  # where the rows go without --out; every message goes to stderr, start-up lines included
+    with contextlib.redirect_stdout(sys.stderr):
+        request = Request(args.checkpoint, args.config, args.overrides, args.ema)
+        cfg, ctx, local = start_prediction(request)
+        du.print0(adopt_published_view(cfg, args.checkpoint, args.overrides))
+        classifier = prediction_model(cfg, ctx.device, request, local)
+        if classifier.class_names is None:
+            du.print0(f"note: '{args.checkpoint}' names no classes (weights from before checkpoints held them, or a "
+                      f"plain state dict): classes are given by index")
+        inputs, label_names = predict_inputs(cfg.data, cfg.aug, args.inputs, args.split, classifier.in_chans)
+        loader = build_eval_loader(inputs, cfg.data, ctx.env.rank, ctx.env.world_size, collate_fn=collate_predicting)
+        normalise = batch_transforms(cfg.data, cfg.aug, *data_mean_std(cfg.data))[1]
 
-    du.barrier()
-    start = time.perf_counter()
-    k = min(args.topk, classifier.num_classes)
-    predictions = gather_predictions(predict(classifier.model, loader, cfg, ctx.device, k, normalise))
-    seconds = time.perf_counter() - start
-    rows = records(predictions, inputs.name, classifier.class_names, label_names, labelled=bool(args.split))
-    write_output(args.out, rows, k, args.format, labelled=bool(args.split))
-    unreadable = sum(bool(p.error) for p in predictions)
-    du.print0(f"predicted {len(predictions) - unreadable} images in {seconds:.1f} s "
-              f"({len(predictions) / seconds:.1f} img/s) on {ctx.env.world_size} process(es); {unreadable} "
-              f"unreadable{' (their rows say why)' if unreadable else ''}", file=sys.stderr)
+        du.barrier()
+        start = time.perf_counter()
+        k = min(args.topk, classifier.num_classes)
+        predictions = gather_predictions(predict(classifier.model, loader, cfg, ctx.device, k, normalise))
+        seconds = time.perf_counter() - start
+        rows = records(predictions, inputs.name, classifier.class_names, label_names, labelled=bool(args.split))
+        write_output(args.out or rows_out, rows, k, args.format, labelled=bool(args.split))
+        unreadable = sum(bool(p.error) for p in predictions)
+        du.print0(f"predicted {len(predictions) - unreadable} images in {seconds:.1f} s "
+                  f"({len(predictions) / seconds:.1f} img/s) on {ctx.env.world_size} process(es); {unreadable} "
+                  f"unreadable{' (their rows say why)' if unreadable else ''}")
 
 
 def cli() -> None:

@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TextIO
 
 import torch
 from timm.data import ImageNetInfo
@@ -198,12 +198,12 @@ def write_records(f, rows: list[dict], k: int, fmt: str, labelled: bool) -> None
         writer.writerow([row["path"], *ranked, *([row["label"]] if labelled else []), row["error"]])
 
 
-def write_output(out: str, rows: list[dict], k: int, fmt: str, labelled: bool) -> None:
-    """Rank 0 writes the rows to `out` atomically (nothing half-written on a failure), or to stdout for ""."""
+def write_output(out: str | TextIO, rows: list[dict], k: int, fmt: str, labelled: bool) -> None:
+    """Rank 0 writes the rows to the file `out` atomically (nothing half-written on a failure), or to the stream."""
     if not du.is_main_process():
         return
-    if out:
+    if isinstance(out, str):
         atomic_write(out, lambda f: write_records(f, rows, k, fmt, labelled), binary=False)
     else:
-        write_records(sys.stdout, rows, k, fmt, labelled)
-        sys.stdout.flush()
+        write_records(out, rows, k, fmt, labelled)
+        out.flush()
