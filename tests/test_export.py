@@ -5,7 +5,6 @@ import sys
 
 import onnx
 import onnxruntime as ort
-import pytest
 import timm
 import torch
 from PIL import Image

@@ -8,6 +8,7 @@ the exporter torch maintains; the TorchScript one is deprecated), so the two for
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 from typing import Callable
@@ -94,7 +95,7 @@ def serve_packages():
     try:
         import onnx
         import onnxruntime
-        import onnxscript  # noqa: F401
+        importlib.import_module("onnxscript")  # torch.onnx imports it on export: missing, say so here
     except ImportError as e:
         raise UserError(f"--format onnx needs the '{e.name}' package, not installed: {SERVE_EXTRA}") from None
     return onnx, onnxruntime

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import torch
 
@@ -44,7 +45,7 @@ def timm_config(source: Source) -> dict:
 
 
 def write_timm_folder(source: Source, path: str, weights: dict[str, torch.Tensor], inputs: Inputs,
-                      save: callable) -> str:
+                      save: Callable) -> str:
     """The folder at `path` from timm-layout `weights` (models.export's), saved with `save(sd, file, metadata)`;
     a previous export there is replaced. Returns the check's line."""
     replaced = _previous_export(path)
