@@ -64,11 +64,17 @@ $(VENV)/.hf-installed: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[hf]' datasets==5.2.0
 	touch $@
 
-test: setup data test-tools $(WANDB_SITE)/.installed $(VENV)/.hf-installed
+# The optional ONNX exporter and runtime (models.export --format onnx) for the export tests; imported only there.
+$(VENV)/.serve-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[serve]' onnx==1.23.2 \
+	  onnxruntime==1.32.0 onnxscript==0.7.2
+	touch $@
+
+test: setup data test-tools $(WANDB_SITE)/.installed $(VENV)/.hf-installed $(VENV)/.serve-installed
 	WANDB_SITE=$(abspath $(WANDB_SITE)) $(PY) -m pytest -q tests
 
 # Everything but the multi-process runs, for a quick edit-test loop.
-test-fast: setup $(VENV)/.hf-installed
+test-fast: setup $(VENV)/.hf-installed $(VENV)/.serve-installed
 	$(PY) -m pytest -q -m "not slow" tests
 
 # On a machine with a CUDA GPU: train, resume, DDP, speed and exact evaluation in one call (scripts/gpu_check.py)

@@ -37,6 +37,7 @@ from engine.precision import resolve_amp
 from engine.preemption import SIGNALS as STOP_SIGNALS
 from models import check_model_name, create_model
 from models.pretrained import published_view
+from models.view import VIEW_KEYS
 
 
 @dataclass
@@ -109,8 +110,6 @@ def build_data(cfg: Config, ctx: du.DistContext, *, training: bool = True) -> Ru
     return data
 
 
-VIEW_KEYS = {"data.img_size": "input_size", "data.crop_pct": "crop_pct", "data.crop_mode": "crop_mode",
-             "aug.interpolation": "interpolation", "data.mean": "mean", "data.std": "std"}  # config key: timm's field
 
 
 def adopt_published_view(cfg: Config, weights: str, overrides: Sequence[str]) -> str:

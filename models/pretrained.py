@@ -19,6 +19,7 @@ from core.errors import CheckpointError
 from core.files import load_checkpoint
 
 from .keys import StateDict, load_weights, to_official, unwrap_checkpoint
+from .view import VIEW_FIELDS
 
 STEM = "downsample_layers.0.0.weight"
 HEAD = ("head.weight", "head.bias")
@@ -45,43 +46,9 @@ def hub_repo(name: str) -> str | None:
         raise CheckpointError(f"timm has no weights '{name}'; its tags for {model}: {', '.join(tags)}") from None
 
 
-LOCAL_DIR = "local-dir:"  # timm's prefix for a folder in its hub layout
-FOLDER_FILES = ("config.json", "model.safetensors")  # what such a folder holds (config.json: timm's fields)
-
-
-def timm_folder(name: str) -> str | None:
-    """The folder a weights name stands for ('local-dir:PATH', or a folder): timm's hub layout on disk, config.json
-    (architecture, num_classes, label_names, pretrained_cfg) beside model.safetensors; None for anything else."""
-    path = name.removeprefix(LOCAL_DIR)
-    if not (name.startswith(LOCAL_DIR) or os.path.isdir(path)):
-        return None
-    missing = [f for f in FOLDER_FILES if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise CheckpointError(f"'{path}' is not a model folder: it lacks {' and '.join(missing)}; give a weights "
-                              f"file, or a folder in timm's layout ({', '.join(FOLDER_FILES)})")
-    return path
-
-
-def folder_config(folder: str) -> dict:
-    """A model folder's config.json (timm_folder) as a dict."""
-    path = os.path.join(folder, FOLDER_FILES[0])
-    try:
-        with open(path) as f:
-            found = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read '{path}' ({e}); write the folder again") from None
-    if not isinstance(found, dict):
-        raise CheckpointError(f"'{path}' holds a {type(found).__name__}, not timm's config object")
-    return found
-
-
 def resolve_weights(name: str) -> str:
-    """A local file for `name`: a path as it is; a model folder's model.safetensors; a hub name through
-    huggingface_hub's cache, fetched by rank 0 while the other ranks wait, then found in the cache by them (so 8
-    ranks do not download 8 times)."""
-    folder = timm_folder(name)
-    if folder is not None:
-        return os.path.join(folder, FOLDER_FILES[1])
+    """A local file for `name`: a path as it is; a hub name through huggingface_hub's cache, fetched by rank 0
+    while the other ranks wait, then found in the cache by them (so 8 ranks do not download 8 times)."""
     repo = hub_repo(name)
     if repo is None:
         return name
@@ -107,26 +74,21 @@ def _from_hub(name: str, repo: str, cached_only: bool) -> str:
                           f"machine reads, or give model.pretrained a file path")
 
 
-VIEW_FIELDS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
-
-
 def published_view(name: str) -> dict | None:
     """The evaluation view that released weights were published with: the VIEW_FIELDS of timm's pretrained
     configuration (input_size as (C, H, W)). From timm's own table where it knows the weights (timm's names and
     hf-hub:timm/... repositories: no network), else from the repository's config.json (timm's hub layout) as rank 0
-    fetches it or the hub cache holds it, or from a model folder's (timm_folder); None for a file path, or where
+    fetches it or the hub cache holds it; a timm folder's from its config.json; None for a file path, or where
     neither has one."""
-    folder = timm_folder(name)
-    if folder is not None:
-        return _view_fields(folder_config(folder).get("pretrained_cfg"))
+    if folder := timm_folder(name):
+        return _view_of(folder_config(folder)) or None
     repo = hub_repo(name)
     if repo is None:
         return None
     known = repo.split("/", 1)[1] if repo.startswith("timm/") else ""
     if known and known.split(".", 1)[0] in list_models():
         try:
-            found = get_pretrained_cfg(known).to_dict()
-            return {key: found[key] for key in VIEW_FIELDS if found.get(key) is not None}
+            return _view_of({"pretrained_cfg": get_pretrained_cfg(known).to_dict()})
         except (RuntimeError, AttributeError):  # not in timm's table: look in the repository
             pass
     return du.main_first(lambda main: _view_from_config_json(repo, cached_only=not main))
@@ -138,21 +100,25 @@ def _view_from_config_json(repo: str, cached_only: bool) -> dict | None:
 
     try:
         with open(hf_hub_download(repo, "config.json", local_files_only=cached_only)) as f:
-            found = json.load(f).get("pretrained_cfg")
+            return _view_of(json.load(f)) or None
     except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError, OSError, ValueError, AttributeError):
         return None  # no such file, not cached and offline, not a JSON object: the weights come without a view
-    return _view_fields(found)
 
 
-def _view_fields(found: object) -> dict | None:
-    """The VIEW_FIELDS that a config.json's pretrained_cfg holds; None where it holds none."""
-    found = found if isinstance(found, dict) else {}
-    return {key: found[key] for key in VIEW_FIELDS if found.get(key) is not None} or None
+def _view_of(config: dict) -> dict:
+    """The VIEW_FIELDS of a timm config's pretrained_cfg (JSON lists as tuples), those it sets."""
+    found = config.get("pretrained_cfg") or {}
+    return {key: tuple(found[key]) if isinstance(found[key], list) else found[key] for key in VIEW_FIELDS
+            if found.get(key) is not None}
 
 
 def read_weights(path: str) -> object:
-    """What the file holds: a safetensors file as its state dict, anything else through weights-only torch.load."""
-    if not path.endswith(".safetensors"):
+    """What the file holds: a safetensors file as its state dict, a timm folder's weights (`timm_folder`) as theirs,
+    anything else through weights-only torch.load."""
+    folder = timm_folder(path)
+    if folder:
+        path = os.path.join(folder, TIMM_WEIGHTS)
+    elif not path.endswith(".safetensors"):
         return load_checkpoint(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file '{path}' does not exist; check model.pretrained")
@@ -162,6 +128,49 @@ def read_weights(path: str) -> object:
         return load_file(path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"'{path}' is not a readable safetensors file ({e}); download it again") from None
+
+
+LOCAL_PREFIX = "local-dir:"  # timm's name for a folder in its hub layout
+TIMM_CONFIG, TIMM_WEIGHTS = "config.json", "model.safetensors"
+
+
+def timm_folder(name: str) -> str | None:
+    """The folder `name` stands for when it is one in timm's hub layout (config.json + model.safetensors, as
+    models.export --format timm-folder writes), 'local-dir:PATH' or the bare path; else None."""
+    path = name.removeprefix(LOCAL_PREFIX)
+    if not os.path.isdir(path):
+        if name.startswith(LOCAL_PREFIX):
+            raise CheckpointError(f"'{name}': no such folder; give the folder that holds {TIMM_CONFIG} and "
+                                  f"{TIMM_WEIGHTS}")
+        return None
+    missing = [f for f in (TIMM_CONFIG, TIMM_WEIGHTS) if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise CheckpointError(f"folder '{path}' lacks {' and '.join(missing)}: it is not a model in timm's hub "
+                              f"layout (models.export --format timm-folder writes one)")
+    return path
+
+
+def read_timm_folder(name: str) -> tuple[dict[str, torch.Tensor], list[str] | None, dict]:
+    """(official-layout weights, class names or None, eval view: VIEW_FIELDS) of a timm folder (`timm_folder`)."""
+    folder = timm_folder(name)
+    if folder is None:
+        raise CheckpointError(f"'{name}' is not a folder; give one with {TIMM_CONFIG} and {TIMM_WEIGHTS}")
+    config = folder_config(folder)
+    names = config.get("label_names") or (config.get("pretrained_cfg") or {}).get("label_names")
+    return to_official(read_weights(folder)), list(names) if names else None, _view_of(config)
+
+
+def folder_config(folder: str) -> dict:
+    """A timm folder's config.json as a dict."""
+    path = os.path.join(folder, TIMM_CONFIG)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is not readable JSON ({e}); export the folder again") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"'{path}' holds a {type(config).__name__}, not timm's config object")
+    return config
 
 
 def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:

@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, monkeypatch):
         ([ckpt, val, "data.num_classes=5"], "data.num_classes=5 but the weights"),
         ([tmp / "plain.pth", val], "without the config they were trained with; give --config"),
         (["convnext_atto.d2_in1k", val], "are neither in the hub cache"),
-        ([tmp / "empty", val], "is not a model folder"),
+        ([tmp / "empty", val], "is not a model in timm's hub layout"),
     ]:
         proc = predict("--checkpoint", *args, "--out", out, check=False)
         lines = [line for line in proc.stderr.splitlines() if not line.startswith("eval view: ")]

@@ -10,31 +10,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
 from core.config import AugCfg, DataCfg
 from data.augment.batch import BatchAugment, BatchNormalize
 from data.decoding.jpeg import JpegEvalDecode, JpegTrainDecode
 from data.loaders.transformed import BatchTransformed, EpochSeeding, PerSampleTransformed
 from data.sources import ImageSource
+from models.view import MEAN_STD, data_mean_std, mean_std  # the view's statistics, which the exports carry too
 
-MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-
-
-def mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std of a data set; ImageNet's for imagefolder and synthetic."""
-    return MEAN_STD.get(name, (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)))
-
-
-def data_mean_std(data_cfg: DataCfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """data.mean and data.std where given, else the data set's own (mean_std)."""
-    if data_cfg.mean:
-        return tuple(data_cfg.mean), tuple(data_cfg.std)
-    return mean_std(data_cfg.name)
+__all__ = ["MEAN_STD", "apply_recipe", "batch_transforms", "data_mean_std", "imagenet_decode", "mean_std"]
 
 
 def imagenet_decode(data_cfg: DataCfg, aug_cfg: AugCfg, train: bool) -> JpegTrainDecode | JpegEvalDecode:
