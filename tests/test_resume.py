@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 # rank, whose augmentation is seeded by (seed, epoch, sample), not by the worker's history. (Loading in the
 # training process, the GPU check's dry run and the SLURM test resume exactly.)
 EXACT = ["data.synthetic_train_size=128", "schedule.epochs=4", "train.deterministic=true",
-         "checkpoint.every_steps=2", "checkpoint.keep_last=3", "data.num_workers=2"]
+         "checkpoint.every_steps=2", "checkpoint.keep_last=3", "data.num_workers=2",
+         "model.depths=[1,1,1,1]", "model.dims=[16,32,48,64]"]  # a smaller model: resuming does not depend on its size
 
 
 def assert_same_as_reference(out, reference):
@@ -68,12 +69,11 @@ def wait_for(path, proc):
 @pytest.fixture(scope="module")
 def jpeg_workers(tmp_path_factory):
     """The imagenet recipe on 64 ImageNet-like JPEGs (4 steps an epoch again), decoded and augmented in 2 loader
-    workers, normalised and erased on the device."""
+    workers, normalised and erased on the device; train/ only, as ImageNet-22K: no evaluation, no best.pth."""
     root = str(tmp_path_factory.mktemp("jpegs"))
     make_jpeg_testbed(root, num_images=64, num_classes=4, seed=0)
-    make_jpeg_testbed(root, num_images=8, num_classes=4, seed=1, split="val")
     return ["data.name=imagefolder", f"data.root={root}", "data.recipe=imagenet", "data.batch_size=8",
-            "data.num_workers=2"]
+            "data.num_workers=2", "train.eval_every=0"]
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +99,23 @@ def hf_workers(tmp_path_factory, jpeg_workers):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run the tests compare against."""
-    ref = str(tmp_path_factory.mktemp("ref"))
-    run(["train.py", "--config", DEBUG, f"output_dir={ref}"] + EXACT, nproc=2)
-    return last_checkpoint(ref)
+def two_nodes(tmp_path_factory):
+    """The uninterrupted run the tests compare against, as two torchrun "nodes" of one process each meeting through
+    c10d rendezvous: every run of 2 processes on one node resumed below must end equal to it. Returns the outputs of
+    both nodes and the last checkpoint."""
+    out = str(tmp_path_factory.mktemp("ref"))
+    port = free_port()
+    nodes = [start_run(out, launcher=["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                                      f"--rdzv_endpoint=127.0.0.1:{port}", f"--node_rank={rank}", "--rdzv_id=test"],
+                       standalone=False) for rank in (0, 1)]
+    outputs = [finish(node, out) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [o[-2000:] for o in outputs]
+    return outputs, last_checkpoint(out)
+
+
+@pytest.fixture(scope="module")
+def reference(two_nodes):
+    return two_nodes[1]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +130,7 @@ def kill_run(out, held=None):
     both workers); rank 0's checkpoint writer dies with rank 0. A tracer holding the writer (`held`: the tracer, the
     writer's pid and rank 0's) lets go only once rank 0 has ended, so the writer's SIGKILL is already pending:
     earlier, the held write would run on to its end."""
+    writers = writers_of(out)
     subprocess.run(["pkill", "-KILL", "-f", f"output_dir={out}"], check=False)
     if held is not None:
         tracer, writer, rank0 = held
@@ -125,8 +138,15 @@ def kill_run(out, held=None):
             time.sleep(0.02)
         tracer.kill()
         tracer.wait()
-    while subprocess.run(["pgrep", "-f", "engine[.]checkpointing [0-9]"], capture_output=True).returncode == 0:
+    while any(os.path.exists(f"/proc/{pid}") for pid in writers):
         time.sleep(0.05)
+
+
+def writers_of(out):
+    """The checkpoint writer processes of the run writing to `out` (children of its rank 0)."""
+    writers = subprocess.run(["pgrep", "-f", "engine[.]checkpointing [0-9]"], capture_output=True,
+                             text=True).stdout.split()
+    return [pid for pid in writers if f"output_dir={out}" in command_line(parent_of(pid))]
 
 
 def hold_the_writers_fsync(out):
@@ -134,10 +154,8 @@ def hold_the_writers_fsync(out):
     the next checkpoint stays a half-done temporary file for as long as the test needs."""
     if shutil.which("strace") is None:
         pytest.skip("needs strace (Debian: strace; make test installs it)")
-    writers = subprocess.run(["pgrep", "-f", "engine[.]checkpointing [0-9]"], capture_output=True,
-                             text=True).stdout.split()
-    ours = [pid for pid in writers if f"output_dir={out}" in command_line(parent_of(pid))]
-    assert len(ours) == 1, (writers, ours)
+    ours = writers_of(out)
+    assert len(ours) == 1, ours
     tracer = subprocess.Popen(["strace", "-qq", "-f", "-e", "trace=fsync", "-e", "inject=fsync:delay_enter=600000000",
                                "-o", "/dev/null", "-p", ours[0]], stderr=subprocess.PIPE, text=True)
     try:
@@ -158,8 +176,12 @@ def parent_of(pid: str) -> str:
 
 
 def command_line(pid: str) -> str:
-    with open(f"/proc/{pid}/cmdline") as f:
-        return f.read().replace("\0", " ")
+    """`pid`'s command line ("" once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ")
+    except FileNotFoundError:
+        return ""
 
 
 @pytest.mark.parametrize("variant", ["", "shard_workers", "hf_workers"], ids=["2-loader-workers-write-in-flight",
@@ -169,7 +191,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, request, v
     """Synthetic images in loader workers, killed while a checkpoint's background write is in flight: the restart
     removes the half-written file and resumes from the checkpoint before it. And the imagenet recipe (its erasing
     draws on the device come from the checkpointed generator) on tar shards of JPEGs, and on the same JPEGs as a
-    Hugging Face data set, killed and resumed, which must end equal to the uninterrupted run on their image folder."""
+    Hugging Face data set, killed and resumed, which must end equal to the uninterrupted run on their image folder:
+    training sets without a validation split, as ImageNet-22K's."""
     compared_with = {"shard_workers": "jpeg_workers", "hf_workers": "jpeg_workers"}.get(variant, variant)
     reference = request.getfixturevalue(f"reference_with_{compared_with}" if variant else "reference")
     extra = request.getfixturevalue(variant) if variant else []
@@ -199,6 +222,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, request, v
         assert held[1:].split(".pth")[0] > os.path.basename(newest), (held, newest)  # the held one was newer
         assert f"removed 1 unfinished checkpoint file(s) of an interrupted write: {held}" in proc.stdout
     assert_same_as_reference(out, reference)
+    assert ("best.pth" in os.listdir(folder)) == (not variant)  # the JPEG runs have no validation split
 
 
 def test_sigterm_stops_every_rank_at_one_step_then_resumes_exactly(tmp_path, reference):
@@ -235,14 +259,9 @@ def test_elastic_restart_after_a_worker_is_killed(tmp_path, reference):
     assert_same_as_reference(out, reference)
 
 
-def test_two_nodes_match_one_node(tmp_path, reference):
-    """Two torchrun "nodes" of one process each, meeting through c10d rendezvous, train exactly as one node of 2."""
-    out = str(tmp_path / "two_nodes")
-    port = free_port()
-    nodes = [start_run(out, launcher=["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-                                      f"--rdzv_endpoint=127.0.0.1:{port}", f"--node_rank={rank}", "--rdzv_id=test"],
-                       standalone=False) for rank in (0, 1)]
-    outputs = [finish(node, out) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], [o[-2000:] for o in outputs]
+def test_two_nodes_train_as_one_node_of_two(two_nodes, reference):
+    """The reference run itself: two nodes of one process each make one world of 2 (and the runs above, one node of
+    2 processes, end with its weights)."""
+    outputs, last = two_nodes
     assert "torchrun: world 2" in outputs[0] + outputs[1]
-    assert_same_as_reference(out, reference)
+    assert last["epoch"] == 4

@@ -7,11 +7,12 @@ from functools import partial
 import pytest
 import torch
 
+from core.config import load_config
 from shards import write_shards
 from testbed import folder_as_parquet, make_jpeg_testbed
 from engine.checkpointing import last_checkpoint
 from engine.logging import read_metrics
-from helpers import (DEBUG, datasets_cache_entry, eval_json, offline_caches, run, run_here, timm_weights,
+from helpers import (DEBUG, ROOT, datasets_cache_entry, eval_json, offline_caches, run, run_here, timm_weights,
                      write_image_folder)
 
 pytestmark = pytest.mark.slow
@@ -201,6 +202,41 @@ def test_a_run_without_a_validation_split_trains_checkpoints_and_resumes_exactly
                                                                                  "step_000000006.pth")])
     ends = [torch.load(folder / "checkpoints" / "last.pth", weights_only=True)["model"] for folder in (out, resumed)]
     assert all(torch.equal(ends[0][key], ends[1][key]) for key in ends[0])
+
+
+# Every family of official recipes as its config file launches it, shrunken: a tiny model, generated 32-px JPEGs,
+# batches of 4, one epoch on the CPU in fp32; the rest (schedule shape, layer decay, head init, EMA, crop mode,
+# mixup or none, evaluation or none) is the recipe's. Each fine-tune starts from the weights of the run it follows in
+# TRAINING.md: 1K training -> 1K at 384; 22K pre-training -> 22K-to-1K at 224 and at 384 (a new 2-class head on the
+# 3-class pre-training's).
+SHRUNK = ["model.name=convnext_atto", "model.depths=[1,1,1,1]", "model.dims=[8,16,16,16]", "data.img_size=32",
+          "data.batch_size=4", "train.global_batch=8", "data.num_workers=0", "schedule.epochs=1", "train.amp=none"]
+FAMILIES = [("convnext_t", None), ("finetune_in1k_384_convnext_b", "convnext_t"), ("in22k_convnext_t", None),
+            ("finetune_convnext_b", "in22k_convnext_t"), ("finetune_384_convnext_xl", "in22k_convnext_t")]
+
+
+def test_each_official_recipe_family_trains_checkpoints_and_evaluates_shrunken(tmp_path):
+    images, pretraining = str(tmp_path / "in1k"), str(tmp_path / "in22k")
+    make_jpeg_testbed(images, num_images=16, num_classes=2, seed=0)
+    make_jpeg_testbed(images, num_images=6, num_classes=2, seed=1, split="val")
+    make_jpeg_testbed(pretraining, num_images=12, num_classes=3, seed=2)  # train/ only, as ImageNet-22K
+    for name, start in FAMILIES:
+        pre = name.startswith("in22k")
+        out = tmp_path / name
+        args = ["train.py", "--config", os.path.join(ROOT, "configs", f"{name}.yaml"), f"output_dir={out}",
+                f"data.root={pretraining if pre else images}", f"data.num_classes={3 if pre else 2}", *SHRUNK]
+        if start:
+            args.append(f"model.pretrained={tmp_path / start / 'checkpoints' / 'last.pth'}")
+        proc = run_here(args)
+        files, evals = os.listdir(out / "checkpoints"), read_metrics(out, "eval")
+        assert "last.pth" in files and read_metrics(out, "train"), (name, files)
+        if pre:
+            assert not evals and "best.pth" not in files, (name, files)
+        else:
+            assert [r["samples"] for r in evals] == [6] and "best.pth" in files, (name, evals, files)
+            assert ("ema_top1" in evals[0]) == load_config(args[2]).ema.enabled, name
+        if start == "in22k_convnext_t":
+            assert "head: " in proc.stdout, (name, proc.stdout)
 
 
 def test_training_starts_from_timm_weights_with_a_new_head(tmp_path):
