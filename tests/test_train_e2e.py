@@ -77,8 +77,8 @@ def jpeg_run(tmp_path_factory):
 def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(jpeg_run, tmp_path, monkeypatch):
     """The 13-image validation set of jpeg_run is counted exactly once on 2 processes during training, and eval.py
     reproduces that evaluation on 2 processes over tar shards of the same files, and over the same files as a
-    Hugging Face data set: on 2 processes from a parquet folder (its first load: rank 0 converts it while rank 1
-    waits), on 1 from the datasets cache by hub id, offline, and on 3 from a save_to_disk folder."""
+    Hugging Face data set: on 3 processes from a parquet folder (its first load: rank 0 converts it while ranks 1
+    and 2 wait), and on 1 from the datasets cache by hub id, offline, and from a save_to_disk folder."""
     root, out, jpeg = jpeg_run
     last_eval = read_metrics(out, "eval")[-1]
     assert last_eval["samples"] == 13
@@ -92,9 +92,9 @@ def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(jpeg_run
     caches = offline_caches(monkeypatch, tmp_path)
     datasets_cache_entry(parquet, "tester/jpegs", caches["HF_DATASETS_CACHE"])
     datasets.load_dataset(parquet, cache_dir=str(tmp_path / "scratch")).save_to_disk(saved)
-    launches += [(partial(run, nproc=2), ["data.name=hf", f"data.hf_name={parquet}"]),
+    launches += [(partial(run, nproc=3), ["data.name=hf", f"data.hf_name={parquet}"]),
                  (run_here, ["data.name=hf", "data.hf_name=tester/jpegs"]),
-                 (partial(run, nproc=3), ["data.name=hf", f"data.hf_name={saved}"])]
+                 (run_here, ["data.name=hf", f"data.hf_name={saved}"])]
     for launch, data in launches:
         result = eval_json(launch(evaluate + data))
         assert result["samples"] == 13 and (result["top1"], result["top5"]) == (last_eval["top1"], last_eval["top5"])
