@@ -76,16 +76,16 @@ def jpeg_run(tmp_path_factory):
 
 def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(jpeg_run, tmp_path, monkeypatch):
     """The 13-image validation set of jpeg_run is counted exactly once on 2 processes during training, and eval.py
-    reproduces that evaluation on 2 processes over tar shards of the same files, and over the same files as a
-    Hugging Face data set: on 3 processes from a parquet folder (its first load: rank 0 converts it while ranks 1
-    and 2 wait), and on 1 from the datasets cache by hub id, offline, and from a save_to_disk folder."""
+    reproduces that evaluation over tar shards of the same files, and over the same files as a Hugging Face data
+    set: on 3 processes from a parquet folder (its first load: rank 0 converts it while ranks 1 and 2 wait), and on 1
+    from the shards, from the datasets cache by hub id, offline, and from a save_to_disk folder."""
     root, out, jpeg = jpeg_run
     last_eval = read_metrics(out, "eval")[-1]
     assert last_eval["samples"] == 13
     shards = str(tmp_path / "shards")
     write_shards(root, shards, shard_size=5)
     evaluate = ["eval.py", "--config", DEBUG, "--checkpoint", os.path.join(out, "checkpoints", "last.pth"), *jpeg]
-    launches = [(partial(run, nproc=2), ["data.name=shards", f"data.root={shards}"])]
+    launches = [(run_here, ["data.name=shards", f"data.root={shards}"])]
     datasets = pytest.importorskip("datasets", reason="the optional hf extra (make test installs it)")
     parquet, saved = str(tmp_path / "parquet"), str(tmp_path / "saved")
     folder_as_parquet(root, parquet, rows_per_file=5)
