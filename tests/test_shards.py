@@ -18,7 +18,8 @@ import torch
 from data import build_datasets, build_eval_loader
 from data.sources import DataError
 from data.decoding.jpeg import load
-from shards import MANIFEST, main, write_shards
+from shard_plan import MANIFEST
+from shards import main, write_shards
 from data.sources.shards import INDEX, ShardImages, build_index, shard_files
 from testbed import make_jpeg_testbed
 from core.cli import run_main
