@@ -1,4 +1,5 @@
-"""Exact resume: a 2-process run SIGKILLed mid-epoch and restarted ends bitwise equal to an uninterrupted one."""
+"""Exact resume: 2-process runs interrupted mid-epoch (the whole run SIGKILLed during a checkpoint write, SIGTERM,
+one worker SIGKILLed under elastic torchrun) and restarted end bitwise equal to an uninterrupted one."""
 import glob
 import os
 import shutil
@@ -184,51 +185,44 @@ def command_line(pid: str) -> str:
         return ""
 
 
-@pytest.mark.parametrize("variant", ["", "shard_workers", "hf_workers"], ids=["2-loader-workers-write-in-flight",
-                                                                               "imagenet-recipe-shards",
-                                                                               "imagenet-recipe-hub-set"])
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, request, variant):
-    """Synthetic images in loader workers, killed while a checkpoint's background write is in flight: the restart
-    removes the half-written file and resumes from the checkpoint before it. And the imagenet recipe (its erasing
-    draws on the device come from the checkpointed generator) on tar shards of JPEGs, and on the same JPEGs as a
-    Hugging Face data set, killed and resumed, which must end equal to the uninterrupted run on their image folder:
-    training sets without a validation split, as ImageNet-22K's."""
-    compared_with = {"shard_workers": "jpeg_workers", "hf_workers": "jpeg_workers"}.get(variant, variant)
-    reference = request.getfixturevalue(f"reference_with_{compared_with}" if variant else "reference")
-    extra = request.getfixturevalue(variant) if variant else []
+def test_sigkill_during_a_checkpoint_write_then_resume_is_bitwise_identical(tmp_path, reference):
+    """Synthetic images in loader workers, the whole run killed while a checkpoint's background write is in flight:
+    the restart removes the half-written file and resumes from the checkpoint before it."""
     out = str(tmp_path / "killed")
     folder = os.path.join(out, "checkpoints")
-
-    proc = start_run(out, extra=extra)
-    wait_for(os.path.join(folder, "step_000000002.pth" if not variant else "step_000000006.pth"), proc)
-    if not variant:
-        held = hold_the_writers_fsync(out)
-        unfinished = os.path.join(folder, ".step_*.pth.*.tmp")
-        deadline = time.time() + 240
-        while not glob.glob(unfinished) and time.time() < deadline:
-            assert proc.poll() is None, "the run ended before a write could be held"
-            time.sleep(0.02)
-        assert glob.glob(unfinished), "no write was held"
-    kill_run(out, held if not variant else None)
+    proc = start_run(out)
+    wait_for(os.path.join(folder, "step_000000002.pth"), proc)
+    held = hold_the_writers_fsync(out)
+    unfinished = os.path.join(folder, ".step_*.pth.*.tmp")
+    deadline = time.time() + 240
+    while not glob.glob(unfinished) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before a write could be held"
+        time.sleep(0.02)
+    assert glob.glob(unfinished), "no write was held"
+    kill_run(out, held)
     proc.wait()
-    if not variant:
-        held = os.path.basename(glob.glob(unfinished)[0])
+    held = os.path.basename(glob.glob(unfinished)[0])
     newest = sorted(glob.glob(os.path.join(folder, "step_*.pth")))[-1]
     assert torch.load(newest, weights_only=True)["epoch"] < 4, "the kill came too late to test anything"
 
-    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"] + EXACT + extra, nproc=2)
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"] + EXACT, nproc=2)
     assert f"resumed from {newest}" in proc.stdout, proc.stdout
-    if not variant:
-        assert held[1:].split(".pth")[0] > os.path.basename(newest), (held, newest)  # the held one was newer
-        assert f"removed 1 unfinished checkpoint file(s) of an interrupted write: {held}" in proc.stdout
+    assert held[1:].split(".pth")[0] > os.path.basename(newest), (held, newest)  # the held one was newer
+    assert f"removed 1 unfinished checkpoint file(s) of an interrupted write: {held}" in proc.stdout
     assert_same_as_reference(out, reference)
-    assert ("best.pth" in os.listdir(folder)) == (not variant)  # the JPEG runs have no validation split
+    assert "best.pth" in os.listdir(folder)
 
 
-def test_sigterm_stops_every_rank_at_one_step_then_resumes_exactly(tmp_path, reference):
-    """Preemption: torchrun forwards SIGTERM to both workers; they agree on a step, checkpoint it and exit."""
+# The imagenet recipe (its erasing draws on the device come from the checkpointed generator) on the JPEGs as tar
+# shards and as a Hugging Face data set, each interrupted in its own way and resumed, must end equal to the
+# uninterrupted run on their image folder; training sets without a validation split, as ImageNet-22K's.
+
+def test_sigterm_stops_every_rank_at_one_step_then_resumes_exactly(tmp_path, reference_with_jpeg_workers,
+                                                                   shard_workers):
+    """Preemption, on tar shards: torchrun forwards SIGTERM to both workers; they agree on a step, checkpoint it and
+    exit; started again, the run resumes there."""
     out = str(tmp_path / "preempted")
-    proc = start_run(out)
+    proc = start_run(out, extra=shard_workers)
     wait_for(os.path.join(out, "checkpoints", "step_000000004.pth"), proc)
     proc.send_signal(signal.SIGTERM)
     output = finish(proc, out)
@@ -236,19 +230,22 @@ def test_sigterm_stops_every_rank_at_one_step_then_resumes_exactly(tmp_path, ref
     steps = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "checkpoints", "step_*.pth")))
     stop_state = torch.load(os.path.join(out, "checkpoints", steps[-1]), weights_only=True)
     assert stop_state["epoch"] < 4 and stop_state["step"] % 5 == 0, (steps, stop_state["step"])
-    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"] + EXACT, nproc=2)
+    proc = run(["train.py", "--config", DEBUG, f"output_dir={out}"] + EXACT + shard_workers, nproc=2)
     assert "resumed from" in proc.stdout, proc.stdout
-    assert_same_as_reference(out, reference)
+    assert_same_as_reference(out, reference_with_jpeg_workers)
+    assert "best.pth" not in os.listdir(os.path.join(out, "checkpoints"))
 
 
-def test_elastic_restart_after_a_worker_is_killed(tmp_path, reference):
-    """torchrun --max-restarts: one worker SIGKILLed; torchrun restarts the group, which resumes by itself.
+def test_elastic_restart_after_a_worker_is_killed(tmp_path, reference_with_jpeg_workers, hf_workers):
+    """torchrun --max-restarts, on the hub set: one worker SIGKILLed mid-epoch; torchrun restarts the group, which
+    resumes by itself.
 
     Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 about one restart in four failed to connect here: the restarted
     workers read the previous round's gloo addresses from torchrun's shared store (pytorch/pytorch#135712).
     """
     out = str(tmp_path / "elastic")
-    proc = start_run(out, launcher=["--max-restarts=1"], env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    proc = start_run(out, launcher=["--max-restarts=1"], env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+                     extra=hf_workers)
     wait_for(os.path.join(out, "checkpoints", "step_000000006.pth"), proc)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
@@ -256,7 +253,8 @@ def test_elastic_restart_after_a_worker_is_killed(tmp_path, reference):
     output = finish(proc, out)
     assert proc.returncode == 0, output[-3000:]
     assert "resumed from" in output, output[-3000:]
-    assert_same_as_reference(out, reference)
+    assert_same_as_reference(out, reference_with_jpeg_workers)
+    assert "best.pth" not in os.listdir(os.path.join(out, "checkpoints"))
 
 
 def test_two_nodes_train_as_one_node_of_two(two_nodes, reference):
