@@ -17,7 +17,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	  echo "error: installing needs about 6.5 GB of free disk and only $$free_mb MB are free here; free some space, or set VENV=<a folder on a larger disk>" >&2; exit 1; fi
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test]' pytest==9.2.0
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation -e '.[test]' pytest==9.2.0 \
+	  pytest-xdist==3.8.0
 	touch $@
 
 # The loader's JPEG region decoder (data/decoding/jpeg_region.c) against libjpeg-turbo; without it the loader decodes
@@ -70,12 +71,16 @@ $(VENV)/.serve-installed: $(VENV)/.installed
 	  onnxruntime==1.32.0 onnxscript==0.7.2
 	touch $@
 
+# On TEST_WORKERS pytest-xdist workers (2: the CI's cores), a test file to each at a time (module fixtures hold runs
+# that several tests read); the files with whole runs go first (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: setup data test-tools $(WANDB_SITE)/.installed $(VENV)/.hf-installed $(VENV)/.serve-installed
-	WANDB_SITE=$(abspath $(WANDB_SITE)) $(PY) -m pytest -q tests
+	WANDB_SITE=$(abspath $(WANDB_SITE)) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Everything but the multi-process runs, for a quick edit-test loop.
 test-fast: setup $(VENV)/.hf-installed $(VENV)/.serve-installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 # On a machine with a CUDA GPU: train, resume, DDP, speed and exact evaluation in one call (scripts/gpu_check.py)
 # within a budget (GPU_CHECK_ARGS="--budget-s 300", say); the last line is a JSON summary. Without CUDA it says so in

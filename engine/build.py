@@ -93,9 +93,12 @@ def build_data(cfg: Config, ctx: du.DistContext, *, training: bool = True) -> Ru
     rank, world_size = ctx.env.rank, ctx.env.world_size
     train_set, val_set, info = build_datasets(cfg.data, cfg.aug, train=training, seed=cfg.seed)
     if val_set is None and cfg.train.eval_every:
-        raise ConfigError(f"there is no validation split in '{cfg.data.root}' (data.name={cfg.data.name}) and "
-                          f"train.eval_every={cfg.train.eval_every} asks for evaluation; set train.eval_every=0 to "
-                          f"train without it (no best.pth), or add the split")
+        if cfg.data.name == "hf":
+            missing = f"split '{cfg.data.hf_val_split}' in data set '{cfg.data.hf_name}' (data.hf_val_split)"
+        else:
+            missing = f"validation split in '{cfg.data.root}' (data.name={cfg.data.name})"
+        raise ConfigError(f"there is no {missing} and train.eval_every={cfg.train.eval_every} asks for evaluation; "
+                          f"set train.eval_every=0 to train without it (no best.pth), or add the split")
     train_transform, eval_transform = batch_transforms(cfg.data, cfg.aug, info.mean, info.std)
     val_loader = build_eval_loader(val_set, cfg.data, rank, world_size) if val_set is not None else None
     data = RunData(info, val_set, val_loader, eval_transform)

@@ -1,15 +1,18 @@
-"""predict.py's images/s against timm's building blocks doing the same job on the same JPEGs and weights.
+"""predict.py's images/s against timm's inference.py, and timm's building blocks, on the same JPEGs and weights.
 
     python scripts/testbed.py /tmp/bed                      # 100 validation JPEGs in /tmp/bed/val
-    python scripts/benchmark_predict.py /tmp/bed/val --repeats 3
+    python scripts/benchmark_predict.py /tmp/bed/val --repeats 3 [--timm-inference PATH/inference.py]
 
 Ours: `python predict.py` on a checkpoint of a seeded ConvNeXt-T (configs/convnext_t.yaml's eval view: 224 px,
 crop_pct 0.875, bicubic) in fp32 and NCHW, as timm's script runs by default (the recipe's bf16 is emulated, many
 times slower, on a CPU without AVX512-BF16); its own speed line (the prediction loop, loader workers included,
-start-up not). timm's: not its inference.py (not shipped in the wheel) but what that script builds:
-timm.data.create_dataset + create_loader (eval transforms at the same view, the same workers and batch) and
-timm.create_model('convnext_tiny') holding the same weights, softmax and top-5 per batch, timed from the first
-batch asked for to the last. Repeats alternate the two, so a machine that speeds up or slows down shifts both.
+start-up not). timm's inference.py (--timm-inference: the script from a checkout of huggingface/pytorch-image-models;
+the wheel does not ship it) on the same weights in timm's layout, view, batch and workers, top-5 to a CSV: its own
+timing of the loop (the average batch time of its last log line, every batch logged, times the batches), start-up
+not counted either. timm's blocks: what that script builds, in this process: timm.data.create_dataset +
+create_loader and timm.create_model('convnext_tiny') holding the same weights, softmax and top-5 per batch, timed
+from the first batch asked for to the last. Repeats alternate them, so a machine that speeds up or slows down
+shifts all alike.
 """
 from __future__ import annotations
 
@@ -47,6 +50,22 @@ def ours(checkpoint: str, folder: str, batch: int) -> float:
     return float(re.search(r"\(([\d.]+) img/s\)", proc.stderr.splitlines()[-1])[1])
 
 
+def timm_script(script: str, weights: str, folder: str, batch: int, workers: int) -> float:
+    """timm's inference.py's images/s over the folder: its average batch time (every batch logged) x batches."""
+    out = os.path.dirname(weights)
+    proc = subprocess.run([sys.executable, script, folder, "--model", "convnext_tiny", "--checkpoint", weights,
+                           "--num-classes", "1000", "--device", "cpu", "-b", str(batch), "-j", str(workers),
+                           "--img-size", "224", "--crop-pct", "0.875", "--interpolation", "bicubic", "--topk", "5",
+                           "--log-freq", "1", "--results-dir", out, "--label-type", "none",
+                           "--no-console-results"], capture_output=True, text=True, cwd=out)
+    logged = re.findall(r"Predict: \[(\d+)/(\d+)\] Time [\d.]+ \(([\d.]+)\)", proc.stdout + proc.stderr)
+    if proc.returncode or not logged:
+        sys.exit(f"timm's inference.py failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+    images = len(create_dataset("", root=folder))
+    _, batches, average = logged[-1]
+    return images / (float(average) * int(batches))
+
+
 @torch.no_grad()
 def timms(model: torch.nn.Module, folder: str, batch: int, workers: int) -> float:
     """timm's dataset, loader and model: images/s of softmax + top-5 over the folder."""
@@ -65,6 +84,9 @@ def main() -> None:
     parser.add_argument("folder", help="a folder of images (e.g. the test bed's val/)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--timm-inference", default="", metavar="PATH",
+                        help="timm's inference.py (from a checkout of huggingface/pytorch-image-models at the "
+                             "installed timm's version) to time too")
     args = parser.parse_args()
     cfg = load_config(os.path.join(ROOT, "configs", "convnext_t.yaml"), VIEW)
     torch.manual_seed(0)
@@ -73,16 +95,23 @@ def main() -> None:
     theirs.load_state_dict(official_to_timm(model.state_dict()))
     workers = loader_workers(cfg.data)  # what predict.py's loader gets on this machine
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = os.path.join(tmp, "convnext_t.pth")
+        checkpoint, timm_weights = os.path.join(tmp, "convnext_t.pth"), os.path.join(tmp, "convnext_tiny_timm.pth")
         torch.save({"model": model.state_dict(), "config": to_dict(cfg)}, checkpoint)
-        runs = [(ours(checkpoint, args.folder, args.batch), timms(theirs, args.folder, args.batch, workers))
-                for _ in range(args.repeats)]
-    for i, (a, b) in enumerate(runs):
-        print(f"repeat {i}: predict.py {a:.2f} img/s, timm {b:.2f} img/s, ratio {a / b:.3f}")
-    record = {"ours_img_per_s": statistics.median(a for a, _ in runs),
-              "timm_img_per_s": statistics.median(b for _, b in runs),
-              "ours_over_timm": statistics.median(a / b for a, b in runs), "workers": workers,
-              "threads": torch.get_num_threads(), "batch": args.batch, "images": len(create_dataset("", args.folder))}
+        torch.save(theirs.state_dict(), timm_weights)
+        runs = []
+        for i in range(args.repeats):
+            run = {"ours": ours(checkpoint, args.folder, args.batch),
+                   "timm_blocks": timms(theirs, args.folder, args.batch, workers)}
+            if args.timm_inference:
+                run["timm_inference_py"] = timm_script(args.timm_inference, timm_weights, args.folder, args.batch,
+                                                       workers)
+            print(f"repeat {i}: " + ", ".join(f"{name} {rate:.2f} img/s" for name, rate in run.items()))
+            runs.append(run)
+    record = {f"{name}_img_per_s": statistics.median(r[name] for r in runs) for name in runs[0]}
+    record.update({f"ours_over_{name}": statistics.median(r["ours"] / r[name] for r in runs)
+                   for name in runs[0] if name != "ours"})
+    record.update(workers=workers, threads=torch.get_num_threads(), batch=args.batch,
+                  images=len(create_dataset("", args.folder)))
     print(json.dumps(record))
 
 

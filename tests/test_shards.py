@@ -18,10 +18,12 @@ import torch
 from data import build_datasets, build_eval_loader
 from data.sources import DataError
 from data.decoding.jpeg import load
-from shards import MANIFEST, main, write_shards
+from shard_plan import MANIFEST
+from shards import main, write_shards
 from data.sources.shards import INDEX, ShardImages, build_index, shard_files
 from testbed import make_jpeg_testbed
-from helpers import ROOT, small_data_config
+from core.cli import run_main
+from helpers import ROOT, offline_caches, script_module, small_data_config
 
 
 @pytest.fixture(scope="module")
@@ -197,21 +199,21 @@ def test_the_writer_refuses_a_folder_holding_other_shards(folder, shards):
         main(["write", os.path.join(folder, "train"), os.path.join(shards, "elsewhere")])
 
 
-def test_the_data_tools_end_a_user_error_with_one_line_and_exit_code_2(folder, tmp_path):
+def test_the_data_tools_end_a_user_error_with_one_line_and_exit_code_2(folder, tmp_path, monkeypatch, capsys):
     """The shard writer and indexer, the hub prefetch and the test bed, on a folder that is not an image folder's root,
-    a folder without shards, a data set that is not there and more classes than images: one line each, exit code 2,
-    nothing written."""
-    commands = {"write": ["scripts/shards.py", "write", os.path.join(folder, "train"), str(tmp_path / "out")],
-                "index": ["scripts/shards.py", "index", str(tmp_path)],
-                "prefetch": ["scripts/hub_prefetch.py", str(tmp_path / "no-such-set")],
-                "testbed": ["scripts/testbed.py", str(tmp_path / "bed"), "--train", "1", "--classes", "2"]}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    runs = {name: subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
+    a folder without shards, a data set that is not there and more classes than images: one line each, exit code 2
+    (their command lines' run_main, in this process), nothing written."""
+    commands = {"write": ("shards", ["write", os.path.join(folder, "train"), str(tmp_path / "out")]),
+                "index": ("shards", ["index", str(tmp_path)]),
+                "prefetch": ("hub_prefetch", [str(tmp_path / "no-such-set")]),
+                "testbed": ("testbed", [str(tmp_path / "bed"), "--train", "1", "--classes", "2"])}
+    offline_caches(monkeypatch, str(tmp_path / "hf"))
     errors = {}
-    for name, run in runs.items():
-        errors[name] = run.communicate(timeout=120)[1]
-        assert run.returncode == 2 and errors[name].count("\n") == 1 and errors[name].startswith("error: "), \
+    for name, (script, args) in commands.items():
+        with pytest.raises(SystemExit) as exit:
+            run_main(lambda: script_module(script).main(args))
+        errors[name] = capsys.readouterr().err
+        assert exit.value.code == 2 and errors[name].count("\n") == 1 and errors[name].startswith("error: "), \
             (name, errors[name])
     assert "has neither train/ nor val/" in errors["write"] and "no .tar shards" in errors["index"]
     assert "no-such-set" in errors["prefetch"] and "2 classes for 1 images" in errors["testbed"]

@@ -16,9 +16,11 @@ from helpers import DEBUG, ROOT, assert_same_weights
 pytestmark = pytest.mark.slow
 
 LOCAL_SLURM = os.path.join(ROOT, "scripts", "ci", "local_slurm.sh")
-# 1024 images / (16 x 2 tasks) = 32 steps an epoch, 96 in all (~25 s here); step checkpoints every 20 steps.
-RUN = ["data.synthetic_train_size=1024", "schedule.epochs=3", "train.deterministic=true",
-       "checkpoint.every_steps=20", "checkpoint.keep_last=2", "train.log_every=16"]
+# 2048 images / (16 x 2 tasks) = 64 steps an epoch, 192 in all, of a model smaller than debug.yaml's (requeueing
+# does not depend on its size); step checkpoints every 20 steps.
+RUN = ["data.synthetic_train_size=2048", "schedule.epochs=3", "train.deterministic=true",
+       "checkpoint.every_steps=20", "checkpoint.keep_last=2", "train.log_every=16",
+       "model.depths=[1,1,1,1]", "model.dims=[16,32,48,64]"]
 CPU_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 
 
@@ -81,9 +83,9 @@ def test_sbatch_job_trains_with_two_tasks(uninterrupted):
     assert fields["JobState"] == "COMPLETED", log[-3000:]
     assert "slurm: world 2 on cpu (gloo backend)" in log, log[-3000:]
     assert [r["epoch"] for r in read_metrics(out, "eval")] == [0, 1, 2]
-    assert read_metrics(out, "train")[-1]["step"] == 96
+    assert read_metrics(out, "train")[-1]["step"] == 192
     names = set(os.listdir(os.path.join(out, "checkpoints")))
-    assert {"last.pth", "best.pth", "step_000000096.pth"} <= names, names
+    assert {"last.pth", "best.pth", "step_000000192.pth"} <= names, names
 
 
 def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, uninterrupted, tmp_path):
@@ -108,5 +110,5 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, uninterrupted, tmp
                  "resumed from"):
         assert line in log, (line, log[-3000:])
     reference, resumed = last_checkpoint(uninterrupted[0]), last_checkpoint(out)
-    assert reference["step"] == resumed["step"] == 96
+    assert reference["step"] == resumed["step"] == 192
     assert_same_weights(reference, resumed)

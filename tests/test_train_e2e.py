@@ -7,11 +7,12 @@ from functools import partial
 import pytest
 import torch
 
+from core.config import load_config
 from shards import write_shards
 from testbed import folder_as_parquet, make_jpeg_testbed
 from engine.checkpointing import last_checkpoint
 from engine.logging import read_metrics
-from helpers import (DEBUG, datasets_cache_entry, eval_json, offline_caches, run, run_here, timm_weights,
+from helpers import (DEBUG, ROOT, datasets_cache_entry, eval_json, offline_caches, run, run_here, timm_weights,
                      write_image_folder)
 
 pytestmark = pytest.mark.slow
@@ -75,25 +76,25 @@ def jpeg_run(tmp_path_factory):
 
 def test_imagenet_recipe_with_loader_workers_evaluates_every_image_once(jpeg_run, tmp_path, monkeypatch):
     """The 13-image validation set of jpeg_run is counted exactly once on 2 processes during training, and eval.py
-    reproduces that evaluation on 2 processes over tar shards of the same files, and over the same files as a
-    Hugging Face data set: on 2 processes from a parquet folder (its first load: rank 0 converts it while rank 1
-    waits), on 1 from the datasets cache by hub id, offline, and on 3 from a save_to_disk folder."""
+    reproduces that evaluation over tar shards of the same files, and over the same files as a Hugging Face data
+    set: on 3 processes from a parquet folder (its first load: rank 0 converts it while ranks 1 and 2 wait), and on 1
+    from the shards, from the datasets cache by hub id, offline, and from a save_to_disk folder."""
     root, out, jpeg = jpeg_run
     last_eval = read_metrics(out, "eval")[-1]
     assert last_eval["samples"] == 13
     shards = str(tmp_path / "shards")
     write_shards(root, shards, shard_size=5)
     evaluate = ["eval.py", "--config", DEBUG, "--checkpoint", os.path.join(out, "checkpoints", "last.pth"), *jpeg]
-    launches = [(partial(run, nproc=2), ["data.name=shards", f"data.root={shards}"])]
+    launches = [(run_here, ["data.name=shards", f"data.root={shards}"])]
     datasets = pytest.importorskip("datasets", reason="the optional hf extra (make test installs it)")
     parquet, saved = str(tmp_path / "parquet"), str(tmp_path / "saved")
     folder_as_parquet(root, parquet, rows_per_file=5)
     caches = offline_caches(monkeypatch, tmp_path)
     datasets_cache_entry(parquet, "tester/jpegs", caches["HF_DATASETS_CACHE"])
     datasets.load_dataset(parquet, cache_dir=str(tmp_path / "scratch")).save_to_disk(saved)
-    launches += [(partial(run, nproc=2), ["data.name=hf", f"data.hf_name={parquet}"]),
+    launches += [(partial(run, nproc=3), ["data.name=hf", f"data.hf_name={parquet}"]),
                  (run_here, ["data.name=hf", "data.hf_name=tester/jpegs"]),
-                 (partial(run, nproc=3), ["data.name=hf", f"data.hf_name={saved}"])]
+                 (run_here, ["data.name=hf", f"data.hf_name={saved}"])]
     for launch, data in launches:
         result = eval_json(launch(evaluate + data))
         assert result["samples"] == 13 and (result["top1"], result["top5"]) == (last_eval["top1"], last_eval["top5"])
@@ -176,31 +177,47 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path):
     assert keep.read_bytes() == b"precious"
 
 
-def test_a_run_without_a_validation_split_trains_checkpoints_and_resumes_exactly(tmp_path):
-    """An image folder with train/ only: asking for evaluation is one line at start that writes nothing; with
-    train.eval_every=0 the run trains, checkpoints at epoch ends and every N steps, writes no best.pth, and a run
-    resumed from a mid-epoch step file ends with the same weights, bit for bit."""
-    root = str(tmp_path / "images")
-    make_jpeg_testbed(root, num_images=16, num_classes=2, seed=0)  # train/ only
-    args = ["train.py", "--config", DEBUG, "data.name=imagefolder", f"data.root={root}", "data.recipe=imagenet",
-            "data.img_size=32", "data.batch_size=4", "model.stem_init=default", "train.deterministic=true",
-            "checkpoint.every_steps=3", "checkpoint.keep_last=10"]
-    refused = tmp_path / "refused"
-    proc = run_here(args + [f"output_dir={refused}"], check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"error: there is no validation split in '{root}'" in proc.stderr and "train.eval_every=0" in proc.stderr
-    assert not refused.exists()
-    out = tmp_path / "run"
-    proc = run_here(args + [f"output_dir={out}", "train.eval_every=0"])
-    assert "train.eval_every=0: no evaluation, so no best.pth" in proc.stdout
-    assert "done: no evaluation (train.eval_every=0)" in proc.stdout
-    files = sorted(os.listdir(out / "checkpoints"))
-    assert files == ["last.pth"] + [f"step_{step:09d}.pth" for step in (3, 4, 6, 8)] and not read_metrics(out, "eval")
-    resumed = tmp_path / "resumed"
-    run_here(args + [f"output_dir={resumed}", "train.eval_every=0", "--resume", str(out / "checkpoints" /
-                                                                                 "step_000000006.pth")])
-    ends = [torch.load(folder / "checkpoints" / "last.pth", weights_only=True)["model"] for folder in (out, resumed)]
-    assert all(torch.equal(ends[0][key], ends[1][key]) for key in ends[0])
+# Every family of official recipes as its config file launches it, shrunken: a tiny model, generated 32-px JPEGs,
+# batches of 4, one epoch (half of it warm-up where the recipe has one) on the CPU in fp32; the rest (schedule shape,
+# layer decay, head init, EMA, crop mode, mixup or none, evaluation or none) is the recipe's. Each fine-tune starts
+# from the weights of the run it follows in TRAINING.md: 1K training -> 1K at 384; 22K pre-training -> 22K-to-1K at
+# 224 and at 384 (a new 2-class head on the 3-class pre-training's). The pre-training's data has train/ only, as
+# ImageNet-22K: asking it for evaluation is one line at start that writes nothing.
+SHRUNK = ["model.name=convnext_atto", "model.depths=[1,1,1,1]", "model.dims=[8,16,16,16]", "data.img_size=32",
+          "data.batch_size=4", "train.global_batch=8", "data.num_workers=0", "schedule.epochs=1", "train.amp=none"]
+FAMILIES = [("convnext_t", None), ("finetune_in1k_384_convnext_b", "convnext_t"), ("in22k_convnext_t", None),
+            ("finetune_convnext_b", "in22k_convnext_t"), ("finetune_384_convnext_xl", "in22k_convnext_t")]
+
+
+def test_each_official_recipe_family_trains_checkpoints_and_evaluates_shrunken(tmp_path):
+    images, pretraining = str(tmp_path / "in1k"), str(tmp_path / "in22k")
+    make_jpeg_testbed(images, num_images=16, num_classes=2, seed=0)
+    make_jpeg_testbed(images, num_images=6, num_classes=2, seed=1, split="val")
+    make_jpeg_testbed(pretraining, num_images=12, num_classes=3, seed=2)  # train/ only, as ImageNet-22K
+    for name, start in FAMILIES:
+        pre = name.startswith("in22k")
+        out = tmp_path / name
+        args = ["train.py", "--config", os.path.join(ROOT, "configs", f"{name}.yaml"), f"output_dir={out}",
+                f"data.root={pretraining if pre else images}", f"data.num_classes={3 if pre else 2}", *SHRUNK]
+        if start:
+            args.append(f"model.pretrained={tmp_path / start / 'checkpoints' / 'last.pth'}")
+        if load_config(args[2]).schedule.warmup_epochs:
+            args.append("schedule.warmup_epochs=0.5")  # warm-up, then the cosine, within the one epoch
+        if pre:
+            refused = run_here(args + ["train.eval_every=1"], check=False)
+            assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and not out.exists(), refused.stderr
+            assert f"error: there is no validation split in '{pretraining}'" in refused.stderr, refused.stderr
+        proc = run_here(args)
+        files, evals = os.listdir(out / "checkpoints"), read_metrics(out, "eval")
+        assert "last.pth" in files and read_metrics(out, "train"), (name, files)
+        if pre:
+            assert not evals and "best.pth" not in files, (name, files)
+            assert "train.eval_every=0: no evaluation, so no best.pth" in proc.stdout
+        else:
+            assert [r["samples"] for r in evals] == [6] and "best.pth" in files, (name, evals, files)
+            assert ("ema_top1" in evals[0]) == load_config(args[2]).ema.enabled, name
+        if start == "in22k_convnext_t":
+            assert "head: " in proc.stdout, (name, proc.stdout)
 
 
 def test_training_starts_from_timm_weights_with_a_new_head(tmp_path):

@@ -249,12 +249,16 @@ def read_splits(splits: dict, name: str, wanted: dict[str, str], image_column: s
     return {role: images for role, (images, _) in found.items()}, names[0]
 
 
-def open_splits(cfg: DataCfg, train: bool, main: bool) -> tuple[HubImages | None, HubImages, int, list[str] | None]:
-    """(train or None, val, number of classes, class names or None) of data set cfg.hf_name; `main`: the rank that
-    prepares it (progress bars) while the others wait to read it."""
+def open_splits(cfg: DataCfg, train: bool, main: bool) -> tuple[HubImages | None, HubImages | None, int,
+                                                                 list[str] | None]:
+    """(train or None, val or None, number of classes, class names or None) of data set cfg.hf_name; `main`: the rank
+    that prepares it (progress bars) while the others wait to read it."""
     name = cfg.hf_name
     splits = load_dict(name, cfg.hf_config, cfg.hf_revision, quiet=not main)
-    wanted = {"val": cfg.hf_val_split, **({"train": cfg.hf_train_split} if train else {})}
+    # A set of one training split trains without evaluation (train.eval_every=0), as ImageNet-22K's sets have no
+    # other; where there are more splits, data.hf_val_split must name one of them.
+    has_val = not train or set(splits) != {cfg.hf_train_split}
+    wanted = {**({"val": cfg.hf_val_split} if has_val else {}), **({"train": cfg.hf_train_split} if train else {})}
     for role, split in wanted.items():
         check_split(splits, name, split, f"data.hf_{role}_split")
     found, names = read_splits(splits, name, wanted, cfg.hf_image_column, cfg.hf_label_column, cfg.skip_corrupt)
@@ -263,7 +267,7 @@ def open_splits(cfg: DataCfg, train: bool, main: bool) -> tuple[HubImages | None
     way_out = "fix the labels" if names else "fix the labels or raise data.num_classes"
     for split in found.values():
         check_labels(split.labels, num_classes, split.name, way_out, unit="rows")
-    return found.get("train"), found["val"], num_classes, names
+    return found.get("train"), found.get("val"), num_classes, names
 
 
 HF_PREPARE_WAIT_S = 48 * 3600  # a first download of ImageNet (~150 GB) and its conversion can take hours
