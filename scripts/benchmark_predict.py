@@ -50,8 +50,9 @@ def ours(checkpoint: str, folder: str, batch: int) -> float:
     return float(re.search(r"\(([\d.]+) img/s\)", proc.stderr.splitlines()[-1])[1])
 
 
-def timm_script(script: str, weights: str, folder: str, batch: int, workers: int) -> float:
-    """timm's inference.py's images/s over the folder: its average batch time (every batch logged) x batches."""
+def timm_script(script: str, weights: str, folder: str, images: int, batch: int, workers: int) -> float:
+    """timm's inference.py's images/s over the folder's `images`: its average batch time (every batch logged) x
+    batches."""
     out = os.path.dirname(weights)
     proc = subprocess.run([sys.executable, script, folder, "--model", "convnext_tiny", "--checkpoint", weights,
                            "--num-classes", "1000", "--device", "cpu", "-b", str(batch), "-j", str(workers),
@@ -61,7 +62,6 @@ def timm_script(script: str, weights: str, folder: str, batch: int, workers: int
     logged = re.findall(r"Predict: \[(\d+)/(\d+)\] Time [\d.]+ \(([\d.]+)\)", proc.stdout + proc.stderr)
     if proc.returncode or not logged:
         sys.exit(f"timm's inference.py failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
-    images = len(create_dataset("", root=folder))
     _, batches, average = logged[-1]
     return images / (float(average) * int(batches))
 
@@ -94,6 +94,7 @@ def main() -> None:
     theirs = timm.create_model("convnext_tiny", num_classes=1000).eval()
     theirs.load_state_dict(official_to_timm(model.state_dict()))
     workers = loader_workers(cfg.data)  # what predict.py's loader gets on this machine
+    images = len(create_dataset("", args.folder))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, timm_weights = os.path.join(tmp, "convnext_t.pth"), os.path.join(tmp, "convnext_tiny_timm.pth")
         torch.save({"model": model.state_dict(), "config": to_dict(cfg)}, checkpoint)
@@ -103,15 +104,14 @@ def main() -> None:
             run = {"ours": ours(checkpoint, args.folder, args.batch),
                    "timm_blocks": timms(theirs, args.folder, args.batch, workers)}
             if args.timm_inference:
-                run["timm_inference_py"] = timm_script(args.timm_inference, timm_weights, args.folder, args.batch,
-                                                       workers)
+                run["timm_inference_py"] = timm_script(args.timm_inference, timm_weights, args.folder, images,
+                                                       args.batch, workers)
             print(f"repeat {i}: " + ", ".join(f"{name} {rate:.2f} img/s" for name, rate in run.items()))
             runs.append(run)
     record = {f"{name}_img_per_s": statistics.median(r[name] for r in runs) for name in runs[0]}
     record.update({f"ours_over_{name}": statistics.median(r["ours"] / r[name] for r in runs)
                    for name in runs[0] if name != "ours"})
-    record.update(workers=workers, threads=torch.get_num_threads(), batch=args.batch,
-                  images=len(create_dataset("", args.folder)))
+    record.update(workers=workers, threads=torch.get_num_threads(), batch=args.batch, images=images)
     print(json.dumps(record))
 
 

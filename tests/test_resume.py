@@ -257,7 +257,7 @@ def test_elastic_restart_after_a_worker_is_killed(tmp_path, reference_with_jpeg_
     assert "best.pth" not in os.listdir(os.path.join(out, "checkpoints"))
 
 
-def test_two_nodes_train_as_one_node_of_two(two_nodes, reference):
+def test_two_nodes_train_as_one_node_of_two(two_nodes):
     """The reference run itself: two nodes of one process each make one world of 2 (and the runs above, one node of
     2 processes, end with its weights)."""
     outputs, last = two_nodes
