@@ -46,6 +46,10 @@ DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
 # What torchrun hands rank 1 of 2 on one node.
 TORCHRUN_2 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
               "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400"}
+# For the runs whose subject is not the background checkpoint write: saving inline spares a run its writer process,
+# whose `import torch` costs ~3 s of CPU and holds up the first save. The e2e torchrun run, the resume, SLURM and GPU
+# check runs keep the default (background).
+INLINE_SAVES = "checkpoint.background=false"
 # A small custom ConvNeXt (MNIST/CIFAR-like) whose every forward pass is cheap: maps of 16, 8, 4 and 2 px at 32 px.
 SMALL = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), patch_size=2, in_chans=1, num_classes=10)
 

@@ -17,7 +17,7 @@ from core.config import ConfigError
 from engine.build import load_run_config
 from engine.checkpointing import last_checkpoint
 from engine.logging import read_metrics
-from helpers import DEBUG, ROOT, run, run_here
+from helpers import DEBUG, INLINE_SAVES, ROOT, run, run_here
 
 WANDB_SITE = os.environ.get("WANDB_SITE", "")
 
@@ -66,7 +66,7 @@ def test_a_run_without_log_wandb_never_imports_it(tmp_path, monkeypatch):
     installed, in timm.utils.summary, so the module may be loaded all the same; this code never needs it.)"""
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     run_here(["train.py", "--config", DEBUG, f"output_dir={tmp_path}", "schedule.epochs=1",
-              "data.synthetic_train_size=32"])
+              "data.synthetic_train_size=32", INLINE_SAVES])
     assert read_metrics(str(tmp_path), "eval")
 
 
@@ -95,7 +95,7 @@ def test_wandb_offline_records_what_tensorboard_gets_and_a_resumed_run_continues
     out = str(tmp_path / "run")
     # 8 steps an epoch on 1 and on 2 processes; the second start, on 2, logs from rank 0 only.
     wandb = ["log.wandb=true", "log.wandb_project=test", "log.wandb_name=debug", "log.wandb_tags=[a,b]",
-             "train.global_batch=32"]
+             "train.global_batch=32", INLINE_SAVES]
     run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1", *wandb])
     run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=2", *wandb], nproc=2)
     files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))
