@@ -67,12 +67,13 @@ def run(args: list[str], nproc: int = 1, timeout: float = 900, check: bool = Tru
 
 
 def run_here(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    """A one-process `python train.py|eval.py ...` or `python -m models.export ...` inside this process: what `run`
-    returns, without a new interpreter's ~5 s of imports. As `run` does, one thread (OMP_NUM_THREADS=1) and a
-    UserError as one `error: ` line and exit code 2; afterwards the process is as it was (ProcessSettings) and the
-    run's loader workers are gone. Runs whose loader workers print (they are forked processes, out of this capture's
+    """A one-process `python train.py|eval.py|scripts/X.py ...` or `python -m models.export ...` inside this process:
+    what `run` returns, without a new interpreter's ~5 s of imports. As `run` does, one thread (OMP_NUM_THREADS=1)
+    and a UserError as one `error: ` line and exit code 2; afterwards the process is as it was (ProcessSettings) and
+    the run's loader workers are gone. Runs whose loader workers print (they are forked processes, out of this capture's
     reach) or that need several ranks still go through `run`."""
-    module = importlib.import_module(args[1] if args[0] == "-m" else args[0].removesuffix(".py"))
+    module = importlib.import_module(args[1] if args[0] == "-m" else  # scripts/ is on the tests' sys.path
+                                     args[0].removeprefix("scripts/").removesuffix(".py"))
     argv = args[1:] if args[0] == "-m" else args
     main = (lambda: module.main(argv[1:])) if args[0] == "-m" else module.main
     children = set(multiprocessing.active_children())
