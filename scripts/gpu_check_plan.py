@@ -32,6 +32,7 @@ class Profile:
     jobs: int = 4  # correctness steps run at once
     timeout: int = 300  # seconds any one command may take before it is stopped and its step fails
     no_compile: str = ""  # why the compiled runs are skipped ("": they run)
+    saves: tuple[str, ...] = ()  # overrides for how the training runs save their checkpoints ((): as configured)
     # The counts, the same in both.
     train: tuple[str, ...] = ("schedule.epochs=1", "data.synthetic_train_size=128")  # debug.yaml: 8 steps of 16
     resume_size: int = 64  # synthetic training images of the resume runs (2 epochs of 4 steps of 16)
@@ -51,5 +52,8 @@ GPU = Profile()
 DRY = Profile(tiny=("model.depths=[1,1,1,1]", "model.dims=[8,16,16,16]"),
               tiny_t=("model.name=convnext_atto", "data.img_size=32"), amp="auto", jobs=2, timeout=600,
               no_compile="dry run: a compiled debug run took 100-160 s on 2 CPU cores (cold inductor cache)",
+              # Inline: a background writer's process costs each run ~3 s of CPU (its `import torch`) on the 2 cores;
+              # the checkpoint step still times the background write, and the test suite runs it throughout.
+              saves=("checkpoint.background=false",),
               bed_images=32, input_bench=("--steps", "4", "--warmup", "1", "--repeats", "1", "--loader-steps", "4"),
               input_batch=8)

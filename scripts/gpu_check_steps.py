@@ -31,7 +31,8 @@ class Check(Runner):
     def train(self, name: str, *overrides: str, nproc: int = 1, resume: str = "") -> str:
         """train.py on debug.yaml into <out>/<name>; its stdout."""
         args = ["train.py", "--config", DEBUG] + (["--resume", resume] if resume else [])
-        return self.run(name, args + [f"output_dir={self.dir(name)}", *self.p.tiny, *overrides], nproc=nproc)
+        return self.run(name, args + [f"output_dir={self.dir(name)}", *self.p.tiny, *self.p.saves, *overrides],
+                        nproc=nproc)
 
     def benchmark(self, name: str, *options: str) -> dict:
         """scripts/benchmark.py on convnext_t.yaml with these options and overrides; its JSON record."""
@@ -124,7 +125,7 @@ class Check(Runner):
         overrides = [*speed_overrides(self.p), "schedule.epochs=1", "schedule.warmup_epochs=0", "train.log_every=1",
                      f"data.synthetic_train_size={steps * self.p.batch}", f"data.synthetic_val_size={self.p.batch}",
                      f"train.profile={self.p.profile_steps}", f"train.profile_wait={PROFILE_WAIT}",
-                     f"output_dir={self.dir('profile')}"]
+                     f"output_dir={self.dir('profile')}", *self.p.saves]
         expect(self.run("profile", ["train.py", "--config", CONVNEXT_T, *overrides]), "profile: ")
         folder = os.path.join(self.dir("profile"), "profile")
         traces = [f for f in os.listdir(folder) if f.endswith(".pt.trace.json")]

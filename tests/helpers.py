@@ -46,6 +46,10 @@ DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
 # What torchrun hands rank 1 of 2 on one node.
 TORCHRUN_2 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
               "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400"}
+# For the runs whose subject is not the background checkpoint write: saving inline spares a run its writer process,
+# whose `import torch` costs ~3 s of CPU and holds up the first save. The e2e torchrun run, the resume, SLURM and GPU
+# check runs keep the default (background).
+INLINE_SAVES = "checkpoint.background=false"
 # A small custom ConvNeXt (MNIST/CIFAR-like) whose every forward pass is cheap: maps of 16, 8, 4 and 2 px at 32 px.
 SMALL = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), patch_size=2, in_chans=1, num_classes=10)
 
@@ -63,12 +67,13 @@ def run(args: list[str], nproc: int = 1, timeout: float = 900, check: bool = Tru
 
 
 def run_here(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    """A one-process `python train.py|eval.py ...` or `python -m models.export ...` inside this process: what `run`
-    returns, without a new interpreter's ~5 s of imports. As `run` does, one thread (OMP_NUM_THREADS=1) and a
-    UserError as one `error: ` line and exit code 2; afterwards the process is as it was (ProcessSettings) and the
-    run's loader workers are gone. Runs whose loader workers print (they are forked processes, out of this capture's
+    """A one-process `python train.py|eval.py|scripts/X.py ...` or `python -m models.export ...` inside this process:
+    what `run` returns, without a new interpreter's ~5 s of imports. As `run` does, one thread (OMP_NUM_THREADS=1)
+    and a UserError as one `error: ` line and exit code 2; afterwards the process is as it was (ProcessSettings) and
+    the run's loader workers are gone. Runs whose loader workers print (they are forked processes, out of this capture's
     reach) or that need several ranks still go through `run`."""
-    module = importlib.import_module(args[1] if args[0] == "-m" else args[0].removesuffix(".py"))
+    module = importlib.import_module(args[1] if args[0] == "-m" else  # scripts/ is on the tests' sys.path
+                                     args[0].removeprefix("scripts/").removesuffix(".py"))
     argv = args[1:] if args[0] == "-m" else args
     main = (lambda: module.main(argv[1:])) if args[0] == "-m" else module.main
     children = set(multiprocessing.active_children())

@@ -12,7 +12,7 @@ from core.errors import UserError
 from shards import write_shards
 from testbed import make_jpeg_testbed
 from models import create_model
-from helpers import DEBUG, run, script_module
+from helpers import DEBUG, run, run_here, script_module
 
 pytestmark = pytest.mark.slow
 QUICK = ["--steps", "2", "--warmup", "1", "--repeats", "3", "data.batch_size=8", "model.patch_size=4"]
@@ -20,7 +20,7 @@ QUICK = ["--steps", "2", "--warmup", "1", "--repeats", "3", "data.batch_size=8",
 
 def test_benchmark_times_every_mode_and_compares_with_timm(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--vs-timm", "--json", str(out), *QUICK,
+    proc = run_here(["scripts/benchmark.py", "--config", DEBUG, "--vs-timm", "--json", str(out), *QUICK,
                 "train.grad_checkpointing=4", "--modes", "bare,trainer,pipeline,loader,eval", "--forbid-syncs"])
     record = json.loads(out.read_text())
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == record
@@ -84,7 +84,7 @@ def test_benchmark_compares_our_jpeg_loader_with_timms_stage_by_stage(tmp_path):
     make_jpeg_testbed(root, num_images=24, num_classes=2)
     make_jpeg_testbed(root, num_images=2, num_classes=2, split="val")
     write_shards(root, str(tmp_path / "shards"), shard_size=10)
-    proc = run(["scripts/benchmark.py", "--config", DEBUG, "--modes", "bare,loader,other_loader,timm_loader",
+    proc = run_here(["scripts/benchmark.py", "--config", DEBUG, "--modes", "bare,loader,other_loader,timm_loader",
                 "--other-data", f"data.name=shards data.root={tmp_path}/shards", "--stages", "6",
                 *QUICK, "data.name=imagefolder", f"data.root={root}", "data.recipe=imagenet", "data.num_workers=1",
                 "--gpu-img-per-s", "1000"])

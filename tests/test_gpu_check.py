@@ -138,10 +138,11 @@ def test_missing_light_dependencies_are_named_with_the_pip_command_that_installs
 def test_the_dry_run_has_the_gpu_runs_counts():
     """Batches per epoch, batch sizes, warm-up, timed steps, evaluation sizes: the GPU's, so that a count that cannot
     work there (an epoch too short to time, say) fails in the dry run first; only the model, images, precision,
-    concurrency and time limits differ, and the input step's counts (its JPEG decoding costs the CPU as much as it
-    would on the GPU node)."""
+    concurrency, time limits and how the training runs save differ, and the input step's counts (its JPEG decoding
+    costs the CPU as much as it would on the GPU node)."""
     gc = gpu_check_module("gpu_check_plan")
-    machine = ("tiny", "tiny_t", "amp", "jobs", "timeout", "no_compile", "bed_images", "input_bench", "input_batch")
+    machine = ("tiny", "tiny_t", "amp", "jobs", "timeout", "no_compile", "saves", "bed_images", "input_bench",
+               "input_batch")
     assert dataclasses.replace(gc.DRY, **{f: getattr(gc.GPU, f) for f in machine}) == gc.GPU
     assert gc.DRY.amp == "auto" and gc.GPU.amp == "bf16" and not gc.GPU.tiny
 

@@ -9,7 +9,7 @@ from models import create_model
 from core.errors import CheckpointError
 from models.keys import CheckpointMismatchError, timm_to_official
 from models.pretrained import adapt_stem, resolve_weights
-from helpers import DEBUG, eval_json, run, run_here, timm_weights
+from helpers import DEBUG, INLINE_SAVES, eval_json, run, run_here, timm_weights
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
@@ -218,8 +218,8 @@ def test_hub_weights_are_evaluated_on_their_published_view_but_for_the_command_l
 def test_fine_tune_and_evaluate_from_hub_names_on_two_ranks(hub_cache, tmp_path):
     out = str(tmp_path / "run")
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "model.pretrained=convnext_atto.d2_in1k",
-                "model.patch_size=4", "model.stem_init=default", "schedule.epochs=1", "data.synthetic_train_size=64"],
-               nproc=2)
+                "model.patch_size=4", "model.stem_init=default", "schedule.epochs=1", "data.synthetic_train_size=64",
+                INLINE_SAVES], nproc=2)
     assert "convnext_atto.d2_in1k: head: skipped head.weight, head.bias (1000 classes" in proc.stdout
     proc = run_here(["eval.py", "--config", DEBUG, "model.pretrained=hf-hub:someone/convnext_atto-debug",
                      "model.stem_init=default"])

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 # rank, whose augmentation is seeded by (seed, epoch, sample), not by the worker's history. (Loading in the
 # training process, the GPU check's dry run and the SLURM test resume exactly.)
 EXACT = ["data.synthetic_train_size=128", "schedule.epochs=4", "train.deterministic=true",
-         "checkpoint.every_steps=2", "checkpoint.keep_last=3", "data.num_workers=2"]
+         "checkpoint.every_steps=2", "checkpoint.keep_last=3", "data.num_workers=2",
+         "model.depths=[1,1,1,1]", "model.dims=[16,32,48,64]"]  # a smaller model: resuming does not depend on its size
 
 
 def assert_same_as_reference(out, reference):
@@ -149,18 +150,28 @@ def writers_of(out):
     return [pid for pid in writers if f"output_dir={out}" in command_line(parent_of(pid))]
 
 
-def hold_the_writers_fsync(out):
-    """Hold rank 0's checkpoint writer in every fsync it makes from now on (strace delays the call by 10 minutes):
-    the next checkpoint stays a half-done temporary file for as long as the test needs."""
+def hold_the_second_write(out, proc):
+    """Hold rank 0's checkpoint writer in its third fsync from its start on, the one of the second checkpoint's
+    temporary file (each write fsyncs its file, then the folder: core.files.atomic_write); strace delays the call by
+    10 minutes, so that write stays a half-done temporary file for as long as the test needs. The writer starts with
+    the run, seconds before its first save: counting from there, the held call cannot be another one, however fast
+    the steps come."""
     if shutil.which("strace") is None:
         pytest.skip("needs strace (Debian: strace; make test installs it)")
-    ours = writers_of(out)
+    deadline = time.time() + 240
+    while not (ours := writers_of(out)) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before its checkpoint writer started"
+        time.sleep(0.02)
     assert len(ours) == 1, ours
-    tracer = subprocess.Popen(["strace", "-qq", "-f", "-e", "trace=fsync", "-e", "inject=fsync:delay_enter=600000000",
-                               "-o", "/dev/null", "-p", ours[0]], stderr=subprocess.PIPE, text=True)
+    tracer = subprocess.Popen(["strace", "-qq", "-f", "-e", "trace=fsync", "-e",
+                               "inject=fsync:delay_enter=600000000:when=3+", "-o", "/dev/null", "-p", ours[0]],
+                              stderr=subprocess.PIPE, text=True)
     try:
         error = tracer.communicate(timeout=2)[1]  # strace stays until the writer ends: leaving at once is a failure
     except subprocess.TimeoutExpired:
+        folder = os.path.join(out, "checkpoints")
+        begun = [name for name in os.listdir(folder) if "step_" in name] if os.path.isdir(folder) else []
+        assert not begun, f"attached only after the first write began: {begun}"
         return tracer, ours[0], parent_of(ours[0])
     kill_run(out)
     pytest.skip(f"strace cannot hold the writer here (ptrace not allowed?): {error.strip()}")
@@ -190,9 +201,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_bitwise_identical(tmp_
     out = str(tmp_path / "killed")
     folder = os.path.join(out, "checkpoints")
     proc = start_run(out)
-    wait_for(os.path.join(folder, "step_000000002.pth"), proc)
-    held = hold_the_writers_fsync(out)
-    unfinished = os.path.join(folder, ".step_*.pth.*.tmp")
+    held = hold_the_second_write(out, proc)
+    unfinished = os.path.join(folder, ".step_000000004.pth.*.tmp")
     deadline = time.time() + 240
     while not glob.glob(unfinished) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before a write could be held"

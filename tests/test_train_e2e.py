@@ -12,8 +12,8 @@ from shards import write_shards
 from testbed import folder_as_parquet, make_jpeg_testbed
 from engine.checkpointing import last_checkpoint
 from engine.logging import read_metrics
-from helpers import (DEBUG, ROOT, datasets_cache_entry, eval_json, offline_caches, run, run_here, timm_weights,
-                     write_image_folder)
+from helpers import (DEBUG, INLINE_SAVES, ROOT, datasets_cache_entry, eval_json, offline_caches, run, run_here,
+                     timm_weights, write_image_folder)
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def jpeg_run(tmp_path_factory):
     jpeg = ["data.name=imagefolder", f"data.root={root}", "data.recipe=imagenet", "data.batch_size=8",
             "data.num_workers=2", "schedule.epochs=1"]
     out = str(tmp / "run")
-    run(["train.py", "--config", DEBUG, f"output_dir={out}", *jpeg], nproc=2)
+    run(["train.py", "--config", DEBUG, f"output_dir={out}", *jpeg, INLINE_SAVES], nproc=2)
     return root, out, jpeg
 
 
@@ -133,7 +133,7 @@ def test_predict_agrees_with_eval_image_by_image_on_1_2_3_processes(jpeg_run, tm
 def test_single_process_debug_run_then_resume_on_two(tmp_path):
     out = str(tmp_path / "single")
     proc = run_here(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1",
-                     "data.synthetic_train_size=64", "train.global_batch=32"])
+                     "data.synthetic_train_size=64", "train.global_batch=32", INLINE_SAVES])
     assert "single: world 1" in proc.stdout and "global batch 32 = 16 x 1 processes x 2 accum" in proc.stdout
     assert "model.stem_init=whiten: 24 of 40 stem filters set to +- the whitening" in proc.stdout
     assert read_metrics(out, "eval")[-1]["samples"] == 101
@@ -141,7 +141,7 @@ def test_single_process_debug_run_then_resume_on_two(tmp_path):
     # size the global batch holds (accumulation halves) and the change is announced.
     state = last_checkpoint(out)
     proc = run(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=2",
-                "data.synthetic_train_size=64", "train.global_batch=32"], nproc=2)
+                "data.synthetic_train_size=64", "train.global_batch=32", INLINE_SAVES], nproc=2)
     assert "resumed from" in proc.stdout and "epoch 1 (+0 samples)" in proc.stdout
     assert "global batch 32 = 16 x 2 processes x 1 accum" in proc.stdout
     assert "warning: the checkpoint was written by 1 processes, this run has 2: the lr follows" in proc.stdout
@@ -168,7 +168,7 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path):
     ]:
         # An error in a loader worker as a process of its own: the run must end, not wait on its workers at exit.
         launch = run if "unreadable.png" in message else run_here
-        proc = launch(["train.py", "--config", DEBUG, "data.num_workers=2"] + args, check=False)
+        proc = launch(["train.py", "--config", DEBUG, "data.num_workers=2", INLINE_SAVES] + args, check=False)
         assert proc.returncode == 2, proc.stderr
         # Progress-bar redraws end in \r, which splitlines also splits on; they are not part of the error.
         lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("epoch ")]
@@ -184,7 +184,8 @@ def test_bad_input_is_one_line_and_destroys_nothing(tmp_path):
 # 224 and at 384 (a new 2-class head on the 3-class pre-training's). The pre-training's data has train/ only, as
 # ImageNet-22K: asking it for evaluation is one line at start that writes nothing.
 SHRUNK = ["model.name=convnext_atto", "model.depths=[1,1,1,1]", "model.dims=[8,16,16,16]", "data.img_size=32",
-          "data.batch_size=4", "train.global_batch=8", "data.num_workers=0", "schedule.epochs=1", "train.amp=none"]
+          "data.batch_size=4", "train.global_batch=8", "data.num_workers=0", "schedule.epochs=1", "train.amp=none",
+          INLINE_SAVES]
 FAMILIES = [("convnext_t", None), ("finetune_in1k_384_convnext_b", "convnext_t"), ("in22k_convnext_t", None),
             ("finetune_convnext_b", "in22k_convnext_t"), ("finetune_384_convnext_xl", "in22k_convnext_t")]
 
@@ -225,7 +226,7 @@ def test_training_starts_from_timm_weights_with_a_new_head(tmp_path):
     out = tmp_path / "finetuned"
     proc = run_here(["train.py", "--config", DEBUG, f"output_dir={out}", f"model.pretrained={path}", "model.patch_size=4",
                 "model.stem_init=default",
-                "schedule.epochs=1", "data.synthetic_train_size=32", "model.drop_path=0"])
+                "schedule.epochs=1", "data.synthetic_train_size=32", "model.drop_path=0", INLINE_SAVES])
     assert "head: skipped head.weight, head.bias (1000 classes in the checkpoint, 10 here)" in proc.stdout
     trained = last_checkpoint(out)["model"]
     assert trained["head.weight"].shape == (10, 320)
@@ -236,7 +237,8 @@ def test_training_starts_from_timm_weights_with_a_new_head(tmp_path):
 
 def test_diverging_run_stops_in_one_line_and_writes_no_nan_checkpoint(tmp_path):
     out = tmp_path / "diverged"
-    proc = run_here(["train.py", "--config", DEBUG, f"output_dir={out}", "optim.lr=1e30", "checkpoint.every_steps=1"],
+    proc = run_here(["train.py", "--config", DEBUG, f"output_dir={out}", "optim.lr=1e30", "checkpoint.every_steps=1",
+                     INLINE_SAVES],
                     check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "error: the weights became non-finite before the checkpoint at epoch 0, step 1; nothing was written" \
@@ -250,14 +252,15 @@ def test_skip_corrupt_trains_past_unreadable_images_and_counts_them(tmp_path):
         (tmp_path / "images" / "train" / name).write_bytes(b"not an image")
     proc = run(["train.py", "--config", DEBUG, f"output_dir={tmp_path / 'run'}", "data.name=imagefolder",
                 f"data.root={tmp_path / 'images'}", "data.skip_corrupt=true", "data.num_workers=2",
-                "data.batch_size=4", "schedule.epochs=1"], nproc=2)
+                "data.batch_size=4", "schedule.epochs=1", INLINE_SAVES], nproc=2)
     assert "warning: epoch 0 skipped 2 unreadable training images (data.skip_corrupt)" in proc.stdout, proc.stdout
     assert "bad1.png" in proc.stderr and "bad2.jpg" in proc.stderr
 
 
 def test_checkpoint_of_another_model_is_named(tmp_path):
     out = str(tmp_path / "run")
-    run_here(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1", "data.synthetic_train_size=32"])
+    run_here(["train.py", "--config", DEBUG, f"output_dir={out}", "schedule.epochs=1", "data.synthetic_train_size=32",
+              INLINE_SAVES])
     proc = run_here(["eval.py", "--config", DEBUG, "--checkpoint", os.path.join(out, "checkpoints", "last.pth"),
                      "model.name=convnext_femto"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -267,7 +270,7 @@ def test_checkpoint_of_another_model_is_named(tmp_path):
 DDP_EQUIV = ["data.synthetic_train_size=64", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0", "aug.hflip=0",
              "aug.crop_padding=0", "model.drop_path=0", "ema.enabled=false", "schedule.epochs=1",
              "schedule.warmup_epochs=0", "train.log_every=1", "optim.lr_scaling=none",
-             "model.layer_scale_init=0"]  # layer scale 1e-6 makes most gradients ~0 (see the Adam note below)
+             "model.layer_scale_init=0", INLINE_SAVES]  # layer scale 1e-6 makes most gradients ~0 (see the Adam note below)
 
 
 def test_ddp_matches_one_process_with_twice_the_batch(tmp_path):
