@@ -166,11 +166,13 @@ def hold_the_second_write(out, proc):
     tracer = subprocess.Popen(["strace", "-qq", "-f", "-e", "trace=fsync", "-e",
                                "inject=fsync:delay_enter=600000000:when=3+", "-o", "/dev/null", "-p", ours[0]],
                               stderr=subprocess.PIPE, text=True)
+    while tracer.poll() is None and tracer_of(ours[0]) in ("0", ""):
+        time.sleep(0.002)
+    folder = os.path.join(out, "checkpoints")  # what had begun when the count started (later writes are counted)
+    begun = [name for name in os.listdir(folder) if "step_" in name] if os.path.isdir(folder) else []
     try:
         error = tracer.communicate(timeout=2)[1]  # strace stays until the writer ends: leaving at once is a failure
     except subprocess.TimeoutExpired:
-        folder = os.path.join(out, "checkpoints")
-        begun = [name for name in os.listdir(folder) if "step_" in name] if os.path.isdir(folder) else []
         assert not begun, f"attached only after the first write began: {begun}"
         return tracer, ours[0], parent_of(ours[0])
     kill_run(out)
@@ -182,6 +184,15 @@ def parent_of(pid: str) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[1]  # the field after the state, past the command's parentheses
+    except FileNotFoundError:
+        return ""
+
+
+def tracer_of(pid: str) -> str:
+    """The pid tracing `pid` ("0": none; "" once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line.split()[1] for line in f if line.startswith("TracerPid:"))
     except FileNotFoundError:
         return ""
 
