@@ -23,7 +23,8 @@ then runs the steps there without reading anything back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from functools import partial
+from typing import Callable, Optional, Sequence
 
 import torch
 from timm.data.auto_augment import rand_augment_transform
@@ -173,8 +174,8 @@ class BatchRandAugment:
             for axis, group in AFFINE_GROUPS:  # x-only maps keep the source row on a pixel centre: 4 taps, not 16
                 if affine := rows(group):
                     matrices = [affine_matrix(names[i], args[i], width, height, self.translate_const) for i in affine]
-                    steps.append(Step(stage.add(affine, torch.long), pil_affine,
-                                      {"matrices": stage.add(matrices), "fill": fill, "axis": axis}))
+                    steps.append(Step(stage.add(affine, torch.long), partial(pil_affine, axis=axis),
+                                      {"matrices": stage.add(matrices), "fill": fill}))
         return steps
 
     @staticmethod
@@ -193,13 +194,14 @@ class BatchRandAugment:
 
 @dataclass
 class Step:
-    """One layer's op family on the images that drew it: `fn(images, **params)`, the Staged params on the device."""
+    """One layer's op family on the images that drew it: `fn(images, **params)` with each param on the device
+    (None stays None: an op family with no image needing it); plain arguments are bound into `fn`."""
     rows: Staged  # the images' indices in the batch
     fn: Callable[..., Tensor]
-    params: dict[str, Any]
+    params: dict[str, Optional[Staged]]
 
     def run(self, images: Tensor) -> Tensor:
-        return self.fn(images, **{k: v.get() if isinstance(v, Staged) else v for k, v in self.params.items()})
+        return self.fn(images, **{k: None if v is None else v.get() for k, v in self.params.items()})
 
 
 def _kind(name: str) -> str:
