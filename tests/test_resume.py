@@ -179,31 +179,30 @@ def hold_the_second_write(out, proc):
     pytest.skip(f"strace cannot hold the writer here (ptrace not allowed?): {error.strip()}")
 
 
-def parent_of(pid: str) -> str:
-    """`pid`'s parent ("" once it has gone)."""
+def proc_text(pid: str, name: str) -> str:
+    """/proc/<pid>/<name> ("" once the process has gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[1]  # the field after the state, past the command's parentheses
+        with open(f"/proc/{pid}/{name}") as f:
+            return f.read()
     except FileNotFoundError:
         return ""
+
+
+def parent_of(pid: str) -> str:
+    """`pid`'s parent ("" once it has gone)."""
+    stat = proc_text(pid, "stat")
+    return stat.rsplit(")", 1)[1].split()[1] if stat else ""  # the field after the state, past the command's ( )
 
 
 def tracer_of(pid: str) -> str:
     """The pid tracing `pid` ("0": none; "" once it has gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(line.split()[1] for line in f if line.startswith("TracerPid:"))
-    except FileNotFoundError:
-        return ""
+    lines = proc_text(pid, "status").splitlines()
+    return next((line.split()[1] for line in lines if line.startswith("TracerPid:")), "")
 
 
 def command_line(pid: str) -> str:
     """`pid`'s command line ("" once it has gone)."""
-    try:
-        with open(f"/proc/{pid}/cmdline") as f:
-            return f.read().replace("\0", " ")
-    except FileNotFoundError:
-        return ""
+    return proc_text(pid, "cmdline").replace("\0", " ")
 
 
 def test_sigkill_during_a_checkpoint_write_then_resume_is_bitwise_identical(tmp_path, reference):
